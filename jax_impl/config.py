@@ -1,0 +1,205 @@
+"""Model configurations as plain dataclasses.
+
+One config type per model part. Each reads and writes the `config.json` that diffusers stores next to
+the weights, so a checkpoint folder fully describes the model and nothing is guessed from tensor shapes.
+This module imports neither torch nor jax: both sides and the converter share it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+PathLike = str | os.PathLike
+
+
+class ConfigError(ValueError):
+    """A config.json that does not describe a model this project can build."""
+
+
+def _check_keys(cls_name: str, raw: dict[str, Any], known: set[str], source: str) -> dict[str, Any]:
+    # Keys starting with "_" are diffusers bookkeeping (_class_name, _diffusers_version, ...).
+    fields = {k: v for k, v in raw.items() if not k.startswith("_")}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown {cls_name} config keys {unknown}. This project knows {sorted(known)}; "
+            "check that the folder holds the right model (a transformer config in vae/, say)."
+        )
+    return fields
+
+
+@dataclasses.dataclass(frozen=True)
+class DitConfig:
+    """Hyper-parameters of the Wan diffusion transformer; names follow diffusers' WanTransformer3DModel."""
+
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_attention_heads: int = 40
+    attention_head_dim: int = 128
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    ffn_dim: int = 13824
+    num_layers: int = 40
+    cross_attn_norm: bool = True
+    qk_norm: str | None = "rms_norm_across_heads"
+    eps: float = 1e-6
+    image_dim: int | None = None
+    added_kv_proj_dim: int | None = None
+    rope_max_seq_len: int = 1024
+    pos_embed_seq_len: int | None = None
+
+    DIFFUSERS_CLASS = "WanTransformer3DModel"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        if len(self.patch_size) != 3:
+            raise ConfigError(f"patch_size must have 3 entries (t, h, w), got {self.patch_size}")
+        if self.qk_norm not in ("rms_norm_across_heads",):
+            raise ConfigError(f"qk_norm={self.qk_norm!r} is not supported; Wan uses 'rms_norm_across_heads'")
+        if (self.image_dim is None) != (self.added_kv_proj_dim is None):
+            raise ConfigError("image_dim and added_kv_proj_dim must be set together (Wan2.1 I2V) or both be None")
+        if self.attention_head_dim % 2:
+            raise ConfigError(f"attention_head_dim must be even for rotary embeddings, got {self.attention_head_dim}")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def has_image_tokens(self) -> bool:
+        return self.image_dim is not None
+
+    @property
+    def rope_split(self) -> tuple[int, int, int]:
+        """Head-dim channels given to the (frame, height, width) rotary axes, as Wan splits them."""
+        hw = 2 * (self.attention_head_dim // 6)
+        return self.attention_head_dim - 2 * hw, hw, hw
+
+    def param_count(self) -> int:
+        """Number of parameters, computed from the shapes alone (no model built)."""
+        d, f, L = self.inner_dim, self.ffn_dim, self.num_layers
+        pt, ph, pw = self.patch_size
+        patch = pt * ph * pw
+        n = patch * self.in_channels * d + d  # patch embedding
+        n += self.freq_dim * d + d + d * d + d + d * 6 * d + 6 * d  # time embedder + projection
+        n += self.text_dim * d + d + d * d + d  # text projection
+        if self.has_image_tokens:
+            n += 2 * self.image_dim + self.image_dim * d + d + d * d + d + 2 * d
+            if self.pos_embed_seq_len:
+                n += self.pos_embed_seq_len * self.image_dim
+        attn = 4 * (d * d + d) + 2 * d  # q, k, v, o with q/k norms
+        block = 2 * attn + 2 * (d * f) + f + d + 6 * d
+        if self.cross_attn_norm:
+            block += 2 * d
+        if self.has_image_tokens:
+            block += 2 * (self.added_kv_proj_dim * d + d) + d
+        n += L * block
+        n += d * self.out_channels * patch + self.out_channels * patch + 2 * d  # head
+        return n
+
+    # --- diffusers config.json -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "DitConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        fields = _check_keys(cls.__name__, raw, known, source)
+        cls_name = raw.get("_class_name", cls.DIFFUSERS_CLASS)
+        if cls_name != cls.DIFFUSERS_CLASS:
+            raise ConfigError(f"{source}: _class_name is {cls_name!r}, expected {cls.DIFFUSERS_CLASS!r}")
+        return cls(**fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        return {"_class_name": self.DIFFUSERS_CLASS, **d}
+
+    @classmethod
+    def from_json(cls, path: PathLike) -> "DitConfig":
+        return cls.from_dict(_read_json(path), source=str(path))
+
+    def to_json(self, path: PathLike) -> None:
+        _write_json(path, self.to_dict())
+
+    # --- original Wan repository config.json ("WanModel") ------------------------------------------
+    @classmethod
+    def from_wan_dict(cls, raw: dict[str, Any], has_image_branch: bool, source: str = "config") -> "DitConfig":
+        """Translate the original repository's config. Whether the CLIP image branch exists is read from
+        the weights (`img_emb.*` keys): Wan2.1 I2V has it, Wan2.2 A14B (also model_type "i2v") does not."""
+        try:
+            dim, heads = int(raw["dim"]), int(raw["num_heads"])
+            cfg = cls(
+                patch_size=tuple(raw.get("patch_size", (1, 2, 2))),
+                num_attention_heads=heads,
+                attention_head_dim=dim // heads,
+                in_channels=int(raw["in_dim"]),
+                out_channels=int(raw["out_dim"]),
+                text_dim=int(raw.get("text_dim", 4096)),
+                freq_dim=int(raw.get("freq_dim", 256)),
+                ffn_dim=int(raw["ffn_dim"]),
+                num_layers=int(raw["num_layers"]),
+                cross_attn_norm=bool(raw.get("cross_attn_norm", True)),
+                eps=float(raw.get("eps", 1e-6)),
+                image_dim=int(raw.get("image_dim", 1280)) if has_image_branch else None,
+                added_kv_proj_dim=dim if has_image_branch else None,
+                pos_embed_seq_len=514 if raw.get("model_type") == "flf2v" else None,
+            )
+        except KeyError as e:
+            raise ConfigError(f"{source}: original-Wan config lacks the key {e.args[0]!r}") from None
+        if dim % heads:
+            raise ConfigError(f"{source}: dim={dim} is not divisible by num_heads={heads}")
+        return cfg
+
+    def to_wan_dict(self) -> dict[str, Any]:
+        model_type = {True: "i2v", False: "t2v"}[self.has_image_tokens or self.in_channels == 36]
+        if self.in_channels == 48:
+            model_type = "ti2v"
+        if self.pos_embed_seq_len:
+            model_type = "flf2v"
+        return {
+            "_class_name": "WanModel",
+            "model_type": model_type,
+            "patch_size": list(self.patch_size),
+            "text_len": 512,
+            "in_dim": self.in_channels,
+            "dim": self.inner_dim,
+            "ffn_dim": self.ffn_dim,
+            "freq_dim": self.freq_dim,
+            "text_dim": self.text_dim,
+            "out_dim": self.out_channels,
+            "num_heads": self.num_attention_heads,
+            "num_layers": self.num_layers,
+            "window_size": [-1, -1],
+            "qk_norm": True,
+            "cross_attn_norm": self.cross_attn_norm,
+            "eps": self.eps,
+            # Not in the original files (CLIP ViT-H is always 1280 wide there); kept for tiny models.
+            **({"image_dim": self.image_dim} if self.has_image_tokens and self.image_dim != 1280 else {}),
+        }
+
+    def replace(self, **changes: Any) -> "DitConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _read_json(path: PathLike) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _write_json(path: PathLike, data: dict[str, Any]) -> None:
+    """Write JSON atomically: a crash leaves either the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)

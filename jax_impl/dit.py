@@ -1,0 +1,296 @@
+"""The Wan diffusion transformer (Wan2.1 T2V/I2V, Wan2.2 A14B experts, TI2V-5B) in Flax NNX.
+
+Layout is channels-last throughout `jax_impl`: latents are `[batch, frames, height, width, channels]`.
+The blocks are stored stacked (one leading layer axis per parameter) and run under `jax.lax.scan`, so
+compile time does not grow with depth. Numerics follow the PyTorch reference: norms, modulation and
+the time embedder run in float32, everything else in the model dtype.
+
+Calling the model with `capture=True` also returns a dict of intermediate activations ("taps") named
+as in the parity report: patch_embedding, time_embedding, time_projection, text_embedding,
+image_embedding, blocks.{i}.{self_attn,cross_attn,ffn,output}, head, output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import kernels
+from jax_impl.config import DitConfig
+from jax_impl.layers import F32, Dense, LayerNorm, RMSNorm, gelu_exact, gelu_tanh
+from jax_impl.rope import apply_rope, rope_tables
+
+if not getattr(kernels, "WANPORT_KERNELS", False):  # a namesake package shadows ours
+    raise ImportError(
+        f"`import kernels` found {getattr(kernels, '__file__', kernels)!r}, which is not wanport's attention "
+        "package (Hugging Face's `kernels` distribution uses the same name). Uninstall it or use a separate venv."
+    )
+
+Taps = dict[str, jax.Array]
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding [..., dim] in float32, cosines first (Wan's flip_sin_to_cos=True)."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=F32) / half)
+    angles = t.astype(F32)[..., None] * freqs
+    emb = jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+    return jnp.pad(emb, [(0, 0)] * (emb.ndim - 1) + [(0, dim % 2)])
+
+
+class Mlp(nnx.Module):
+    """fc1 -> activation -> fc2."""
+
+    def __init__(self, d_in: int, d_hidden: int, d_out: int, act, *, param_dtype, rngs: nnx.Rngs):
+        self.fc1 = Dense(d_in, d_hidden, param_dtype=param_dtype, rngs=rngs)
+        self.fc2 = Dense(d_hidden, d_out, param_dtype=param_dtype, rngs=rngs)
+        self.act = act
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class ImageEmbedding(nnx.Module):
+    """Projects CLIP image tokens (Wan2.1 I2V) to the model width: LN -> MLP(GELU) -> LN."""
+
+    def __init__(self, cfg: DitConfig, *, param_dtype, rngs: nnx.Rngs):
+        d_img, d = cfg.image_dim, cfg.inner_dim
+        self.norm1 = LayerNorm(d_img, eps=1e-5, affine=True)
+        self.mlp = Mlp(d_img, d_img, d, gelu_exact, param_dtype=param_dtype, rngs=rngs)
+        self.norm2 = LayerNorm(d, eps=1e-5, affine=True)
+        self.pos_embed = (
+            nnx.Param(jnp.zeros((1, cfg.pos_embed_seq_len, d_img), param_dtype)) if cfg.pos_embed_seq_len else None
+        )
+
+    def __call__(self, img: jax.Array) -> jax.Array:
+        if self.pos_embed is not None:  # first/last-frame models: two images' tokens side by side
+            b, n, c = img.shape
+            img = img.reshape(-1, 2 * n, c) + self.pos_embed.value
+        return self.norm2(self.mlp(self.norm1(img)))
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with RMS-normalised q/k over all heads; optional separate image k/v."""
+
+    def __init__(self, cfg: DitConfig, *, image_kv: bool, param_dtype, attention_backend: str, rngs: nnx.Rngs):
+        d = cfg.inner_dim
+        self.heads = cfg.num_attention_heads
+        self.backend = attention_backend
+        self.q = Dense(d, d, param_dtype=param_dtype, rngs=rngs)
+        self.k = Dense(d, d, param_dtype=param_dtype, rngs=rngs)
+        self.v = Dense(d, d, param_dtype=param_dtype, rngs=rngs)
+        self.o = Dense(d, d, param_dtype=param_dtype, rngs=rngs)
+        self.norm_q = RMSNorm(d, eps=cfg.eps, param_dtype=param_dtype)
+        self.norm_k = RMSNorm(d, eps=cfg.eps, param_dtype=param_dtype)
+        if image_kv:
+            self.k_img = Dense(cfg.added_kv_proj_dim, d, param_dtype=param_dtype, rngs=rngs)
+            self.v_img = Dense(cfg.added_kv_proj_dim, d, param_dtype=param_dtype, rngs=rngs)
+            self.norm_k_img = RMSNorm(d, eps=cfg.eps, param_dtype=param_dtype)
+        else:
+            self.k_img = self.v_img = self.norm_k_img = None
+
+    def _heads(self, x: jax.Array) -> jax.Array:
+        return x.reshape(*x.shape[:-1], self.heads, -1)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        context: jax.Array | None = None,
+        context_img: jax.Array | None = None,
+        rope: tuple[jax.Array, jax.Array] | None = None,
+    ) -> jax.Array:
+        ctx = x if context is None else context
+        q = self._heads(self.norm_q(self.q(x)))
+        k = self._heads(self.norm_k(self.k(ctx)))
+        v = self._heads(self.v(ctx))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = kernels.attention(q, k, v, backend=self.backend)
+        if self.k_img is not None and context_img is not None:
+            k_img = self._heads(self.norm_k_img(self.k_img(context_img)))
+            v_img = self._heads(self.v_img(context_img))
+            out = out + kernels.attention(q, k_img, v_img, backend=self.backend)
+        return self.o(out.reshape(*out.shape[:-2], -1))
+
+
+class Block(nnx.Module):
+    """Self-attention, cross-attention and feed-forward, modulated by six per-block vectors."""
+
+    def __init__(self, cfg: DitConfig, *, param_dtype, attention_backend: str, rngs: nnx.Rngs):
+        d = cfg.inner_dim
+        self.eps = cfg.eps
+        kw = dict(param_dtype=param_dtype, attention_backend=attention_backend, rngs=rngs)
+        self.self_attn = Attention(cfg, image_kv=False, **kw)
+        self.cross_attn = Attention(cfg, image_kv=cfg.has_image_tokens, **kw)
+        self.norm_cross = LayerNorm(d, eps=cfg.eps, affine=True) if cfg.cross_attn_norm else None
+        self.ffn = Mlp(d, cfg.ffn_dim, d, gelu_tanh, param_dtype=param_dtype, rngs=rngs)
+        self.modulation = nnx.Param(jax.random.normal(rngs.params(), (1, 6, d), F32) / d**0.5)
+
+    def __call__(self, x, context, context_img, mod, rope) -> tuple[jax.Array, Taps]:
+        # mod: [batch, 1 or seq, 6, dim] float32 time projection; the table is added in float32.
+        m = self.modulation.value[None] + mod
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (m[:, :, i] for i in range(6))
+        plain = _plain_norm(self.eps)
+
+        h = (plain(x) * (1 + scale_sa) + shift_sa).astype(x.dtype)
+        sa = self.self_attn(h, rope=rope)
+        x = (x.astype(F32) + sa * gate_sa).astype(x.dtype)
+
+        h = self.norm_cross(x) if self.norm_cross is not None else x
+        ca = self.cross_attn(h, context, context_img)
+        x = x + ca
+
+        h = (plain(x) * (1 + scale_ff) + shift_ff).astype(x.dtype)
+        ff = self.ffn(h)
+        x = (x.astype(F32) + ff.astype(F32) * gate_ff).astype(x.dtype)
+        return x, {"self_attn": sa, "cross_attn": ca, "ffn": ff, "output": x}
+
+
+def _plain_norm(eps: float):
+    """Non-affine LayerNorm in float32 (returns float32: callers modulate before rounding)."""
+
+    def f(x: jax.Array) -> jax.Array:
+        h = x.astype(F32)
+        mean = jnp.mean(h, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
+        return (h - mean) * jax.lax.rsqrt(var + eps)
+
+    return f
+
+
+class WanTransformer(nnx.Module):
+    """Wan DiT. `dtype` is the activation and weight dtype; float32 islands follow the reference."""
+
+    def __init__(
+        self,
+        cfg: DitConfig,
+        *,
+        dtype=jnp.float32,
+        attention_backend: str = "auto",
+        rngs: nnx.Rngs,
+    ):
+        self.cfg = cfg
+        self.dtype = jnp.dtype(dtype)
+        d, pd = cfg.inner_dim, self.dtype
+        pt, ph, pw = cfg.patch_size
+        scale = (pt * ph * pw * cfg.in_channels) ** -0.5
+        self.patch_kernel = nnx.Param(
+            jax.random.uniform(rngs.params(), (pt, ph, pw, cfg.in_channels, d), F32, -scale, scale).astype(pd)
+        )
+        self.patch_bias = nnx.Param(jnp.zeros((d,), pd))
+        self.time_embed = Mlp(cfg.freq_dim, d, d, jax.nn.silu, param_dtype=F32, rngs=rngs)
+        self.time_proj = Dense(d, 6 * d, param_dtype=pd, rngs=rngs)
+        self.text_embed = Mlp(cfg.text_dim, d, d, gelu_tanh, param_dtype=pd, rngs=rngs)
+        self.image_embed = ImageEmbedding(cfg, param_dtype=pd, rngs=rngs) if cfg.has_image_tokens else None
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, param_dtype=pd, attention_backend=attention_backend, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.head = Dense(d, cfg.out_channels * pt * ph * pw, param_dtype=pd, rngs=rngs)
+        self.head_modulation = nnx.Param(jax.random.normal(rngs.params(), (1, 2, d), F32) / d**0.5)
+
+    # ------------------------------------------------------------------------------------------
+    def check_inputs(self, latents, timestep, text, image) -> None:
+        """Shape checks with messages that name the fix; run at trace time, so they cost nothing."""
+        cfg = self.cfg
+        if latents.ndim != 5:
+            raise ValueError(f"latents must be [batch, frames, height, width, channels], got shape {latents.shape}")
+        b, f, h, w, c = latents.shape
+        if c != cfg.in_channels:
+            hint = " (I2V: 16 noise + 4 mask + 16 condition channels)" if cfg.in_channels == 36 else ""
+            raise ValueError(f"latents have {c} channels, this model takes {cfg.in_channels}{hint}")
+        for name, n, p in zip(("frames", "height", "width"), (f, h, w), cfg.patch_size):
+            if n % p:
+                raise ValueError(f"latent {name}={n} is not divisible by the patch size {p}; pad or resize the video")
+        if text.ndim != 3 or text.shape[0] != b or text.shape[2] != cfg.text_dim:
+            raise ValueError(f"text embeddings must be [{b}, tokens, {cfg.text_dim}], got {text.shape}")
+        seq = (f // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
+        if timestep.ndim not in (0, 1, 2) or (timestep.ndim >= 1 and timestep.shape[0] not in (1, b)):
+            raise ValueError(f"timestep must be a scalar, [batch] or [batch, tokens]; got {timestep.shape}")
+        if timestep.ndim == 2 and timestep.shape[1] != seq:
+            raise ValueError(f"per-token timesteps have {timestep.shape[1]} entries, the video has {seq} tokens")
+        if cfg.has_image_tokens and image is None:
+            raise ValueError("this is an I2V model with image tokens: pass `image` (CLIP tokens [batch, 257, dim])")
+        if image is not None:
+            if not cfg.has_image_tokens:
+                raise ValueError("this model has no image cross-attention; do not pass `image` tokens")
+            if image.ndim != 3 or image.shape[0] != b or image.shape[2] != cfg.image_dim:
+                raise ValueError(f"image tokens must be [{b}, tokens, {cfg.image_dim}], got {image.shape}")
+
+    def __call__(
+        self,
+        latents: jax.Array,
+        timestep: jax.Array,
+        text: jax.Array,
+        image: jax.Array | None = None,
+        *,
+        capture: bool = False,
+    ):
+        """Predict the flow (velocity) for `latents` at `timestep` given text (and image) embeddings.
+
+        latents [B, F, H, W, C]; timestep scalar, [B] or per-token [B, L]; text [B, S, text_dim];
+        image [B, N, image_dim] for Wan2.1 I2V. Returns [B, F, H, W, out_channels] (and taps).
+        """
+        timestep = jnp.asarray(timestep)
+        self.check_inputs(latents, timestep, text, image)
+        cfg, dt = self.cfg, self.dtype
+        b, f, h, w, _ = latents.shape
+        pt, ph, pw = cfg.patch_size
+        grid = (f // pt, h // ph, w // pw)
+        taps: Taps = {}
+
+        # Patch embedding: a strided 3D conv written as patchify + one matmul.
+        x = latents.astype(dt).reshape(b, grid[0], pt, grid[1], ph, grid[2], pw, -1)
+        x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, math.prod(grid), -1)
+        kernel = self.patch_kernel.value.reshape(-1, cfg.inner_dim)
+        x = jnp.einsum("bli,io->blo", x, kernel, preferred_element_type=F32)
+        x = (x + self.patch_bias.value.astype(F32)).astype(dt)
+        taps["patch_embedding"] = x
+
+        # Time conditioning: one vector per sample, or per token (TI2V keeps the first frame clean).
+        t = jnp.broadcast_to(timestep, (b,) + timestep.shape[1:]) if timestep.ndim else jnp.full((b,), timestep)
+        temb = self.time_embed(timestep_embedding(t, cfg.freq_dim)).astype(dt)
+        tproj = self.time_proj(jax.nn.silu(temb))
+        taps["time_embedding"] = temb
+        taps["time_projection"] = tproj
+        if temb.ndim == 2:  # [B, D] -> [B, 1, D]: one vector broadcast over tokens
+            temb, tproj = temb[:, None], tproj[:, None]
+        mod = tproj.reshape(b, tproj.shape[1], 6, cfg.inner_dim).astype(F32)
+
+        context = self.text_embed(text.astype(dt))
+        taps["text_embedding"] = context
+        context_img = None
+        if self.image_embed is not None:
+            context_img = self.image_embed(image.astype(dt))
+            taps["image_embedding"] = context_img
+
+        rope = rope_tables(grid, cfg.rope_split, cfg.rope_max_seq_len)
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def body(x, layer_state):
+            block = nnx.merge(graphdef, layer_state)
+            x, block_taps = block(x, context, context_img, mod, rope)
+            return x, (block_taps if capture else None)
+
+        x, block_taps = jax.lax.scan(body, x, stacked)
+        if capture:
+            for name, stacked_tap in block_taps.items():
+                for i in range(cfg.num_layers):
+                    taps[f"blocks.{i}.{name}"] = stacked_tap[i]
+
+        m = self.head_modulation.value[None] + temb[:, :, None].astype(F32)  # [B, 1 or L, 2, D]
+        x = (_plain_norm(cfg.eps)(x) * (1 + m[:, :, 1]) + m[:, :, 0]).astype(dt)
+        x = self.head(x)
+        taps["head"] = x
+
+        out = x.reshape(b, *grid, pt, ph, pw, cfg.out_channels)
+        out = out.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, f, h, w, cfg.out_channels)
+        taps["output"] = out
+        return (out, taps) if capture else out
+

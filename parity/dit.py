@@ -1,0 +1,151 @@
+"""Layer-by-layer parity of the Flax DiT against diffusers on the same weights and inputs.
+
+float32: every captured layer must be within `FP32_TOL` relative L2 of diffusers.
+bfloat16: the tolerance is measured, not chosen: both implementations run in bfloat16 and are compared
+against diffusers in float32; ours passes a layer when its error is at most `BF16_FACTOR` times the
+error diffusers itself makes in bfloat16 at that layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from parity.report import LayerResult, Report, compare_layers
+
+FP32_TOL = 1e-5
+BF16_FACTOR = 2.0
+BF16_FLOOR = 1e-6  # layers that are exact in both (e.g. float32 islands) still get a sliver of slack
+
+
+@dataclasses.dataclass(frozen=True)
+class DitInputs:
+    latents: np.ndarray  # [B, F, H, W, C] channels-last
+    timestep: np.ndarray  # [B] or [B, L] float32
+    text: np.ndarray  # [B, S, text_dim]
+    image: np.ndarray | None  # [B, N, image_dim] or None
+
+
+def make_inputs(
+    cfg,
+    *,
+    batch: int = 1,
+    frames: int = 2,
+    height: int = 8,
+    width: int = 8,
+    text_len: int | None = None,
+    image_len: int = 257,
+    per_token_timesteps: bool | None = None,
+    seed: int = 0,
+) -> DitInputs:
+    """Deterministic random inputs for a DiT config. Latent sizes are in latent units.
+
+    Wan2.1 I2V needs 512 text tokens: diffusers splits image from text tokens by assuming 512.
+    TI2V models get per-token timesteps with the first latent frame at t=0, as the pipeline does.
+    """
+    rng = np.random.default_rng(seed)
+    if text_len is None:
+        text_len = 512 if cfg.has_image_tokens else 16
+    if cfg.has_image_tokens and text_len != 512:
+        raise ValueError("Wan2.1 I2V parity needs text_len=512 (diffusers assumes 512 text tokens)")
+    latents = rng.standard_normal((batch, frames, height, width, cfg.in_channels), dtype=np.float32)
+    if per_token_timesteps is None:
+        per_token_timesteps = cfg.in_channels == 48
+    t = rng.uniform(0, 1000, size=(batch,)).astype(np.float32)
+    if per_token_timesteps:
+        pt, ph, pw = cfg.patch_size
+        grid = (frames // pt, height // ph, width // pw)
+        tok = np.broadcast_to(t[:, None, None, None], (batch, *grid)).copy()
+        tok[:, 0] = 0.0  # first latent frame is the clean conditioning image
+        t = tok.reshape(batch, -1)
+    text = rng.standard_normal((batch, text_len, cfg.text_dim), dtype=np.float32)
+    image = rng.standard_normal((batch, image_len, cfg.image_dim), dtype=np.float32) if cfg.has_image_tokens else None
+    return DitInputs(latents, t, text, image)
+
+
+def run_jax(folder, inputs: DitInputs, dtype: str, attention_backend: str = "xla"):
+    """Load our Flax model from `folder` and run it with capture; returns (output, taps) as float32 numpy."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from weights.dit_io import load_dit
+
+    model = load_dit(folder, dtype=jnp.dtype(dtype), attention_backend=attention_backend)
+
+    @nnx.jit
+    def forward(model, latents, timestep, text, image):
+        return model(latents, timestep, text, image, capture=True)
+
+    out, taps = forward(model, inputs.latents, inputs.timestep, inputs.text, inputs.image)
+    taps = jax.tree.map(lambda a: np.asarray(a.astype(jnp.float32)), taps)
+    return np.asarray(out.astype(jnp.float32)), taps
+
+
+def run_torch(folder, inputs: DitInputs, dtype: str):
+    import torch
+
+    from torch_ref.capture import run_dit
+    from torch_ref.models import load_transformer
+
+    model = load_transformer(folder, dtype=getattr(torch, dtype))
+    return run_dit(model, inputs.latents, inputs.timestep, inputs.text, inputs.image)
+
+
+def dit_parity(
+    folder: str | Path,
+    *,
+    dtype: str = "float32",
+    inputs: DitInputs | None = None,
+    attention_backend: str = "xla",
+    **input_kwargs,
+) -> Report:
+    """Compare every captured layer of our DiT with diffusers' on the checkpoint in `folder`."""
+    from torch_ref.capture import dit_layer_order
+    from weights.dit_io import DitCheckpoint
+
+    cfg = DitCheckpoint(folder).config
+    if inputs is None:
+        inputs = make_inputs(cfg, **input_kwargs)
+    order = dit_layer_order(cfg.num_layers, cfg.has_image_tokens)
+    meta = {
+        "model": "dit",
+        "checkpoint": str(folder),
+        "dtype": dtype,
+        "attention": attention_backend,
+        "latent_shape": list(inputs.latents.shape),
+        "text_len": int(inputs.text.shape[1]),
+    }
+    _, ours = run_jax(folder, inputs, dtype, attention_backend)
+    if dtype == "float32":
+        _, ref = run_torch(folder, inputs, "float32")
+        return Report(compare_layers(ours, ref, FP32_TOL, order), meta | {"tolerance": f"rel_l2 <= {FP32_TOL}"})
+    if dtype != "bfloat16":
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    _, ref = run_torch(folder, inputs, "float32")
+    _, theirs = run_torch(folder, inputs, "bfloat16")
+    torch_err = {r.name: r.rel_l2 for r in compare_layers(theirs, ref, float("inf"), order)}
+    tol = {n: max(BF16_FACTOR * e, BF16_FLOOR) for n, e in torch_err.items()}
+    layers: list[LayerResult] = compare_layers(ours, ref, tol, order)
+    for layer in layers:
+        layer.ref_rel_l2 = torch_err[layer.name]
+    meta["tolerance"] = f"rel_l2 vs diffusers-fp32 <= {BF16_FACTOR} x diffusers-bf16's own error"
+    return Report(layers, meta)
+
+
+def preset_parity(preset: str, *, dtype: str = "float32", seed: int = 0, workdir: str | None = None, **kw) -> Report:
+    """Parity on a freshly written tiny checkpoint of `preset` (every expert for two-expert models)."""
+    from jax_impl.presets import get_preset
+    from torch_ref.checkpoints import TRANSFORMER_DIRS, write_tiny_checkpoint
+
+    p = get_preset(preset)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        root = write_tiny_checkpoint(p, Path(tmp) / "ckpt", seed=seed)
+        reports = [dit_parity(root / TRANSFORMER_DIRS[i], dtype=dtype, seed=seed, **kw) for i in range(p.num_experts)]
+    if len(reports) == 1:
+        return reports[0]
+    layers = [dataclasses.replace(l, name=f"{TRANSFORMER_DIRS[i]}.{l.name}") for i, r in enumerate(reports) for l in r.layers]
+    return Report(layers, reports[0].meta | {"experts": p.num_experts})

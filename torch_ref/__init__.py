@@ -1,0 +1,1 @@
+"""PyTorch reference: diffusers' Wan modules (the independent oracle) plus what diffusers lacks."""

@@ -1,0 +1,190 @@
+"""Load a Wan DiT folder (diffusers, original-Wan or Flax layout) into Flax, save it, convert between layouts.
+
+Everything streams tensor by tensor through `weights.dit_map`: the source is memory-mapped, each tensor
+is re-laid (a permutation, bit-exact) and written or placed on device before the next one is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from jax_impl.config import ConfigError, DitConfig
+from weights.dit_map import Entry, check_keys, detect_layout, dit_entries
+from weights.safetensors_io import CheckpointError, CheckpointReader, TensorSpec, write_safetensors
+
+FLAX_WEIGHTS = "flax_model.safetensors"
+TORCH_WEIGHTS = "diffusion_pytorch_model.safetensors"
+FORMAT_KEY = "wanport_layout"
+
+
+class DitCheckpoint:
+    """An opened DiT folder: config, layout, validated tensor list. Reads nothing but headers until asked."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        if not (self.folder / "config.json").is_file():
+            sub = self.folder / "transformer"
+            hint = f"; did you mean {sub}?" if (sub / "config.json").is_file() else ""
+            raise CheckpointError(f"{self.folder}: no config.json, so this is not a model folder{hint}")
+        self.reader = CheckpointReader(self.folder)
+        keys = self.reader.keys()
+        try:
+            self.layout = detect_layout(keys)
+        except ValueError as e:
+            raise CheckpointError(f"{self.folder}: {e}") from None
+        raw = json.loads((self.folder / "config.json").read_text())
+        if raw.get("_class_name") == "WanModel":
+            has_img = any(k.startswith("img_emb.") for k in keys)
+            self.config = DitConfig.from_wan_dict(raw, has_img, source=str(self.folder / "config.json"))
+        else:
+            self.config = DitConfig.from_dict(raw, source=str(self.folder / "config.json"))
+        self.entries = dit_entries(self.config)
+        found = {k: self.reader.info(k).shape for k in keys}
+        check_keys(self.entries, found, self.layout, str(self.folder))
+
+    def get(self, entry: Entry, layout: str) -> np.ndarray:
+        """One tensor, re-laid into `layout`."""
+        return entry.convert(self.reader.get(entry.name(self.layout)), self.layout, layout)
+
+    def dtype(self, entry: Entry) -> np.dtype:
+        return self.reader.info(entry.name(self.layout)).dtype
+
+
+def load_dit(
+    folder: str | os.PathLike,
+    *,
+    dtype=None,
+    attention_backend: str = "auto",
+    progress: Callable[[str], None] | None = None,
+):
+    """Build `jax_impl.dit.WanTransformer` from a checkpoint folder without materialising random weights.
+
+    `dtype` (float32 or bfloat16) sets the activation and weight dtype; float32 islands (norms,
+    modulation tables, time embedder) stay float32 whatever the checkpoint holds.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jax_impl.dit import WanTransformer
+
+    ckpt = DitCheckpoint(folder)
+    cfg = ckpt.config
+    dtype = jnp.dtype(dtype or jnp.float32)
+    abstract = nnx.eval_shape(lambda: WanTransformer(cfg, dtype=dtype, attention_backend=attention_backend, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    by_flax = {en.flax: en for en in ckpt.entries}
+    flat = nnx.to_flat_state(state)
+    for path, var in flat:
+        key = ".".join(str(p) for p in path)
+        target = var.value
+        if path[0] == "blocks":  # stacked: gather layer tensors into one array
+            rest = ".".join(str(p) for p in path[1:])
+            host = np.empty(target.shape, dtype=target.dtype)
+            for i in range(cfg.num_layers):
+                host[i] = ckpt.get(by_flax[f"blocks.{i}.{rest}"], "flax").astype(target.dtype)
+        else:
+            host = ckpt.get(by_flax[key], "flax").astype(target.dtype)
+        if host.shape != target.shape:
+            raise CheckpointError(f"{folder}: {key} has shape {host.shape}, the model wants {target.shape}")
+        var.value = jax.device_put(host)
+        del host
+        if progress:
+            progress(key)
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def flax_tensors(model) -> tuple[DitConfig, dict[str, Callable[[], np.ndarray]]]:
+    """Per-layer Flax checkpoint keys of a model, each with a thunk producing its host array."""
+    from flax import nnx
+
+    flat = nnx.to_flat_state(nnx.state(model))
+    out: dict[str, Callable[[], np.ndarray]] = {}
+    for path, var in flat:
+        if path[0] == "blocks":
+            rest = ".".join(str(p) for p in path[1:])
+            for i in range(model.cfg.num_layers):
+                out[f"blocks.{i}.{rest}"] = (lambda v=var, i=i: np.asarray(v.value[i]))
+        else:
+            out[".".join(str(p) for p in path)] = (lambda v=var: np.asarray(v.value))
+    return model.cfg, out
+
+
+def save_dit(model, folder: str | os.PathLike, *, force: bool = False) -> Path:
+    """Save a Flax model as a Flax-layout checkpoint folder (config.json + flax_model.safetensors)."""
+    cfg, thunks = flax_tensors(model)
+    entries = dit_entries(cfg)
+    specs = []
+    for en in entries:
+        probe = thunks[en.flax]()
+        specs.append(TensorSpec(en.flax, probe.dtype, probe.shape))
+    return _write_folder(folder, cfg, "flax", specs, lambda k: thunks[k](), force=force)
+
+
+def convert_dit(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    to: str,
+    *,
+    dtype: str | None = None,
+    force: bool = False,
+    on_tensor: Callable[[str, int], None] | None = None,
+) -> Path:
+    """Convert a DiT folder to layout `to` (diffusers | wan | flax), one tensor at a time.
+
+    Without `dtype` every tensor keeps its dtype, so the conversion is bit-exact and reversible.
+    """
+    ckpt = DitCheckpoint(src)
+    cast = np.dtype(_np_dtype(dtype)) if dtype else None
+    specs, by_name = [], {}
+    for en in ckpt.entries:
+        name = en.name(to)
+        by_name[name] = en
+        specs.append(TensorSpec(name, cast or ckpt.dtype(en), en.layout_shape(to)))
+
+    def produce(name: str) -> np.ndarray:
+        x = ckpt.get(by_name[name], to)
+        return x.astype(cast) if cast is not None else x
+
+    return _write_folder(dst, ckpt.config, to, specs, produce, force=force, on_tensor=on_tensor)
+
+
+def _np_dtype(name: str):
+    import ml_dtypes
+
+    table = {"float32": np.float32, "fp32": np.float32, "bfloat16": ml_dtypes.bfloat16, "bf16": ml_dtypes.bfloat16}
+    if name not in table:
+        raise ValueError(f"unsupported dtype {name!r}; use float32 or bfloat16")
+    return table[name]
+
+
+def _write_folder(dst, cfg: DitConfig, layout: str, specs, produce, *, force: bool, on_tensor=None) -> Path:
+    """Write config + weights into a temporary sibling folder, then rename it into place."""
+    dst = Path(dst)
+    if dst.exists() and not force:
+        raise FileExistsError(f"{dst} already exists; pass force=True (--force) to replace it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        config = cfg.to_wan_dict() if layout == "wan" else cfg.to_dict()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        fname = FLAX_WEIGHTS if layout == "flax" else TORCH_WEIGHTS
+        meta = {FORMAT_KEY: layout, "format": "pt" if layout != "flax" else "flax"}
+        write_safetensors(tmp / fname, specs, produce, metadata=meta, on_tensor=on_tensor)
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+__all__ = ["DitCheckpoint", "load_dit", "save_dit", "convert_dit", "ConfigError", "CheckpointError"]
