@@ -88,7 +88,8 @@ class DitConfig:
         n += self.freq_dim * d + d + d * d + d + d * 6 * d + 6 * d  # time embedder + projection
         n += self.text_dim * d + d + d * d + d  # text projection
         if self.has_image_tokens:
-            n += 2 * self.image_dim + self.image_dim * d + d + d * d + d + 2 * d
+            di = self.image_dim
+            n += 2 * di + (di * di + di) + (di * d + d) + 2 * d  # LN, MLP di->di->d, LN
             if self.pos_embed_seq_len:
                 n += self.pos_embed_seq_len * self.image_dim
         attn = 4 * (d * d + d) + 2 * d  # q, k, v, o with q/k norms

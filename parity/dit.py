@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from flax import nnx
 
 from parity.report import LayerResult, Report, compare_layers
 
@@ -66,33 +67,64 @@ def make_inputs(
     return DitInputs(latents, t, text, image)
 
 
-def run_jax(folder, inputs: DitInputs, dtype: str, attention_backend: str = "xla"):
-    """Load our Flax model from `folder` and run it with capture; returns (output, taps) as float32 numpy."""
+def jax_forward(model, inputs: DitInputs):
+    """Run our Flax model with capture; returns (output, taps) as float32 numpy."""
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
-    from weights.dit_io import load_dit
-
-    model = load_dit(folder, dtype=jnp.dtype(dtype), attention_backend=attention_backend)
-
-    @nnx.jit
-    def forward(model, latents, timestep, text, image):
-        return model(latents, timestep, text, image, capture=True)
-
-    out, taps = forward(model, inputs.latents, inputs.timestep, inputs.text, inputs.image)
+    out, taps = _jitted_forward(model, inputs.latents, inputs.timestep, inputs.text, inputs.image)
     taps = jax.tree.map(lambda a: np.asarray(a.astype(jnp.float32)), taps)
     return np.asarray(out.astype(jnp.float32)), taps
 
 
-def run_torch(folder, inputs: DitInputs, dtype: str):
+@nnx.jit
+def _jitted_forward(model, latents, timestep, text, image):
+    return model(latents, timestep, text, image, capture=True)
+
+
+def load_models(folder, dtype: str, attention_backend: str = "xla") -> dict:
+    """Our model in `dtype`, plus diffusers in float32 (the reference) and, for bf16, in bf16."""
+    import jax.numpy as jnp
     import torch
 
-    from torch_ref.capture import run_dit
     from torch_ref.models import load_transformer
+    from weights.dit_io import load_dit
 
-    model = load_transformer(folder, dtype=getattr(torch, dtype))
-    return run_dit(model, inputs.latents, inputs.timestep, inputs.text, inputs.image)
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    models = {
+        "jax": load_dit(folder, dtype=jnp.dtype(dtype), attention_backend=attention_backend),
+        "torch_fp32": load_transformer(folder, dtype=torch.float32),
+    }
+    if dtype == "bfloat16":
+        models["torch_bf16"] = load_transformer(folder, dtype=torch.bfloat16)
+    return models
+
+
+def compare_dit(models: dict, inputs: DitInputs, dtype: str, meta: dict | None = None) -> Report:
+    """Per-layer comparison of loaded models on `inputs` (see module docstring for tolerances)."""
+    from torch_ref.capture import dit_layer_order, run_dit
+
+    cfg = models["jax"].cfg
+    order = dit_layer_order(cfg.num_layers, cfg.has_image_tokens)
+    meta = dict(meta or {}) | {
+        "model": "dit",
+        "dtype": dtype,
+        "latent_shape": list(inputs.latents.shape),
+        "text_len": int(inputs.text.shape[1]),
+    }
+    _, ours = jax_forward(models["jax"], inputs)
+    _, ref = run_dit(models["torch_fp32"], inputs.latents, inputs.timestep, inputs.text, inputs.image)
+    if dtype == "float32":
+        return Report(compare_layers(ours, ref, FP32_TOL, order), meta | {"tolerance": f"rel_l2 <= {FP32_TOL}"})
+    _, theirs = run_dit(models["torch_bf16"], inputs.latents, inputs.timestep, inputs.text, inputs.image)
+    torch_err = {r.name: r.rel_l2 for r in compare_layers(theirs, ref, float("inf"), order)}
+    tol = {n: max(BF16_FACTOR * e, BF16_FLOOR) for n, e in torch_err.items()}
+    layers: list[LayerResult] = compare_layers(ours, ref, tol, order)
+    for layer in layers:
+        layer.ref_rel_l2 = torch_err[layer.name]
+    meta["tolerance"] = f"rel_l2 vs diffusers-fp32 <= {BF16_FACTOR} x diffusers-bf16's own error"
+    return Report(layers, meta)
 
 
 def dit_parity(
@@ -104,36 +136,10 @@ def dit_parity(
     **input_kwargs,
 ) -> Report:
     """Compare every captured layer of our DiT with diffusers' on the checkpoint in `folder`."""
-    from torch_ref.capture import dit_layer_order
-    from weights.dit_io import DitCheckpoint
-
-    cfg = DitCheckpoint(folder).config
+    models = load_models(folder, dtype, attention_backend)
     if inputs is None:
-        inputs = make_inputs(cfg, **input_kwargs)
-    order = dit_layer_order(cfg.num_layers, cfg.has_image_tokens)
-    meta = {
-        "model": "dit",
-        "checkpoint": str(folder),
-        "dtype": dtype,
-        "attention": attention_backend,
-        "latent_shape": list(inputs.latents.shape),
-        "text_len": int(inputs.text.shape[1]),
-    }
-    _, ours = run_jax(folder, inputs, dtype, attention_backend)
-    if dtype == "float32":
-        _, ref = run_torch(folder, inputs, "float32")
-        return Report(compare_layers(ours, ref, FP32_TOL, order), meta | {"tolerance": f"rel_l2 <= {FP32_TOL}"})
-    if dtype != "bfloat16":
-        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
-    _, ref = run_torch(folder, inputs, "float32")
-    _, theirs = run_torch(folder, inputs, "bfloat16")
-    torch_err = {r.name: r.rel_l2 for r in compare_layers(theirs, ref, float("inf"), order)}
-    tol = {n: max(BF16_FACTOR * e, BF16_FLOOR) for n, e in torch_err.items()}
-    layers: list[LayerResult] = compare_layers(ours, ref, tol, order)
-    for layer in layers:
-        layer.ref_rel_l2 = torch_err[layer.name]
-    meta["tolerance"] = f"rel_l2 vs diffusers-fp32 <= {BF16_FACTOR} x diffusers-bf16's own error"
-    return Report(layers, meta)
+        inputs = make_inputs(models["jax"].cfg, **input_kwargs)
+    return compare_dit(models, inputs, dtype, {"checkpoint": str(folder), "attention": attention_backend})
 
 
 def preset_parity(preset: str, *, dtype: str = "float32", seed: int = 0, workdir: str | None = None, **kw) -> Report:

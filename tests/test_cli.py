@@ -1,0 +1,47 @@
+import json
+import subprocess
+import sys
+
+from jax_impl.cli import main
+from jax_impl.presets import PRESETS
+
+
+def test_presets_one_per_line(capsys):
+    assert main(["presets"]) == 0
+    assert capsys.readouterr().out.split() == list(PRESETS)
+
+
+def test_help_lists_subcommands_and_examples():
+    out = subprocess.run([sys.executable, "-m", "jax_impl.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    for word in ("presets", "make-tiny", "parity", "examples:"):
+        assert word in out
+
+
+def test_make_tiny_then_parity_json(tmp_path, capsys):
+    assert main(["make-tiny", "--preset", "tiny-wan2.1-t2v-1.3b", "--out", str(tmp_path / "ck"), "--shard-size", "30KB"]) == 0
+    assert (tmp_path / "ck" / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    rc = main(["parity", "--model", "dit", "--checkpoint", str(tmp_path / "ck" / "transformer"), "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["passed"] is True and report["worst_rel_l2"] < 1e-5 and report["first_failure"] is None
+    assert {"name", "max_abs", "rel_l2", "cosine"} <= set(report["layers"][0])
+    assert "parity PASSED" in capsys.readouterr().out
+
+
+def test_parity_exits_nonzero_when_parity_fails(tmp_path, monkeypatch):
+    import parity.dit as pd
+
+    monkeypatch.setattr(pd, "FP32_TOL", 1e-12)  # no real implementation is that close: must report failure
+    rc = main(["parity", "--preset", "tiny-wan2.1-t2v-1.3b", "--json", str(tmp_path / "r.json")])
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert rc == 1 and report["passed"] is False and report["first_failure"] == "patch_embedding"
+
+
+def test_bad_input_is_a_message_not_a_traceback(tmp_path, capsys):
+    assert main(["parity", "--preset", "nope"]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+    assert main(["parity", "--checkpoint", str(tmp_path)]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    (tmp_path / "x").mkdir()
+    assert main(["make-tiny", "--preset", "tiny-wan2.1-t2v-1.3b", "--out", str(tmp_path / "x")]) == 2
+    assert "--force" in capsys.readouterr().err
