@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -17,41 +15,55 @@ import numpy as np
 
 from jax_impl.config import ConfigError, DitConfig
 from weights.dit_map import Entry, check_keys, detect_layout, dit_entries
-from weights.safetensors_io import CheckpointError, CheckpointReader, TensorSpec, write_safetensors
+from weights.safetensors_io import CheckpointError, TensorSpec, open_reader
 
 FLAX_WEIGHTS = "flax_model.safetensors"
 TORCH_WEIGHTS = "diffusion_pytorch_model.safetensors"
 FORMAT_KEY = "wanport_layout"
 
 
-class DitCheckpoint:
-    """An opened DiT folder: config, layout, validated tensor list. Reads nothing but headers until asked."""
+class CheckpointConfigError(CheckpointError, ConfigError):
+    """A model folder whose config.json is unreadable or invalid (both error kinds, so either catch works)."""
 
-    def __init__(self, folder: str | os.PathLike):
+
+class DitCheckpoint:
+    """An opened DiT folder: config, layout, validated tensor list. Reads nothing but headers until asked.
+
+    Pickled weights (.bin/.pt/.pth) are refused unless `allow_pickle`, and even then loaded weights-only.
+    """
+
+    def __init__(self, folder: str | os.PathLike, allow_pickle: bool = False):
         self.folder = Path(folder)
         if not (self.folder / "config.json").is_file():
             sub = self.folder / "transformer"
             hint = f"; did you mean {sub}?" if (sub / "config.json").is_file() else ""
             raise CheckpointError(f"{self.folder}: no config.json, so this is not a model folder{hint}")
-        self.reader = CheckpointReader(self.folder)
+        self.reader = open_reader(self.folder, allow_pickle=allow_pickle)
         keys = self.reader.keys()
         try:
             self.layout = detect_layout(keys)
         except ValueError as e:
             raise CheckpointError(f"{self.folder}: {e}") from None
-        raw = json.loads((self.folder / "config.json").read_text())
-        if raw.get("_class_name") == "WanModel":
-            has_img = any(k.startswith("img_emb.") for k in keys)
-            self.config = DitConfig.from_wan_dict(raw, has_img, source=str(self.folder / "config.json"))
-        else:
-            self.config = DitConfig.from_dict(raw, source=str(self.folder / "config.json"))
+        cfg_path = self.folder / "config.json"
+        try:
+            raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{cfg_path}: expected a JSON object")
+            if raw.get("_class_name") == "WanModel":
+                has_img = any(k.startswith("img_emb.") for k in keys)
+                self.config = DitConfig.from_wan_dict(raw, has_img, source=str(cfg_path))
+            else:
+                self.config = DitConfig.from_dict(raw, source=str(cfg_path))
+        except (OSError, ValueError, TypeError) as e:  # ConfigError and JSONDecodeError are ValueErrors
+            msg = str(e) if str(e).startswith(str(cfg_path)) else f"{cfg_path}: {e}"
+            raise CheckpointConfigError(f"{msg} (invalid model config)") from None
         self.entries = dit_entries(self.config)
         found = {k: self.reader.info(k).shape for k in keys}
         check_keys(self.entries, found, self.layout, str(self.folder))
 
     def get(self, entry: Entry, layout: str) -> np.ndarray:
         """One tensor, re-laid into `layout`."""
-        return entry.convert(self.reader.get(entry.name(self.layout)), self.layout, layout)
+        return entry.convert(self.reader.get(entry.name(self.layout), copy=False), self.layout, layout)
 
     def dtype(self, entry: Entry) -> np.dtype:
         return self.reader.info(entry.name(self.layout)).dtype
@@ -136,24 +148,17 @@ def convert_dit(
     dtype: str | None = None,
     force: bool = False,
     on_tensor: Callable[[str, int], None] | None = None,
+    shard_size: str | int | None = None,
+    allow_pickle: bool = False,
 ) -> Path:
-    """Convert a DiT folder to layout `to` (diffusers | wan | flax), one tensor at a time.
+    """Convert a DiT folder (or pipeline folder) to layout `to` (diffusers | wan | flax), one tensor at a time.
 
     Without `dtype` every tensor keeps its dtype, so the conversion is bit-exact and reversible.
+    See `weights.convert.convert` for sharding, the manifest and the atomic output.
     """
-    ckpt = DitCheckpoint(src)
-    cast = np.dtype(_np_dtype(dtype)) if dtype else None
-    specs, by_name = [], {}
-    for en in ckpt.entries:
-        name = en.name(to)
-        by_name[name] = en
-        specs.append(TensorSpec(name, cast or ckpt.dtype(en), en.layout_shape(to)))
+    from weights.convert import convert
 
-    def produce(name: str) -> np.ndarray:
-        x = ckpt.get(by_name[name], to)
-        return x.astype(cast) if cast is not None else x
-
-    return _write_folder(dst, ckpt.config, to, specs, produce, force=force, on_tensor=on_tensor)
+    return convert(src, dst, to, dtype=dtype, shard_size=shard_size, force=force, allow_pickle=allow_pickle, progress=on_tensor or False)
 
 
 def _np_dtype(name: str):
@@ -165,26 +170,19 @@ def _np_dtype(name: str):
     return table[name]
 
 
-def _write_folder(dst, cfg: DitConfig, layout: str, specs, produce, *, force: bool, on_tensor=None) -> Path:
-    """Write config + weights into a temporary sibling folder, then rename it into place."""
-    dst = Path(dst)
-    if dst.exists() and not force:
-        raise FileExistsError(f"{dst} already exists; pass force=True (--force) to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
-        config = cfg.to_wan_dict() if layout == "wan" else cfg.to_dict()
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        fname = FLAX_WEIGHTS if layout == "flax" else TORCH_WEIGHTS
-        meta = {FORMAT_KEY: layout, "format": "pt" if layout != "flax" else "flax"}
-        write_safetensors(tmp / fname, specs, produce, metadata=meta, on_tensor=on_tensor)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
+def _write_folder(dst, cfg: DitConfig, layout: str, specs, produce, *, force: bool, on_tensor=None, shard_size=None) -> Path:
+    """Write config + weights + manifest into a temporary sibling folder, then rename it into place."""
+    from weights import manifest as mf
+    from weights.convert import config_dict, staged_output, write_weights
+
+    with staged_output(dst, force=force) as tmp:
+        manifest = mf.new_manifest(layout=layout, source="save_dit")
+        (tmp / "config.json").write_text(json.dumps(config_dict(cfg, layout), indent=2) + "\n")
+        mf.add_file(manifest, "config.json", *mf.hash_file(tmp / "config.json"))
+        for fname, (sha, size, records) in write_weights(tmp, layout, list(specs), produce, shard_size=shard_size, on_tensor=on_tensor).items():
+            mf.add_file(manifest, fname, sha, size, records if fname.endswith(".safetensors") else None)
+        mf.write_manifest(tmp, manifest)
+    return Path(dst)
 
 
 __all__ = ["DitCheckpoint", "load_dit", "save_dit", "convert_dit", "ConfigError", "CheckpointError"]

@@ -7,6 +7,7 @@ memory-mapped views: reading a 14B checkpoint never holds more than the tensor b
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -84,12 +85,12 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{path}: header is not valid JSON ({e}); the file is corrupt") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object; the file is corrupt")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
     data_start, data_size = 8 + n, size - 8 - n
@@ -109,22 +110,40 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     return tensors, metadata, data_start
 
 
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """json object hook: a repeated tensor name would silently shadow the first, so refuse it."""
+    out: dict[str, object] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _no_constants(name: str):
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
 def _parse_entry(path: Path, name: str, entry) -> TensorInfo:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-        raise CheckpointError(f"{path}: tensor {name!r} header entry is malformed: {entry!r}")
-    dtype = DTYPES.get(entry["dtype"])
+        raise CheckpointError(f"{path}: tensor {name!r} header entry is malformed: {str(entry)[:200]}")
+    if not name:
+        raise CheckpointError(f"{path}: a tensor has an empty name")
+    dtype = DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
     if dtype is None:
         raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {entry['dtype']!r}")
     shape, offsets = entry["shape"], entry["data_offsets"]
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
+        raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape {str(shape)[:200]}")
+    if len(shape) > 32:
+        raise CheckpointError(f"{path}: tensor {name!r} has {len(shape)} dimensions (at most 32 are supported)")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
         or not 0 <= offsets[0] <= offsets[1]
     ):
-        raise CheckpointError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
+        raise CheckpointError(f"{path}: tensor {name!r} has invalid data_offsets {str(offsets)[:200]}")
     expected = math.prod(shape) * dtype.itemsize
     if offsets[1] - offsets[0] != expected:
         raise CheckpointError(
@@ -140,28 +159,37 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.tensors, self.metadata, self._data_start = read_header(self.path)
-        self._mmap: np.memmap | None = None
+        self._size = self.path.stat().st_size
 
     def keys(self) -> list[str]:
         return list(self.tensors)
 
-    def _data(self) -> np.ndarray:
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        return self._mmap
-
     def get(self, name: str, copy: bool = True) -> np.ndarray:
-        """The tensor `name`; `copy=False` gives a read-only view into the mapped file."""
+        """The tensor `name`; `copy=False` gives a read-only view into the mapped file.
+
+        Each tensor gets its own mapping, released when the array is dropped, so the pages a
+        conversion touched leave the process' resident set tensor by tensor instead of piling up.
+        """
         info = self.tensors.get(name)
         if info is None:
             raise KeyError(f"{self.path}: no tensor named {name!r}")
-        start = self._data_start + info.begin
-        raw = self._data()[start : start + info.nbytes]
-        arr = raw.view(info.dtype).reshape(info.shape)
+        if info.nbytes == 0:
+            return np.zeros(info.shape, dtype=info.dtype)
+        try:
+            if self.path.stat().st_size != self._size:  # a mapping past EOF would crash with SIGBUS
+                raise CheckpointError(f"{self.path}: the file changed size while open (tensor {name!r})")
+            arr = np.memmap(self.path, dtype=info.dtype, mode="r", offset=self._data_start + info.begin, shape=info.shape)
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot map tensor {name!r} ({e})") from None
         return np.array(arr) if copy else arr
 
+    def raw(self, name: str) -> np.ndarray:
+        """The stored bytes of tensor `name` as a flat uint8 view (for hashing)."""
+        arr = self.get(name, copy=False)
+        return arr.reshape(-1).view(np.uint8)
+
     def close(self) -> None:
-        self._mmap = None
+        """Nothing stays mapped between `get` calls; kept for API compatibility."""
 
 
 @dataclass(frozen=True)
@@ -179,10 +207,13 @@ def write_safetensors(
     produce: Callable[[str], np.ndarray],
     metadata: dict[str, str] | None = None,
     on_tensor: Callable[[str, int], None] | None = None,
-) -> None:
+    tensor_hashes: dict[str, str] | None = None,
+) -> str:
     """Write tensors one at a time: `produce(name)` is called in order and its result written and dropped.
 
     The file appears at `path` only once complete (temporary file in the same folder, then rename).
+    Returns the sha256 of the whole file, computed while writing; with `tensor_hashes` given, the
+    sha256 of each tensor's stored bytes is put there too (the manifest needs both, in one pass).
     """
     path = Path(path)
     specs = list(specs)
@@ -198,9 +229,11 @@ def write_safetensors(
     blob += b" " * (-len(blob) % 8)  # keep data 8-byte aligned, as the reference writer does
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        file_hash = hashlib.sha256()
         with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
+            for chunk in (struct.pack("<Q", len(blob)), blob):
+                f.write(chunk)
+                file_hash.update(chunk)
             for s in specs:
                 arr = np.ascontiguousarray(produce(s.name))
                 if arr.shape != tuple(s.shape) or arr.dtype != np.dtype(s.dtype):
@@ -208,11 +241,16 @@ def write_safetensors(
                         f"{path}: tensor {s.name!r} produced as {arr.dtype}{list(arr.shape)}, "
                         f"header promised {np.dtype(s.dtype)}{list(s.shape)}"
                     )
-                f.write(arr.tobytes(order="C"))
+                raw = arr.reshape(-1).view(np.uint8)  # no copy: write and hash straight from the array
+                f.write(raw)
+                file_hash.update(raw)
+                if tensor_hashes is not None:
+                    tensor_hashes[s.name] = hashlib.sha256(raw).hexdigest()
                 if on_tensor is not None:
                     on_tensor(s.name, arr.nbytes)
-                del arr
+                del arr, raw
         os.replace(tmp, path)
+        return file_hash.hexdigest()
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -246,7 +284,7 @@ class CheckpointReader:
             files = sorted(self.folder.glob("*.safetensors"))
             if not files:
                 pickled = sorted(p.name for p in self.folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-                hint = f" (found pickled {pickled}: convert them with `wanport convert`)" if pickled else ""
+                hint = f" (found pickled {pickled}: convert them with `wanport convert --allow-pickle`)" if pickled else ""
                 raise CheckpointError(f"{self.folder}: no .safetensors weights found{hint}")
             if len(files) > 1:
                 preferred = [p for p in files if p.stem == prefer]
@@ -262,10 +300,14 @@ class CheckpointReader:
 
     def _from_index(self, index_path: Path) -> None:
         try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
             raise CheckpointError(f"{index_path}: not a valid shard index ({e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard file names")
         for shard in sorted(set(weight_map.values())):
+            if shard in ("", ".", "..") or "/" in shard or "\\" in shard or not shard.endswith(".safetensors"):
+                raise CheckpointError(f"{index_path}: shard name {shard!r} is not a .safetensors file in this folder")
             shard_path = self.folder / shard
             if not shard_path.is_file():
                 raise CheckpointError(f"{index_path}: lists shard {shard!r}, which is missing from {self.folder}")
@@ -292,3 +334,90 @@ class CheckpointReader:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.where)
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+class PickleReader:
+    """Tensors of a folder of pickled torch weights, read with `torch.load(weights_only=True)` only.
+
+    `weights_only` refuses arbitrary objects, so a malicious pickle cannot run code; `mmap=True` keeps
+    the tensors file-backed so memory stays bounded. Same interface as `CheckpointReader`.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        import torch
+
+        self.folder = Path(folder)
+        files = sorted(p for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+        if not files:
+            raise CheckpointError(f"{self.folder}: no .safetensors or pickled ({', '.join(PICKLE_SUFFIXES)}) weights found")
+        self._tensors: dict[str, "torch.Tensor"] = {}
+        self.where: dict[str, str] = {}
+        for p in files:
+            try:
+                try:
+                    sd = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
+                    sd = torch.load(p, map_location="cpu", weights_only=True)
+            except Exception as e:  # unpickling raises many types; all mean "not a safe weights file"
+                raise CheckpointError(f"{p}: cannot be read as a weights-only torch checkpoint ({type(e).__name__}: {e})") from None
+            for key in ("state_dict", "model", "module"):
+                if isinstance(sd, dict) and len(sd) == 1 and isinstance(sd.get(key), dict):
+                    sd = sd[key]
+            if not isinstance(sd, dict):
+                raise CheckpointError(f"{p}: holds a {type(sd).__name__}, not a dict of tensors")
+            for name, t in sd.items():
+                if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+                    raise CheckpointError(f"{p}: entry {name!r} is not a named tensor")
+                if name in self.where:
+                    raise CheckpointError(f"{p}: tensor {name!r} also appears in {self.where[name]}")
+                self._tensors[name] = t
+                self.where[name] = p.name
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def info(self, name: str) -> TensorInfo:
+        t = self._tensors[name]
+        dtype = _torch_to_numpy_dtype(t.dtype, f"{self.folder / self.where[name]}: tensor {name!r}")
+        return TensorInfo(name, dtype, tuple(t.shape), 0, t.numel() * dtype.itemsize)
+
+    def get(self, name: str, copy: bool = True) -> np.ndarray:
+        import torch
+
+        if name not in self._tensors:
+            raise KeyError(f"{self.folder}: no tensor named {name!r}")
+        t = self._tensors[name].contiguous()
+        dtype = self.info(name).dtype
+        if t.dtype == torch.bfloat16:
+            arr = t.view(torch.int16).numpy().view(dtype)
+        else:
+            arr = t.numpy()
+        return np.array(arr) if copy else arr
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.where)
+
+
+def _torch_to_numpy_dtype(tdtype, what: str) -> np.dtype:
+    import torch
+
+    table = {
+        torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16,
+        torch.bfloat16: ml_dtypes.bfloat16, torch.int64: np.int64, torch.int32: np.int32,
+        torch.int16: np.int16, torch.int8: np.int8, torch.uint8: np.uint8, torch.bool: np.bool_,
+    }
+    if tdtype not in table:
+        raise CheckpointError(f"{what} has dtype {tdtype}, which safetensors output cannot hold")
+    return np.dtype(table[tdtype])
+
+
+def open_reader(folder: str | os.PathLike, allow_pickle: bool = False):
+    """The reader for a model folder: safetensors always; pickled weights only when explicitly allowed."""
+    folder = Path(folder)
+    if allow_pickle and folder.is_dir() and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.safetensors.index.json")):
+        if any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir()):
+            return PickleReader(folder)
+    return CheckpointReader(folder)

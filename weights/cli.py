@@ -1,0 +1,104 @@
+"""`wanport convert`: the checkpoint converter's command line.
+
+`add_subcommands(sub)` registers the subcommand on the main CLI's argparse subparsers; `main()` runs
+it standalone (`python -m weights.cli convert ...`) without importing jax, which keeps the
+converter's memory and start-up small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from weights.dit_map import LAYOUTS
+
+_EPILOG = """\
+examples:
+  # diffusers pipeline folder (model_index.json, transformer/, transformer_2/, vae/ ...) -> Flax
+  wanport convert Wan2.2-I2V-A14B-Diffusers wan22-flax --to flax
+
+  # one transformer folder -> original-Wan layout, in 5 GB shards
+  wanport convert ckpt/transformer wan-dit --to wan --shard-size 5GB
+
+  # halve the size: cast to bfloat16 (only ever done when asked)
+  wanport convert ckpt/transformer dit-bf16 --to diffusers --dtype bfloat16
+
+  # check a converted folder against its wanport_manifest.json (sha256 per file and per tensor)
+  wanport convert --verify wan22-flax
+
+The output is written to a temporary folder next to DST and renamed into place only when complete;
+the source is never modified and an existing DST is kept unless --force. Without --dtype every tensor
+keeps its dtype, so converting back reproduces the original tensors bit for bit.
+"""
+
+
+def add_subcommands(subparsers) -> None:
+    """Register `convert` on an argparse subparsers object (from `parser.add_subparsers()`)."""
+    p = subparsers.add_parser(
+        "convert",
+        help="convert a Wan DiT checkpoint between diffusers, original-Wan and Flax layouts",
+        description="Convert a Wan DiT model folder, or a whole pipeline folder, between the diffusers, "
+        "original-Wan and Flax layouts, streaming one tensor at a time, with a sha256 manifest.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("src", nargs="?", metavar="SRC", help="model folder (config.json + weights) or pipeline folder (model_index.json)")
+    p.add_argument("dst", nargs="?", metavar="DST", help="output folder (must not exist unless --force)")
+    p.add_argument("--to", choices=LAYOUTS, help="output layout")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="cast every tensor (default: keep each tensor's dtype)")
+    p.add_argument("--shard-size", metavar="SIZE", help="split weights into shards of at most SIZE (e.g. 5GB, 500MB) with an index json")
+    p.add_argument("--force", action="store_true", help="replace an existing DST (only once the new output is complete)")
+    p.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin/.pt/.pth weights (read with torch.load(weights_only=True))")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verify", metavar="DIR", help="check DIR against its wanport_manifest.json instead of converting")
+    p.set_defaults(func=run_convert)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Run `convert` (or `convert --verify`); returns the exit code, printing errors without tracebacks."""
+    from weights.convert import convert, verify
+    from weights.safetensors_io import CheckpointError
+
+    try:
+        if args.verify:
+            if args.src or args.dst:
+                print("error: --verify takes only the folder to check", file=sys.stderr)
+                return 2
+            problems = verify(args.verify)
+            for line in problems:
+                print(f"MISMATCH {line}")
+            if problems:
+                print(f"{args.verify}: {len(problems)} problem(s) found", file=sys.stderr)
+                return 1
+            print(f"{args.verify}: OK, every file and tensor matches the manifest")
+            return 0
+        if not (args.src and args.dst and args.to):
+            print("error: convert needs SRC, DST and --to (or --verify DIR); see --help", file=sys.stderr)
+            return 2
+        out = convert(
+            args.src,
+            args.dst,
+            args.to,
+            dtype=args.dtype,
+            shard_size=args.shard_size,
+            force=args.force,
+            allow_pickle=args.allow_pickle,
+            progress=not args.no_progress,
+        )
+        print(f"wrote {out} ({args.to} layout)")
+        return 0
+    except (CheckpointError, FileExistsError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="wanport")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_subcommands(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

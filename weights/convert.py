@@ -1,0 +1,314 @@
+"""Convert Wan DiT checkpoints between the diffusers, original-Wan and Flax layouts.
+
+The design goals, in order: never damage anything (the source is only read, the output appears
+whole or not at all, an existing destination survives unless --force), be exact (re-laying is a
+permutation, dtypes change only on request, and a manifest of sha256 hashes proves it), and stream
+(one memory-mapped tensor at a time, so a 14B expert converts in a couple of hundred MB of RAM).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from jax_impl.config import DitConfig
+from weights import manifest as mf
+from weights.dit_map import LAYOUTS
+from weights.safetensors_io import CheckpointError, TensorSpec, write_safetensors
+
+WEIGHT_STEM = {"diffusers": "diffusion_pytorch_model", "wan": "diffusion_pytorch_model", "flax": "flax_model"}
+FORMAT_KEY = "wanport_layout"
+DIT_CLASSES = ("WanTransformer3DModel", "WanModel")
+DELAY_ENV = "WANPORT_CONVERT_TENSOR_DELAY"  # test hook: seconds to sleep after each tensor
+_TMP_TAG = ".wanport-tmp-"
+_OLD_TAG = ".wanport-old-"
+
+ProgressFn = Callable[[str, int], None]
+
+
+# --- sizes and shards -----------------------------------------------------------------------------
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5_000_000_000 (decimal units, as diffusers' max_shard_size; KiB/MiB/GiB are binary)."""
+    if isinstance(text, int):
+        size = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(text), re.IGNORECASE)
+        if not m:
+            raise ValueError(f"cannot read size {text!r}; write e.g. 5GB, 500MB or 2GiB")
+        size = int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+    if size <= 0:
+        raise ValueError(f"shard size must be positive, got {text!r}")
+    return size
+
+
+def plan_shards(specs: list[TensorSpec], limit: int | None) -> list[list[TensorSpec]]:
+    """Split tensors, in order, into shards of at most `limit` bytes (a bigger tensor gets its own)."""
+    if limit is None:
+        return [specs]
+    shards: list[list[TensorSpec]] = [[]]
+    used = 0
+    for s in specs:
+        n = int(np.prod(s.shape, dtype=np.int64)) * np.dtype(s.dtype).itemsize
+        if shards[-1] and used + n > limit:
+            shards.append([])
+            used = 0
+        shards[-1].append(s)
+        used += n
+    return shards
+
+
+def shard_file_names(layout: str, n: int) -> list[str]:
+    stem = WEIGHT_STEM[layout]
+    if n == 1:
+        return [f"{stem}.safetensors"]
+    return [f"{stem}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def write_weights(
+    folder: Path,
+    layout: str,
+    specs: list[TensorSpec],
+    produce: Callable[[str], np.ndarray],
+    *,
+    shard_size: int | None = None,
+    on_tensor: ProgressFn | None = None,
+) -> dict[str, tuple[str, int, dict[str, dict]]]:
+    """Write the weights (one file, or shards plus index json) into `folder`.
+
+    Returns {file name: (file sha256, size, {tensor: manifest record})} for the manifest.
+    """
+    shards = plan_shards(specs, shard_size)
+    names = shard_file_names(layout, len(shards))
+    meta = {FORMAT_KEY: layout, "format": "flax" if layout == "flax" else "pt"}
+    out: dict[str, tuple[str, int, dict[str, dict]]] = {}
+    weight_map: dict[str, str] = {}
+    total = 0
+    for fname, shard in zip(names, shards):
+        hashes: dict[str, str] = {}
+        sha = write_safetensors(folder / fname, shard, produce, metadata=meta, on_tensor=on_tensor, tensor_hashes=hashes)
+        records = {s.name: mf.tensor_record(s.dtype, s.shape, hashes[s.name]) for s in shard}
+        out[fname] = (sha, (folder / fname).stat().st_size, records)
+        for s in shard:
+            weight_map[s.name] = fname
+            total += int(np.prod(s.shape, dtype=np.int64)) * np.dtype(s.dtype).itemsize
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        iname = f"{WEIGHT_STEM[layout]}.safetensors.index.json"
+        (folder / iname).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        sha, size = mf.hash_file(folder / iname)
+        out[iname] = (sha, size, {})
+    return out
+
+
+def config_dict(cfg: DitConfig, layout: str) -> dict:
+    """The config.json of a layout: the original repository's format for "wan", diffusers' otherwise."""
+    return cfg.to_wan_dict() if layout == "wan" else cfg.to_dict()
+
+
+# --- atomic output --------------------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(dst: Path) -> None:
+    """Remove temp folders a killed conversion left next to `dst` (their owning process is gone)."""
+    if not dst.parent.is_dir():
+        return
+    for p in dst.parent.glob(f".{dst.name}{_TMP_TAG}*"):
+        m = re.match(rf"\.{re.escape(dst.name)}{re.escape(_TMP_TAG)}(\d+)-", p.name)
+        if m and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+@contextmanager
+def staged_output(dst: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder of `dst`; on success it is renamed to `dst`, on any failure
+    it is removed. An existing `dst` stays untouched unless `force`, and then it is replaced only
+    after the new folder is complete."""
+    dst = Path(dst)
+    if (dst.exists() or dst.is_symlink()) and not force:
+        raise FileExistsError(f"{dst} already exists; pass --force (force=True) to replace it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(dst)
+    tmp = dst.parent / f".{dst.name}{_TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if dst.exists() or dst.is_symlink():
+            old = dst.parent / f".{dst.name}{_OLD_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --- conversion -----------------------------------------------------------------------------------
+def is_dit_folder(folder: Path) -> bool:
+    """A model folder whose config.json names the Wan DiT (diffusers or original class)."""
+    try:
+        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and raw.get("_class_name") in DIT_CLASSES
+
+
+def _np_dtype(name: str | None):
+    if name is None:
+        return None
+    from weights.dit_io import _np_dtype as table
+
+    return np.dtype(table(name))
+
+
+class _Job:
+    """One DiT folder to convert: opened (validated) before any output exists."""
+
+    def __init__(self, src: Path, rel: str, to: str, cast, allow_pickle: bool):
+        from weights.dit_io import DitCheckpoint
+
+        self.rel = rel
+        self.ckpt = DitCheckpoint(src, allow_pickle=allow_pickle)
+        self.specs: list[TensorSpec] = []
+        self.by_name = {}
+        self.cast = cast
+        self.to = to
+        for en in self.ckpt.entries:
+            name = en.name(to)
+            self.by_name[name] = en
+            self.specs.append(TensorSpec(name, cast if cast is not None else self.ckpt.dtype(en), en.layout_shape(to)))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(np.prod(s.shape, dtype=np.int64)) * np.dtype(s.dtype).itemsize for s in self.specs)
+
+    def produce(self, name: str) -> np.ndarray:
+        x = self.ckpt.get(self.by_name[name], self.to)
+        return x.astype(self.cast) if self.cast is not None and x.dtype != self.cast else x
+
+    def write(self, out: Path, manifest: dict, shard_size: int | None, on_tensor: ProgressFn | None) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config_dict(self.ckpt.config, self.to), indent=2) + "\n")
+        prefix = f"{self.rel}/" if self.rel else ""
+        sha, size = mf.hash_file(out / "config.json")
+        mf.add_file(manifest, prefix + "config.json", sha, size)
+        for fname, (sha, size, records) in write_weights(out, self.to, self.specs, self.produce, shard_size=shard_size, on_tensor=on_tensor).items():
+            mf.add_file(manifest, prefix + fname, sha, size, records if fname.endswith(".safetensors") else None)
+
+
+def _copy_tree(src: Path, dst: Path, rel: str, manifest: dict) -> None:
+    """Copy a file or folder unchanged, recording every file's hash."""
+    if src.is_dir():
+        dst.mkdir(exist_ok=True)
+        for child in sorted(src.iterdir()):
+            _copy_tree(child, dst / child.name, f"{rel}/{child.name}", manifest)
+    elif src.is_file():
+        sha, size = mf.copy_with_hash(src, dst)
+        mf.add_file(manifest, rel, sha, size)
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    to: str,
+    *,
+    dtype: str | None = None,
+    shard_size: str | int | None = None,
+    force: bool = False,
+    allow_pickle: bool = False,
+    progress: bool | ProgressFn = False,
+) -> Path:
+    """Convert a DiT model folder, or a whole pipeline folder (model_index.json + transformer[_2]/),
+    to layout `to`; other pipeline components and files are copied through unchanged.
+
+    `progress=True` shows a tqdm bar over bytes; a callable gets (tensor name, bytes) per tensor.
+    """
+    if to not in LAYOUTS:
+        raise ValueError(f"unknown layout {to!r}; choose one of {', '.join(LAYOUTS)}")
+    src, dst = Path(src), Path(dst)
+    limit = parse_size(shard_size) if shard_size is not None else None
+    cast = _np_dtype(dtype)
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: not a folder")
+    s, d = src.resolve(), dst.resolve()
+    if s == d or s in d.parents or d in s.parents:
+        raise ValueError(f"destination {dst} overlaps the source {src}; choose a folder outside it")
+
+    # Open and validate every model before creating anything.
+    jobs: list[_Job] = []
+    copies: list[Path] = []
+    if (src / "config.json").is_file():
+        jobs.append(_Job(src, "", to, cast, allow_pickle))
+    elif (src / "model_index.json").is_file():
+        for child in sorted(src.iterdir()):
+            if child.name == mf.MANIFEST_NAME or _TMP_TAG in child.name or _OLD_TAG in child.name:
+                continue
+            if child.is_dir() and is_dit_folder(child):
+                jobs.append(_Job(child, child.name, to, cast, allow_pickle))
+            else:
+                copies.append(child)
+        if not jobs:
+            raise CheckpointError(f"{src}: model_index.json found but no transformer folder with a Wan DiT config.json")
+    else:
+        raise CheckpointError(f"{src}: neither a model folder (config.json) nor a pipeline folder (model_index.json)")
+
+    manifest = mf.new_manifest(
+        layout=to, source=str(src), dtype=dtype or "unchanged", models=[j.rel or "." for j in jobs], created=time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    )
+    bar, on_tensor = None, None
+    if progress is True:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(j.nbytes for j in jobs), unit="B", unit_scale=True, unit_divisor=1024, desc=f"convert -> {to}", dynamic_ncols=True)
+        on_tensor = lambda name, n: bar.update(n)  # noqa: E731
+    elif callable(progress):
+        on_tensor = progress
+    delay = float(os.environ.get(DELAY_ENV, "0") or 0)
+    if delay > 0:
+        inner = on_tensor
+
+        def on_tensor(name: str, n: int) -> None:  # noqa: F811
+            if inner:
+                inner(name, n)
+            time.sleep(delay)
+
+    try:
+        with staged_output(dst, force=force) as tmp:
+            for job in jobs:
+                job.write(tmp / job.rel if job.rel else tmp, manifest, limit, on_tensor)
+            for c in copies:
+                _copy_tree(c, tmp / c.name, c.name, manifest)
+            mf.write_manifest(tmp, manifest)
+    finally:
+        if bar is not None:
+            bar.close()
+    return dst
+
+
+def verify(folder: str | os.PathLike) -> list[str]:
+    """Problems found checking `folder` against its manifest (empty list: intact)."""
+    return mf.verify(folder)
