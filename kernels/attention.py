@@ -1,14 +1,20 @@
 """The one attention entry point used by every model in `jax_impl`.
 
 Layout is `[batch, seq, heads, head_dim]`, as `jax.nn.dot_product_attention`. Back-ends register in
-`BACKENDS`; `backend="auto"` picks the fastest one the current platform supports.
+`BACKENDS`; `backend="auto"` picks the fastest one the current platform and dtype support:
+cuDNN on NVIDIA GPUs (half precision only), Splash on TPU, the plain XLA reference otherwise.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import inspect
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+
+from kernels.cudnn import HALF_DTYPES, cudnn_attention
+from kernels.splash import splash_attention
 
 AttentionFn = Callable[..., jax.Array]
 
@@ -18,11 +24,11 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jax.nn.dot_product_attention(q, k, v, implementation="xla")
 
 
-BACKENDS: dict[str, AttentionFn] = {"xla": xla_attention}
+BACKENDS: dict[str, AttentionFn] = {"xla": xla_attention, "cudnn": cudnn_attention, "splash": splash_attention}
 
 
 def available_backends() -> list[str]:
-    """Back-ends that can run on the default JAX platform."""
+    """Back-ends that can run on the default JAX platform (splash runs anywhere, interpreted off TPU)."""
     return [name for name in BACKENDS if _supported(name)]
 
 
@@ -33,32 +39,58 @@ def _supported(name: str) -> bool:
     return True
 
 
-def _auto() -> str:
+def _auto(dtype: Any = None) -> str:
+    """cuDNN on GPU for half-precision inputs (it has no float32 kernel), splash on TPU, else xla."""
     platform = jax.default_backend()
-    if platform == "gpu" and "cudnn" in BACKENDS:
+    if platform == "gpu" and "cudnn" in BACKENDS and (dtype is None or jnp.dtype(dtype) in HALF_DTYPES):
         return "cudnn"
     if platform == "tpu" and "splash" in BACKENDS:
         return "splash"
     return "xla"
 
 
-def resolve_backend(backend: str) -> str:
-    name = _auto() if backend == "auto" else backend
+def resolve_backend(backend: str, dtype: Any = None) -> str:
+    """The concrete back-end name `backend` stands for on this platform (and for inputs of `dtype`)."""
+    name = _auto(dtype) if backend == "auto" else backend
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose from auto, {', '.join(BACKENDS)}")
     return name
+
+
+def _accepted_options(fn: AttentionFn) -> set[str]:
+    params = inspect.signature(fn).parameters.values()
+    return {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = "auto", **options) -> jax.Array:
     """softmax(q k^T / sqrt(head_dim)) v over `[batch, seq, heads, head_dim]` inputs.
 
     q may have a different sequence length than k/v (cross-attention). The output has q's shape/dtype.
+    `options` go to the back-end (e.g. splash's `block_q`, `block_kv`, `interpret`; cudnn's
+    `cast_fp32`). An explicitly named back-end rejects options it does not know; with
+    backend="auto" options meant for a back-end that was not chosen are dropped, so one call site
+    can carry tuning for every platform.
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention wants [batch, seq, heads, head_dim] inputs, got {q.shape}, {k.shape}, {v.shape}")
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"attention shapes do not agree: q {q.shape}, k {k.shape}, v {v.shape}")
-    return BACKENDS[resolve_backend(backend)](q, k, v, **options).astype(q.dtype)
+    if q.shape[1] == 0 or k.shape[1] == 0:
+        raise ValueError(f"attention needs non-empty sequences: q {q.shape}, k {k.shape}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"attention wants one dtype for q, k, v; got {q.dtype}, {k.dtype}, {v.dtype}")
+    name = resolve_backend(backend, q.dtype)
+    fn = BACKENDS[name]
+    accepted = _accepted_options(fn)
+    unknown = set(options) - accepted
+    if unknown:
+        if backend != "auto":
+            raise TypeError(
+                f"attention backend {name!r} does not take option(s) {sorted(unknown)}; "
+                f"it takes {sorted(accepted) or 'none'}"
+            )
+        options = {key: val for key, val in options.items() if key in accepted}
+    return fn(q, k, v, **options).astype(q.dtype)
 
 
 __all__ = ["attention", "available_backends", "resolve_backend", "BACKENDS", "xla_attention"]
