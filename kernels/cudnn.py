@@ -1,6 +1,7 @@
 """cuDNN fused (flash) attention on NVIDIA GPUs behind `kernels.attention(..., backend="cudnn")`.
 
-cuDNN's fused kernel only takes float16/bfloat16. float32 inputs are refused unless the caller opts in
+cuDNN's fused kernel only takes float16/bfloat16 and head_dim <= 128 (256 on Hopper+) in multiples of 8;
+sequence lengths are free (no padding needed, unlike splash). float32 inputs are refused unless the caller opts in
 with `cast_fp32=True`, because silently computing in bfloat16 would break float32 parity runs.
 """
 

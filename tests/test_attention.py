@@ -204,13 +204,11 @@ def test_cudnn_fp32_refused_unless_cast():
     assert rel_l2(out, kernels.attention(q, k, v, backend="xla")) <= 2e-2
 
 
-def test_flax_tiny_dit_with_splash_matches_diffusers(tmp_path):
-    from jax_impl.presets import get_preset
+@pytest.mark.parametrize("preset", ["tiny-wan2.1-t2v-1.3b", "tiny-wan2.1-i2v-14b"])  # i2v: 257 image tokens pad
+def test_flax_tiny_dit_with_splash_matches_diffusers(tiny_ckpt, preset):
     from parity.dit import dit_parity
-    from torch_ref.checkpoints import write_tiny_checkpoint
 
-    root = write_tiny_checkpoint(get_preset("tiny-wan2.1-t2v-1.3b"), tmp_path / "ckpt")
-    report = dit_parity(root / "transformer", attention_backend="splash")
+    report = dit_parity(tiny_ckpt(preset) / "transformer", attention_backend="splash")
     assert report.meta["attention"] == "splash"
     assert report.passed, report
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -59,19 +61,13 @@ def test_unsupported_sdpa_arguments_fall_back_to_reference():
     want_causal = torch.nn.functional.scaled_dot_product_attention(
         *(torch.from_numpy(x) for x in (q, k, v)), is_causal=True
     )
-    tq, tk, tv = (torchax.tensor.Tensor(_jnp(x), env) for x in (q, k, v))
+    tq, tk, tv = (torchax.tensor.Tensor(jnp.asarray(x), env) for x in (q, k, v))
     with env:
         plain = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
         causal = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
     assert env.attention_override.calls == 1 and env.attention_override.fallbacks == 1
     assert rel_l2(np.asarray(jax_view(plain)), want_plain.numpy()) <= FP32_TOL
     assert rel_l2(np.asarray(jax_view(causal)), want_causal.numpy()) <= FP32_TOL
-
-
-def _jnp(x: np.ndarray):
-    import jax.numpy as jnp
-
-    return jnp.asarray(x)
 
 
 def test_bad_inputs_are_refused(tiny):
@@ -82,3 +78,20 @@ def test_bad_inputs_are_refused(tiny):
         run_dit_torchax(model, inputs.latents, inputs.timestep, inputs.text[0], inputs.image)
     with pytest.raises(ValueError, match="unknown attention backend"):
         run_dit_torchax(model, inputs.latents, inputs.timestep, inputs.text, inputs.image, backend="nope")
+
+
+gpu_only = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs JAX on an NVIDIA GPU")
+
+
+@pytest.mark.parametrize("backend", ["xla", pytest.param("cudnn", marks=[pytest.mark.gpu, gpu_only])])
+def test_torchax_dit_bf16(backend):
+    """bf16 (with diffusers' float32 islands): error against fp32 torch at most twice torch's own in bf16."""
+    cfg = get_preset("tiny-wan2.1-t2v-1.3b").transformer
+    inputs = make_inputs(cfg, seed=1)
+    exact, _ = run_dit(build_transformer(cfg, seed=0), inputs.latents, inputs.timestep, inputs.text, inputs.image)
+    half = build_transformer(cfg, seed=0, dtype=torch.bfloat16)
+    torch_bf16, _ = run_dit(half, inputs.latents, inputs.timestep, inputs.text, inputs.image)
+    env = make_env(backend)
+    out = run_dit_torchax(half, inputs.latents, inputs.timestep, inputs.text, inputs.image, env=env)
+    assert env.attention_override.calls > 0
+    assert rel_l2(out, exact) <= 2 * max(rel_l2(torch_bf16, exact), 1e-3)
