@@ -1,0 +1,54 @@
+"""Latent normalisation, in one place: the DiT works on (z - mean) / std of the VAE's posterior mean.
+
+mean and std are read from the VAE's `VaeConfig` (its vae/config.json), never hard-coded: Wan2.1 and
+Wan2.2 VAEs have different statistics (16 vs 48 channels), and using the wrong or swapped ones
+yields a black or washed-out video with no error. Works on numpy and jax arrays, channels-last.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from jax_impl.vae_config import VaeConfig
+
+
+def _stats(z: Any, cfg: VaeConfig):
+    if z.shape[-1] != cfg.z_dim:
+        raise ValueError(
+            f"latents have {z.shape[-1]} channels (last axis), but this VAE's config has z_dim={cfg.z_dim}; "
+            "channels-last [B, F, H, W, C] latents from the matching VAE are expected"
+        )
+    xp = np if isinstance(z, np.ndarray) else _jnp()
+    mean = xp.asarray(np.asarray(cfg.latents_mean, np.float32))
+    std = xp.asarray(np.asarray(cfg.latents_std, np.float32))
+    return mean, std
+
+
+def _jnp():
+    import jax.numpy as jnp
+
+    return jnp
+
+
+def normalize(z: Any, cfg: VaeConfig) -> Any:
+    """VAE latent -> DiT latent: (z - mean) / std per channel, computed in float32, returned in z's dtype."""
+    mean, std = _stats(z, cfg)
+    return ((z.astype(np.float32) - mean) / std).astype(z.dtype)
+
+
+def denormalize(z: Any, cfg: VaeConfig) -> Any:
+    """DiT latent -> VAE latent: z * std + mean, before decoding."""
+    mean, std = _stats(z, cfg)
+    return (z.astype(np.float32) * std + mean).astype(z.dtype)
+
+
+def encode_video(vae, video: Any) -> Any:
+    """Pipeline helper: encode a video and normalise with the config of *that* VAE."""
+    return normalize(vae.encode(video), vae.cfg)
+
+
+def decode_latents(vae, latents: Any) -> Any:
+    """Pipeline helper: denormalise with the VAE's own config, then decode to a [-1, 1] video."""
+    return vae.decode(denormalize(latents, vae.cfg))

@@ -1,0 +1,454 @@
+"""The Wan causal 3D VAE (AutoencoderKLWan: Wan2.1 and Wan2.2) in Flax NNX, channels-last.
+
+Video is `[batch, frames, height, width, channels]` in [-1, 1]; latents `[batch, frames, h, w, z_dim]`.
+Time is processed causally in chunks (encode: 1 frame, then 4 at a time; decode: 1 latent frame at a
+time), as diffusers does, so peak memory does not depend on the video length. Every causal 3D conv
+keeps the last two frames of its input stream; these caches are an explicit pytree (a list, in call
+order) passed into and returned from one jit-compiled chunk step instead of hidden module state.
+
+The cache starts as two zero frames, which is exactly the causal zero padding; two places differ on
+the first chunk and take a static `first` flag: the temporal downsampler passes its first frame through
+(no time conv), and the temporal upsampler does not double its first frame (and its time conv then
+starts from zeros). Parameter names follow diffusers' module paths (see `weights.vae_map`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jax_impl.layers import F32
+from jax_impl.vae_config import VaeConfig
+
+CACHE_T = 2  # frames of history a kernel-3 causal conv needs
+ENCODE_CHUNK = 4  # frames per encoder step after the first (diffusers' fixed choice)
+Caches = list[jax.Array]
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class VaeInputError(ValueError):
+    """A video or latent whose shape the VAE cannot process; the message says what is expected."""
+
+
+class Cursor:
+    """Threads the conv caches through one chunk in call order and collects taps (trace-time only)."""
+
+    def __init__(self, caches: Caches | None, capture: bool):
+        self.inp, self.i, self.out = caches, 0, []
+        self.capture = capture
+        self.taps: dict[str, jax.Array] = {}
+
+    @property
+    def first(self) -> bool:
+        return self.inp is None
+
+    def take(self) -> jax.Array | None:
+        c = None if self.inp is None else self.inp[self.i]
+        self.i += 1
+        return c
+
+    def put(self, c: jax.Array) -> None:
+        self.out.append(c)
+
+    def tap(self, name: str, x: jax.Array) -> None:
+        if self.capture:
+            self.taps[name] = x
+
+
+def _uniform(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, dtype) -> nnx.Param:
+    s = fan_in**-0.5
+    return nnx.Param(jax.random.uniform(rngs.params(), shape, F32, -s, s).astype(dtype))
+
+
+class Conv(nnx.Module):
+    """3D (kernel (kt, kh, kw, in, out)) or 2D per-frame (kh, kw, in, out) convolution, f32 accumulation.
+
+    Takes `[B, T, H, W, C]`; no time padding here (callers prepend cache frames), symmetric spatial
+    padding `pad`, or `pad=(0, 1)` for the downsampler's right/bottom-only zero pad.
+    """
+
+    def __init__(self, c_in: int, c_out: int, kernel: tuple[int, ...], *, stride: tuple[int, ...] | None = None,
+                 pad: tuple[int, int] = (0, 0), dtype=F32, rngs: nnx.Rngs):
+        self.is3d = len(kernel) == 3
+        self.stride = stride or (1,) * len(kernel)
+        self.pad = pad
+        self.kernel = _uniform(rngs, (*kernel, c_in, c_out), c_in * math.prod(kernel), dtype)
+        self.bias = _uniform(rngs, (c_out,), c_in * math.prod(kernel), dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel.value
+        sp = [self.pad, self.pad]
+        if self.is3d:
+            y = jax.lax.conv_general_dilated(
+                x.astype(k.dtype), k, self.stride, [(0, 0), *sp], dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+                precision=HIGHEST, preferred_element_type=F32)
+        else:
+            b, t = x.shape[:2]
+            y = jax.lax.conv_general_dilated(
+                x.reshape(b * t, *x.shape[2:]).astype(k.dtype), k, self.stride, sp,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST, preferred_element_type=F32)
+            y = y.reshape(b, t, *y.shape[1:])
+        return (y + self.bias.value.astype(F32)).astype(k.dtype)
+
+
+class CausalConv(Conv):
+    """Kernel-3 (in time) causal conv carrying the last CACHE_T input frames across chunks."""
+
+    def __init__(self, c_in: int, c_out: int, *, dtype=F32, rngs: nnx.Rngs):
+        super().__init__(c_in, c_out, (3, 3, 3), pad=(1, 1), dtype=dtype, rngs=rngs)
+
+    def step(self, x: jax.Array, cur: Cursor) -> jax.Array:
+        cache = cur.take()
+        if cache is None:
+            cache = jnp.zeros((x.shape[0], CACHE_T, *x.shape[2:]), x.dtype)
+        full = jnp.concatenate([cache.astype(x.dtype), x], axis=1)
+        cur.put(full[:, -CACHE_T:])
+        return self(full)
+
+
+class ChannelRMSNorm(nnx.Module):
+    """Wan's RMS norm: L2-normalise over channels, times sqrt(C) and a gain (diffusers' WanRMS_norm)."""
+
+    def __init__(self, dim: int, *, dtype=F32):
+        self.scale = dim**0.5
+        self.gamma = nnx.Param(jnp.ones((dim,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x.astype(F32)
+        n = h / jnp.maximum(jnp.sqrt(jnp.sum(h * h, axis=-1, keepdims=True)), 1e-12)
+        n = (n.astype(x.dtype).astype(F32) * self.scale).astype(x.dtype)  # rounds where torch rounds
+        return (n.astype(F32) * self.gamma.value.astype(F32)).astype(x.dtype)
+
+
+class ResBlock(nnx.Module):
+    def __init__(self, c_in: int, c_out: int, *, dtype, rngs: nnx.Rngs):
+        self.norm1 = ChannelRMSNorm(c_in, dtype=dtype)
+        self.conv1 = CausalConv(c_in, c_out, dtype=dtype, rngs=rngs)
+        self.norm2 = ChannelRMSNorm(c_out, dtype=dtype)
+        self.conv2 = CausalConv(c_out, c_out, dtype=dtype, rngs=rngs)
+        self.conv_shortcut = Conv(c_in, c_out, (1, 1, 1), dtype=dtype, rngs=rngs) if c_in != c_out else None
+
+    def __call__(self, x: jax.Array, cur: Cursor) -> jax.Array:
+        h = self.conv_shortcut(x) if self.conv_shortcut is not None else x
+        x = self.conv1.step(jax.nn.silu(self.norm1(x)), cur)
+        x = self.conv2.step(jax.nn.silu(self.norm2(x)), cur)
+        return x + h
+
+
+class AttnBlock(nnx.Module):
+    """Single-head self-attention over the pixels of each frame (not across time)."""
+
+    def __init__(self, dim: int, *, dtype, rngs: nnx.Rngs):
+        self.norm = ChannelRMSNorm(dim, dtype=dtype)
+        self.to_qkv = Conv(dim, 3 * dim, (1, 1), dtype=dtype, rngs=rngs)
+        self.proj = Conv(dim, dim, (1, 1), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, cur: Cursor) -> jax.Array:
+        b, t, h, w, c = x.shape
+        qkv = self.to_qkv(self.norm(x)).reshape(b * t, h * w, 3 * c)
+        q, k, v = jnp.split(qkv, 3, axis=-1)
+        logits = jnp.einsum("bqc,bkc->bqk", q, k, precision=HIGHEST, preferred_element_type=F32) / math.sqrt(c)
+        p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        o = jnp.einsum("bqk,bkc->bqc", p, v, precision=HIGHEST, preferred_element_type=F32).astype(x.dtype)
+        return self.proj(o.reshape(b, t, h, w, c)) + x
+
+
+class MidBlock(nnx.Module):
+    def __init__(self, dim: int, *, dtype, rngs: nnx.Rngs):
+        self.resnets = nnx.List([ResBlock(dim, dim, dtype=dtype, rngs=rngs) for _ in range(2)])
+        self.attentions = nnx.List([AttnBlock(dim, dtype=dtype, rngs=rngs)])
+
+    def __call__(self, x: jax.Array, cur: Cursor) -> jax.Array:
+        x = self.resnets[0](x, cur)
+        return self.resnets[1](self.attentions[0](x, cur), cur)
+
+
+def _up2(x: jax.Array) -> jax.Array:
+    """Nearest 2x spatial upsampling (nearest-exact at integer scale duplicates each pixel)."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
+
+
+class Resample(nnx.Module):
+    """Spatial 2x up/down-sampling, with a causal time conv for the '3d' modes (diffusers' WanResample)."""
+
+    def __init__(self, dim: int, mode: str, out_dim: int | None = None, *, dtype, rngs: nnx.Rngs):
+        self.mode = mode
+        if mode.startswith("upsample"):
+            self.resample = Conv(dim, out_dim or dim // 2, (3, 3), pad=(1, 1), dtype=dtype, rngs=rngs)
+            self.time_conv = Conv(dim, 2 * dim, (3, 1, 1), dtype=dtype, rngs=rngs) if mode == "upsample3d" else None
+        else:
+            self.resample = Conv(dim, dim, (3, 3), stride=(2, 2), pad=(0, 1), dtype=dtype, rngs=rngs)
+            self.time_conv = (
+                Conv(dim, dim, (3, 1, 1), stride=(2, 1, 1), dtype=dtype, rngs=rngs) if mode == "downsample3d" else None
+            )
+
+    def __call__(self, x: jax.Array, cur: Cursor) -> jax.Array:
+        if self.mode == "upsample3d":
+            cache = cur.take()
+            if cur.first:  # the first frame is not doubled; the time conv's stream starts at the next chunk
+                cur.put(jnp.zeros((x.shape[0], CACHE_T, *x.shape[2:]), x.dtype))
+            else:
+                full = jnp.concatenate([cache.astype(x.dtype), x], axis=1)
+                cur.put(full[:, -CACHE_T:])
+                y = self.time_conv(full)  # [B, T, H, W, 2C]: two output frames per input frame
+                b, t, h, w, c2 = y.shape
+                x = y.reshape(b, t, h, w, 2, c2 // 2).transpose(0, 1, 4, 2, 3, 5).reshape(b, 2 * t, h, w, c2 // 2)
+        if self.mode.startswith("upsample"):
+            x = _up2(x)
+        x = self.resample(x)
+        if self.mode == "downsample3d":
+            cache = cur.take()
+            cur.put(x[:, -1:])
+            if not cur.first:  # the first frame passes through; later ones pair with their predecessor
+                x = self.time_conv(jnp.concatenate([cache.astype(x.dtype), x], axis=1))
+        return x
+
+
+def avg_down(x: jax.Array, c_out: int, ft: int, fs: int) -> jax.Array:
+    """Wan2.2's parameter-free shortcut: fold (ft, fs, fs) blocks into channels, average channel groups."""
+    b, t, h, w, c = x.shape
+    pad = (ft - t % ft) % ft
+    if pad:
+        x = jnp.pad(x, [(0, 0), (pad, 0), (0, 0), (0, 0), (0, 0)])
+        t += pad
+    x = x.reshape(b, t // ft, ft, h // fs, fs, w // fs, fs, c).transpose(0, 1, 3, 5, 7, 2, 4, 6)
+    x = x.reshape(b, t // ft, h // fs, w // fs, c_out, c * ft * fs * fs // c_out)
+    return jnp.mean(x.astype(F32), axis=-1).astype(x.dtype)
+
+
+def dup_up(x: jax.Array, c_out: int, ft: int, fs: int, first: bool) -> jax.Array:
+    """Inverse of `avg_down`: repeat channels, unfold them into (ft, fs, fs) blocks."""
+    b, t, h, w, c = x.shape
+    x = jnp.repeat(x, c_out * ft * fs * fs // c, axis=-1).reshape(b, t, h, w, c_out, ft, fs, fs)
+    x = x.transpose(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, t * ft, h * fs, w * fs, c_out)
+    return x[:, ft - 1:] if first else x
+
+
+class ResidualDownBlock(nnx.Module):
+    def __init__(self, c_in: int, c_out: int, n_res: int, temporal: bool, down: bool, *, dtype, rngs: nnx.Rngs):
+        self.c_out, self.ft, self.fs = c_out, 2 if temporal else 1, 2 if down else 1
+        self.resnets = nnx.List([ResBlock(c_in if i == 0 else c_out, c_out, dtype=dtype, rngs=rngs) for i in range(n_res)])
+        mode = "downsample3d" if temporal else "downsample2d"
+        self.downsampler = Resample(c_out, mode, dtype=dtype, rngs=rngs) if down else None
+
+    def __call__(self, x: jax.Array, cur: Cursor) -> jax.Array:
+        skip = avg_down(x, self.c_out, self.ft, self.fs)
+        for r in self.resnets:
+            x = r(x, cur)
+        if self.downsampler is not None:
+            x = self.downsampler(x, cur)
+        return x + skip
+
+
+class UpBlock(nnx.Module):
+    """Decoder stage: n_res+1 residual blocks then an optional upsampler; Wan2.2 adds a DupUp shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, n_res: int, mode: str | None, residual: bool, temporal: bool,
+                 *, dtype, rngs: nnx.Rngs):
+        self.residual, self.c_out, self.ft = residual, c_out, 2 if temporal else 1
+        self.resnets = nnx.List([ResBlock(c_in if i == 0 else c_out, c_out, dtype=dtype, rngs=rngs) for i in range(n_res + 1)])
+        sampler = Resample(c_out, mode, c_out if residual else None, dtype=dtype, rngs=rngs) if mode else None
+        self.upsampler = sampler  # diffusers: `upsampler` (Wan2.2) or `upsamplers.0` (Wan2.1)
+        self.has_shortcut = residual and mode is not None
+
+    def __call__(self, x: jax.Array, cur: Cursor) -> jax.Array:
+        skip = dup_up(x, self.c_out, self.ft, 2, cur.first) if self.has_shortcut else None
+        for r in self.resnets:
+            x = r(x, cur)
+        if self.upsampler is not None:
+            x = self.upsampler(x, cur)
+        return x if skip is None else x + skip
+
+
+class Encoder(nnx.Module):
+    def __init__(self, cfg: VaeConfig, *, dtype, rngs: nnx.Rngs):
+        dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
+        n = len(cfg.dim_mult)
+        self.conv_in = CausalConv(cfg.in_channels, dims[0], dtype=dtype, rngs=rngs)
+        blocks: list[nnx.Module] = []
+        for i, (ci, co) in enumerate(zip(dims[:-1], dims[1:])):
+            last = i == n - 1
+            if cfg.is_residual:
+                temporal = cfg.temperal_downsample[i] if not last else False
+                blocks.append(ResidualDownBlock(ci, co, cfg.num_res_blocks, temporal, not last, dtype=dtype, rngs=rngs))
+            else:
+                for j in range(cfg.num_res_blocks):
+                    blocks.append(ResBlock(ci if j == 0 else co, co, dtype=dtype, rngs=rngs))
+                if not last:
+                    mode = "downsample3d" if cfg.temperal_downsample[i] else "downsample2d"
+                    blocks.append(Resample(co, mode, dtype=dtype, rngs=rngs))
+        self.down_blocks = nnx.List(blocks)
+        self.mid_block = MidBlock(dims[-1], dtype=dtype, rngs=rngs)
+        self.norm_out = ChannelRMSNorm(dims[-1], dtype=dtype)
+        self.conv_out = CausalConv(dims[-1], 2 * cfg.z_dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, cur: Cursor) -> jax.Array:
+        x = self.conv_in.step(x, cur)
+        cur.tap("encoder.conv_in", x)
+        for i, blk in enumerate(self.down_blocks):
+            x = blk(x, cur)
+            cur.tap(f"encoder.down_blocks.{i}", x)
+        x = self.mid_block(x, cur)
+        cur.tap("encoder.mid_block", x)
+        x = self.conv_out.step(jax.nn.silu(self.norm_out(x)), cur)
+        cur.tap("encoder.conv_out", x)
+        return x
+
+
+class Decoder(nnx.Module):
+    def __init__(self, cfg: VaeConfig, *, dtype, rngs: nnx.Rngs):
+        d = cfg.decoder_dim
+        dims = [d * m for m in (cfg.dim_mult[-1], *cfg.dim_mult[::-1])]
+        n = len(cfg.dim_mult)
+        self.conv_in = CausalConv(cfg.z_dim, dims[0], dtype=dtype, rngs=rngs)
+        self.mid_block = MidBlock(dims[0], dtype=dtype, rngs=rngs)
+        blocks = []
+        for i, (ci, co) in enumerate(zip(dims[:-1], dims[1:])):
+            if i > 0 and not cfg.is_residual:
+                ci //= 2  # the previous Wan2.1 upsampler halved the channels
+            up = i != n - 1
+            temporal = bool(cfg.temperal_upsample[i]) if up else False
+            mode = ("upsample3d" if temporal else "upsample2d") if up else None
+            blocks.append(UpBlock(ci, co, cfg.num_res_blocks, mode, cfg.is_residual, temporal, dtype=dtype, rngs=rngs))
+        self.up_blocks = nnx.List(blocks)
+        self.norm_out = ChannelRMSNorm(dims[-1], dtype=dtype)
+        self.conv_out = CausalConv(dims[-1], cfg.out_channels, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, cur: Cursor) -> jax.Array:
+        x = self.conv_in.step(x, cur)
+        cur.tap("decoder.conv_in", x)
+        x = self.mid_block(x, cur)
+        cur.tap("decoder.mid_block", x)
+        for i, blk in enumerate(self.up_blocks):
+            x = blk(x, cur)
+            cur.tap(f"decoder.up_blocks.{i}", x)
+        x = self.conv_out.step(jax.nn.silu(self.norm_out(x)), cur)
+        cur.tap("decoder.conv_out", x)
+        return x
+
+
+def patchify(x: jax.Array, p: int) -> jax.Array:
+    """[B,T,H,W,C] -> [B,T,H/p,W/p,C*p*p], channel order (c, pw, ph) as diffusers' patchify."""
+    if p == 1:
+        return x
+    b, t, h, w, c = x.shape
+    x = x.reshape(b, t, h // p, p, w // p, p, c).transpose(0, 1, 2, 4, 6, 5, 3)
+    return x.reshape(b, t, h // p, w // p, c * p * p)
+
+
+def unpatchify(x: jax.Array, p: int) -> jax.Array:
+    if p == 1:
+        return x
+    b, t, h, w, cp = x.shape
+    x = x.reshape(b, t, h, w, cp // (p * p), p, p).transpose(0, 1, 2, 6, 3, 5, 4)
+    return x.reshape(b, t, h * p, w * p, cp // (p * p))
+
+
+class WanVAE(nnx.Module):
+    """AutoencoderKLWan in Flax. `encode` returns the posterior mean, `decode` a video clipped to [-1, 1]."""
+
+    def __init__(self, cfg: VaeConfig, *, dtype=F32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.encoder = Encoder(cfg, dtype=dtype, rngs=rngs)
+        self.quant_conv = Conv(2 * cfg.z_dim, 2 * cfg.z_dim, (1, 1, 1), dtype=dtype, rngs=rngs)
+        self.post_quant_conv = Conv(cfg.z_dim, cfg.z_dim, (1, 1, 1), dtype=dtype, rngs=rngs)
+        self.decoder = Decoder(cfg, dtype=dtype, rngs=rngs)
+
+    # --- one chunk (traced under jit by the drivers below) ---------------------------------------
+    def encode_chunk(self, x: jax.Array, caches: Caches | None, capture: bool = False):
+        cur = Cursor(caches, capture)
+        moments = self.quant_conv(self.encoder(patchify(x.astype(self.dtype), self.cfg.patch), cur))
+        cur.tap("quant_conv", moments)
+        return moments, cur.out, cur.taps
+
+    def decode_chunk(self, z: jax.Array, caches: Caches | None, capture: bool = False):
+        cur = Cursor(caches, capture)
+        x = self.post_quant_conv(z.astype(self.dtype))
+        cur.tap("post_quant_conv", x)
+        x = unpatchify(self.decoder(x, cur), self.cfg.patch)
+        return jnp.clip(x, -1.0, 1.0), cur.out, cur.taps
+
+    # --- whole videos ------------------------------------------------------------------------------
+    def check_video(self, video) -> None:
+        cfg = self.cfg
+        c = cfg.in_channels // (cfg.patch * cfg.patch)
+        if len(video.shape) != 5:
+            raise VaeInputError(f"video must be [batch, frames, height, width, {c}] (channels-last), got shape {tuple(video.shape)}")
+        _, f, h, w, ch = video.shape
+        if ch != c:
+            raise VaeInputError(f"video has {ch} channels, this VAE takes {c} (channels-last [B, F, H, W, C]); got shape {tuple(video.shape)}")
+        if f < 1 or (f - 1) % ENCODE_CHUNK:
+            lo = (max(f - 1, 0) // 4) * 4 + 1
+            raise VaeInputError(f"frame count {f} is not 4k+1; use {lo} or {lo + 4} frames")
+        s = cfg.spatial_factor
+        if h % s or w % s:
+            raise VaeInputError(f"height and width must be multiples of {s} for this VAE, got {h}x{w}")
+
+    def check_latents(self, z) -> None:
+        if len(z.shape) != 5 or z.shape[-1] != self.cfg.z_dim:
+            raise VaeInputError(
+                f"latents must be [batch, frames, height, width, {self.cfg.z_dim}] (channels-last), got shape {tuple(z.shape)}")
+
+    def encode(self, video, *, capture: bool = False, return_moments: bool = False):
+        """Posterior mean [B, 1+(F-1)/4, H/s, W/s, z_dim] of a video [B, F, H, W, C] (F = 4k+1)."""
+        self.check_video(video)
+        step = _chunk_fn(self, "encode")
+        chunks = [video[:, :1]] + [video[:, i:i + ENCODE_CHUNK] for i in range(1, video.shape[1], ENCODE_CHUNK)]
+        return _drive(step, chunks, self.cfg.z_dim, capture, return_moments, "encoder")
+
+    def decode(self, z, *, capture: bool = False):
+        """Video [B, 1+4(F-1), H*s, W*s, C] in [-1, 1] from latents [B, F, h, w, z_dim], one frame per step."""
+        self.check_latents(z)
+        step = _chunk_fn(self, "decode")
+        chunks = [z[:, i:i + 1] for i in range(z.shape[1])]
+        return _drive(step, chunks, None, capture, False, "decoder")
+
+
+_STEPS: dict = {}
+
+
+def _chunk_fn(model: WanVAE, kind: str) -> Callable:
+    """The jitted pure step (state, x, caches) -> (y, caches, taps) for this model structure and kind.
+
+    Keyed by graph structure, so every model with the same config and dtype shares one compilation
+    (one per chunk shape: the first chunk and the steady-state chunk).
+    """
+    graphdef, state = nnx.split(model)
+    key = (graphdef, kind)
+    step = _STEPS.get(key)
+    if step is None:
+
+        @functools.partial(jax.jit, static_argnames=("capture",))
+        def step(state, x, caches, capture=False):
+            m = nnx.merge(graphdef, state)
+            return (m.encode_chunk if kind == "encode" else m.decode_chunk)(x, caches, capture)
+
+        _STEPS[key] = step
+    return functools.partial(step, state)
+
+
+def _drive(step, chunks, z_dim, capture, return_moments, side):
+    caches = None
+    outs, taps, cache_log = [], {}, []
+    for x in chunks:
+        y, caches, t = step(jnp.asarray(x), caches, capture=capture)
+        outs.append(y)
+        if capture:
+            for k, v in t.items():
+                taps.setdefault(k, []).append(v)
+            cache_log.append(list(caches))
+    out = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+    if z_dim is not None and not return_moments:
+        out = out[..., :z_dim]
+    if not capture:
+        return out
+    merged = {k: jnp.concatenate(v, axis=1) for k, v in taps.items()}
+    merged[f"{side}.caches"] = cache_log  # per chunk, the caches after it, in diffusers' feat_idx order
+    return out, merged

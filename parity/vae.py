@@ -1,0 +1,160 @@
+"""Layer-by-layer parity of the Flax Wan VAE against diffusers' AutoencoderKLWan (same weights, same video).
+
+Captured per chunk and concatenated over time: every encoder/decoder stage, the mid blocks, the
+quant convs, the conv caches after each chunk (`encoder.cache.{k}`, `decoder.cache.{k}`), the
+posterior mean (`encode.mean`) and the decoded video (`decode.video`). Same report contract as
+`parity.dit`: fp32 within `FP32_TOL` relative L2; bf16 within `BF16_FACTOR` x diffusers-bf16's own error.
+The decoded video's PSNR against diffusers is in `meta["decode_psnr_db"]`.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from parity.report import LayerResult, Report, compare_layers
+
+FP32_TOL = 1e-5
+BF16_FACTOR = 2.0
+BF16_FLOOR = 1e-6
+
+
+def make_video(cfg, *, frames: int = 5, height: int | None = None, width: int | None = None, batch: int = 1,
+               seed: int = 0) -> np.ndarray:
+    """A smooth random video in [-1, 1], channels-last; default size is 2x2 latents."""
+    h = height or 2 * cfg.spatial_factor
+    w = width or 2 * cfg.spatial_factor
+    c = cfg.in_channels // (cfg.patch * cfg.patch)
+    rng = np.random.default_rng(seed)
+    return np.tanh(rng.standard_normal((batch, frames, h, w, c))).astype(np.float32)
+
+
+def psnr(x: np.ndarray, ref: np.ndarray, peak_to_peak: float = 2.0) -> float:
+    """PSNR in dB for videos in [-1, 1]; inf when identical."""
+    mse = float(np.mean((np.asarray(x, np.float64) - np.asarray(ref, np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(peak_to_peak**2 / mse)
+
+
+def _cache_taps(mine: list[list], theirs: list[list], side: str) -> tuple[dict, dict]:
+    """One tensor per chunk: all conv caches flattened, each cut to the frames diffusers keeps.
+
+    diffusers keeps 1 frame where we keep the zero frame plus that one, and a 'Rep' marker where we keep
+    zeros; we compare the frames both hold.
+    """
+    a, b = {}, {}
+    if len(mine) != len(theirs):
+        raise ValueError(f"{side}: {len(mine)} chunks here, {len(theirs)} in diffusers")
+    for k, (m, t) in enumerate(zip(mine, theirs)):
+        if any(isinstance(c, np.ndarray) for c in t[len(m):]):
+            raise ValueError(f"{side} chunk {k}: diffusers filled {len(t)} cache slots beyond our {len(m)}")
+        xs, ys = [], []
+        for i, (cm, ct) in enumerate(zip(m, t)):
+            if not isinstance(ct, np.ndarray):
+                continue
+            n = ct.shape[1]
+            cm = np.asarray(cm, np.float32)[:, -n:]
+            if cm.shape != ct.shape:
+                raise ValueError(f"{side} chunk {k} cache slot {i}: ours {cm.shape}, diffusers {ct.shape}")
+            xs.append(cm.ravel())
+            ys.append(ct.ravel())
+        a[f"{side}.cache.{k}"], b[f"{side}.cache.{k}"] = np.concatenate(xs), np.concatenate(ys)
+    return a, b
+
+
+def layer_order(cfg, n_enc_chunks: int, n_dec_chunks: int, enc_blocks: int, dec_blocks: int) -> list[str]:
+    names = ["encoder.conv_in"] + [f"encoder.down_blocks.{i}" for i in range(enc_blocks)]
+    names += ["encoder.mid_block", "encoder.conv_out", "quant_conv"]
+    names += [f"encoder.cache.{k}" for k in range(n_enc_chunks)] + ["encode.mean"]
+    names += ["post_quant_conv", "decoder.conv_in", "decoder.mid_block"]
+    names += [f"decoder.up_blocks.{i}" for i in range(dec_blocks)] + ["decoder.conv_out"]
+    names += [f"decoder.cache.{k}" for k in range(n_dec_chunks)] + ["decode.video"]
+    return names
+
+
+def run_jax(folder, video: np.ndarray, dtype: str):
+    """Our VAE: (mean, decoded, taps) as float32 numpy, decoding our own mean."""
+    import jax.numpy as jnp
+
+    from weights.vae_io import load_vae
+
+    model = load_vae(folder, dtype=jnp.dtype(dtype))
+    mean, et = model.encode(jnp.asarray(video), capture=True)
+    dec, dt = model.decode(mean, capture=True)
+    f32 = lambda a: np.asarray(jnp.asarray(a).astype(jnp.float32))  # noqa: E731
+    taps = {k: f32(v) for k, v in {**et, **dt}.items() if not k.endswith(".caches")}
+    taps["encoder.caches"] = [[f32(c) for c in chunk] for chunk in et["encoder.caches"]]
+    taps["decoder.caches"] = [[f32(c) for c in chunk] for chunk in dt["decoder.caches"]]
+    return f32(mean), f32(dec), taps, len(model.encoder.down_blocks), len(model.decoder.up_blocks)
+
+
+def run_torch(folder, video: np.ndarray, dtype: str):
+    import torch
+
+    from torch_ref.vae import load_vae_torch, run_vae
+
+    return run_vae(load_vae_torch(folder, getattr(torch, dtype)), video)
+
+
+def _flatten(mean, dec, taps) -> dict[str, np.ndarray]:
+    out = {k: v for k, v in taps.items() if not k.endswith(".caches")}
+    out["encode.mean"], out["decode.video"] = mean, dec
+    return out
+
+
+def vae_parity(folder: str | Path, *, dtype: str = "float32", video: np.ndarray | None = None, **video_kwargs) -> Report:
+    """Compare every captured VAE layer with diffusers' on the VAE folder `folder` (diffusers layout)."""
+    from weights.vae_io import VaeCheckpoint
+
+    cfg = VaeCheckpoint(folder).config
+    if video is None:
+        video = make_video(cfg, **video_kwargs)
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    mean, dec, taps, nenc, ndec = run_jax(folder, video, dtype)
+    rmean, rdec, rtaps = run_torch(folder, video, "float32")
+    ours, ref = _flatten(mean, dec, taps), _flatten(rmean, rdec, rtaps)
+    for side in ("encoder", "decoder"):
+        a, b = _cache_taps(taps[f"{side}.caches"], rtaps[f"{side}.caches"], side)
+        ours.update(a)
+        ref.update(b)
+    order = layer_order(cfg, len(taps["encoder.caches"]), len(taps["decoder.caches"]), nenc, ndec)
+    meta = {
+        "model": "vae",
+        "checkpoint": str(folder),
+        "dtype": dtype,
+        "video_shape": list(video.shape),
+        "latent_shape": list(mean.shape),
+        "decode_psnr_db": psnr(dec, rdec),
+    }
+    if dtype == "float32":
+        return Report(compare_layers(ours, ref, FP32_TOL, order), meta | {"tolerance": f"rel_l2 <= {FP32_TOL}"})
+    tmean, tdec, ttaps = run_torch(folder, video, "bfloat16")
+    theirs = _flatten(tmean, tdec, ttaps)
+    for side in ("encoder", "decoder"):
+        _, b = _cache_taps(ttaps[f"{side}.caches"], ttaps[f"{side}.caches"], side)  # same slots as diffusers fp32
+        theirs.update(b)
+    torch_err = {r.name: r.rel_l2 for r in compare_layers(theirs, ref, float("inf"), order)}
+    tol = {n: max(BF16_FACTOR * e, BF16_FLOOR) for n, e in torch_err.items()}
+    layers: list[LayerResult] = compare_layers(ours, ref, tol, order)
+    for layer in layers:
+        layer.ref_rel_l2 = torch_err[layer.name]
+    meta["tolerance"] = f"rel_l2 vs diffusers-fp32 <= {BF16_FACTOR} x diffusers-bf16's own error"
+    meta["decode_psnr_db_torch_bf16"] = psnr(tdec, rdec)
+    return Report(layers, meta)
+
+
+def preset_parity(preset: str = "tiny-wan2.1", *, dtype: str = "float32", seed: int = 0, workdir: str | None = None,
+                  **video_kwargs) -> Report:
+    """Parity on a freshly written random-weight VAE folder of a `jax_impl.vae_config` preset."""
+    from jax_impl.vae_config import get_vae_preset
+    from torch_ref.vae import write_vae_folder
+
+    cfg = get_vae_preset(preset)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        folder = write_vae_folder(cfg, Path(tmp) / "vae", seed=seed)
+        report = vae_parity(folder, dtype=dtype, seed=seed, **video_kwargs)
+    report.meta["preset"] = preset
+    return report

@@ -1,0 +1,118 @@
+"""diffusers' AutoencoderKLWan as the VAE reference: build from `VaeConfig`, write tiny folders, capture layers.
+
+Captured tensors are channels-last float32 numpy, named as `jax_impl.vae` taps. Modules called once
+per chunk are concatenated over chunks along time, so both sides compare whole-video tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan
+
+from jax_impl.vae_config import VaeConfig
+from torch_ref.capture import to_numpy
+
+
+def build_vae(cfg: VaeConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> AutoencoderKLWan:
+    """A diffusers AutoencoderKLWan with deterministic random weights from `seed`.
+
+    diffusers zero-initialises nothing here, but its default init gives near-identity norm gains (ones);
+    we perturb the gains too so that a swapped or mis-shaped gain cannot hide.
+    """
+    kwargs = {k: v for k, v in cfg.to_dict().items() if not k.startswith("_")}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoencoderKLWan(**kwargs)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("gamma"):
+                    p.add_(0.1 * torch.randn_like(p))
+    return (model if dtype == torch.float32 else model.to(dtype)).eval()
+
+
+def write_vae_folder(cfg: VaeConfig, out: str | os.PathLike, *, seed: int = 0, force: bool = False) -> Path:
+    """Write `out/{config.json, diffusion_pytorch_model.safetensors}` as `save_pretrained` does."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass force=True to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        build_vae(cfg, seed=seed).save_pretrained(tmp, safe_serialization=True)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_vae_torch(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> AutoencoderKLWan:
+    return AutoencoderKLWan.from_pretrained(os.fspath(folder), torch_dtype=dtype).eval()
+
+
+def _cl(t: torch.Tensor) -> np.ndarray:
+    return to_numpy(t).transpose(0, 2, 3, 4, 1)  # NCTHW -> NTHWC
+
+
+def vae_hooks(model: AutoencoderKLWan) -> dict[str, torch.nn.Module]:
+    """Modules whose per-chunk outputs are captured, by tap name (matching `jax_impl.vae`)."""
+    hooks = {"encoder.conv_in": model.encoder.conv_in}
+    for i, blk in enumerate(model.encoder.down_blocks):
+        hooks[f"encoder.down_blocks.{i}"] = blk
+    hooks["encoder.mid_block"] = model.encoder.mid_block
+    hooks["encoder.conv_out"] = model.encoder.conv_out
+    hooks["quant_conv"] = model.quant_conv
+    hooks["post_quant_conv"] = model.post_quant_conv
+    hooks["decoder.conv_in"] = model.decoder.conv_in
+    hooks["decoder.mid_block"] = model.decoder.mid_block
+    for i, blk in enumerate(model.decoder.up_blocks):
+        hooks[f"decoder.up_blocks.{i}"] = blk
+    hooks["decoder.conv_out"] = model.decoder.conv_out
+    return hooks
+
+
+def _snapshot(cache: list) -> list:
+    """Copy of a diffusers feat_cache list: tensors channels-last, 'Rep'/None kept as markers."""
+    return [_cl(c) if isinstance(c, torch.Tensor) else c for c in cache]
+
+
+@torch.no_grad()
+def run_vae(model: AutoencoderKLWan, video: np.ndarray, latents: np.ndarray | None = None):
+    """Encode `video` (channels-last) to the posterior mean, decode `latents` (default: that mean).
+
+    Returns (mean, decoded, taps); taps also hold 'encoder.caches' / 'decoder.caches': per chunk, the
+    feat_cache list after it.
+    """
+    dtype, dev = model.encoder.conv_in.weight.dtype, model.encoder.conv_in.weight.device
+    chunks: dict[str, list[np.ndarray]] = {}
+    caches: dict[str, list] = {"encoder.caches": [], "decoder.caches": []}
+    handles = []
+    for name, mod in vae_hooks(model).items():
+        def hook(_m, _i, out, name=name):
+            chunks.setdefault(name, []).append(_cl(out))
+        handles.append(mod.register_forward_hook(hook))
+    for side, mod in (("encoder", model.encoder), ("decoder", model.decoder)):
+        def chook(_m, _a, kwargs, _out, side=side):
+            caches[f"{side}.caches"].append(_snapshot(kwargs["feat_cache"]))
+        handles.append(mod.register_forward_hook(chook, with_kwargs=True))
+    try:
+        x = torch.from_numpy(np.ascontiguousarray(video.transpose(0, 4, 1, 2, 3))).to(dev, dtype)
+        mean_t = model.encode(x).latent_dist.mode()
+        mean = _cl(mean_t)
+        z = mean_t if latents is None else torch.from_numpy(np.ascontiguousarray(latents.transpose(0, 4, 1, 2, 3))).to(dev, dtype)
+        dec = _cl(model.decode(z).sample)
+    finally:
+        for h in handles:
+            h.remove()
+    taps: dict = {k: np.concatenate(v, axis=1) for k, v in chunks.items()}
+    taps.update(caches)
+    return mean, dec, taps
