@@ -123,6 +123,8 @@ def test_fuzz_corrupt_files_only_raise_checkpoint_error(tmp_path, data):
         raw += bytes(data.draw(st.integers(1, 64)))
     else:
         raw[:8] = struct.pack("<Q", data.draw(st.integers(0, 2**64 - 1)))
+    if bytes(raw) == p.read_bytes():
+        return  # e.g. the drawn header length happened to be the true one
     q = tmp_path / "y.safetensors"
     q.write_bytes(bytes(raw))
     try:

@@ -13,6 +13,7 @@ import math
 import os
 import struct
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -228,8 +229,12 @@ def write_safetensors(
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # keep data 8-byte aligned, as the reference writer does
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    pool = None
     try:
         file_hash = hashlib.sha256()
+        # The per-tensor hash runs in a second thread while this one writes and hashes the file
+        # (hashlib and file writes release the GIL), so the manifest costs little extra time.
+        pool = ThreadPoolExecutor(1) if tensor_hashes is not None else None
         with os.fdopen(fd, "wb") as f:
             for chunk in (struct.pack("<Q", len(blob)), blob):
                 f.write(chunk)
@@ -242,16 +247,21 @@ def write_safetensors(
                         f"header promised {np.dtype(s.dtype)}{list(s.shape)}"
                     )
                 raw = arr.reshape(-1).view(np.uint8)  # no copy: write and hash straight from the array
+                pending = pool.submit(lambda b: hashlib.sha256(b).hexdigest(), raw) if pool else None
                 f.write(raw)
                 file_hash.update(raw)
-                if tensor_hashes is not None:
-                    tensor_hashes[s.name] = hashlib.sha256(raw).hexdigest()
+                if pending is not None:
+                    tensor_hashes[s.name] = pending.result()
                 if on_tensor is not None:
                     on_tensor(s.name, arr.nbytes)
                 del arr, raw
+        if pool is not None:
+            pool.shutdown()
         os.replace(tmp, path)
         return file_hash.hexdigest()
     except BaseException:
+        if pool is not None:
+            pool.shutdown(wait=True)
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
