@@ -31,8 +31,22 @@ def _check_keys(cls_name: str, raw: dict[str, Any], known: set[str], source: str
     return fields
 
 
+class JsonConfig:
+    """File and copy helpers shared by the config dataclasses (each defines from_dict/to_dict)."""
+
+    @classmethod
+    def from_json(cls, path: PathLike):
+        return cls.from_dict(_read_json(path), source=str(path))
+
+    def to_json(self, path: PathLike) -> None:
+        _write_json(path, self.to_dict())
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+
 @dataclasses.dataclass(frozen=True)
-class DitConfig:
+class DitConfig(JsonConfig):
     """Hyper-parameters of the Wan diffusion transformer; names follow diffusers' WanTransformer3DModel."""
 
     patch_size: tuple[int, int, int] = (1, 2, 2)
@@ -117,13 +131,6 @@ class DitConfig:
         d["patch_size"] = list(self.patch_size)
         return {"_class_name": self.DIFFUSERS_CLASS, **d}
 
-    @classmethod
-    def from_json(cls, path: PathLike) -> "DitConfig":
-        return cls.from_dict(_read_json(path), source=str(path))
-
-    def to_json(self, path: PathLike) -> None:
-        _write_json(path, self.to_dict())
-
     # --- original Wan repository config.json ("WanModel") ------------------------------------------
     @classmethod
     def from_wan_dict(cls, raw: dict[str, Any], has_image_branch: bool, source: str = "config") -> "DitConfig":
@@ -180,8 +187,6 @@ class DitConfig:
             **({"image_dim": self.image_dim} if self.has_image_tokens and self.image_dim != 1280 else {}),
         }
 
-    def replace(self, **changes: Any) -> "DitConfig":
-        return dataclasses.replace(self, **changes)
 
 
 def _read_json(path: PathLike) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from jax_impl.config import ConfigError, PathLike, _check_keys, _read_json, _write_json
+from jax_impl.config import ConfigError, JsonConfig, _check_keys
 
 WAN21_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -39,7 +39,7 @@ WAN22_STD = (
 
 
 @dataclasses.dataclass(frozen=True)
-class VaeConfig:
+class VaeConfig(JsonConfig):
     """Hyper-parameters of AutoencoderKLWan; field names are diffusers' (typos such as `temperal_` included)."""
 
     base_dim: int = 96
@@ -138,15 +138,6 @@ class VaeConfig:
             d[k] = list(d[k])
         return {"_class_name": self.DIFFUSERS_CLASS, **d}
 
-    @classmethod
-    def from_json(cls, path: PathLike) -> "VaeConfig":
-        return cls.from_dict(_read_json(path), source=str(path))
-
-    def to_json(self, path: PathLike) -> None:
-        _write_json(path, self.to_dict())
-
-    def replace(self, **changes: Any) -> "VaeConfig":
-        return dataclasses.replace(self, **changes)
 
 
 WAN21_VAE = VaeConfig()

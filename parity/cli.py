@@ -4,22 +4,32 @@ from __future__ import annotations
 
 import argparse
 
-MODELS = ("dit",)
+MODELS = ("dit", "vae")
 
 
 def _parity(args: argparse.Namespace) -> int:
-    from parity.dit import dit_parity, preset_parity
-
     if args.model not in MODELS:
         raise ValueError(f"--model {args.model} is not available; choose from {', '.join(MODELS)}")
     if (args.preset is None) == (args.checkpoint is None):
         raise ValueError("give exactly one of --preset (a fresh tiny checkpoint) or --checkpoint DIR")
-    shape = dict(batch=args.batch, frames=args.frames, height=args.height, width=args.width, text_len=args.text_len)
-    common = dict(dtype=args.dtype, attention_backend=args.attention)
-    if args.preset:
-        report = preset_parity(args.preset, seed=args.seed, **common, **shape)
+    if args.model == "vae":
+        from parity import vae
+
+        shape = dict(batch=args.batch, frames=args.frames or 5, height=args.height, width=args.width)
+        if args.preset:
+            report = vae.preset_parity(args.preset, dtype=args.dtype, seed=args.seed, **shape)
+        else:
+            report = vae.vae_parity(args.checkpoint, dtype=args.dtype, seed=args.seed, **shape)
     else:
-        report = dit_parity(args.checkpoint, seed=args.seed, **common, **shape)
+        from parity.dit import dit_parity, preset_parity
+
+        shape = dict(batch=args.batch, frames=args.frames or 2, height=args.height or 8, width=args.width or 8,
+                     text_len=args.text_len)
+        common = dict(dtype=args.dtype, attention_backend=args.attention)
+        if args.preset:
+            report = preset_parity(args.preset, seed=args.seed, **common, **shape)
+        else:
+            report = dit_parity(args.checkpoint, seed=args.seed, **common, **shape)
     print(report.table())
     if args.json:
         report.write_json(args.json)
@@ -40,21 +50,26 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
         ),
         epilog=(
             "examples:\n  wanport parity --model dit --preset tiny-wan2.1-i2v-14b\n"
-            "  wanport parity --model dit --checkpoint ckpt/transformer --dtype bfloat16 --json report.json"
+            "  wanport parity --model dit --checkpoint ckpt/transformer --dtype bfloat16 --json report.json\n"
+            "  wanport parity --model vae --preset tiny-wan2.2 --frames 9"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default="dit", help="which model to compare (default dit)")
-    p.add_argument("--preset", help="write a tiny checkpoint of this preset to a temp folder and use it")
-    p.add_argument("--checkpoint", help="a model folder (config.json + safetensors), e.g. ckpt/transformer")
+    p.add_argument("--model", default="dit", choices=MODELS, help="the transformer (dit, default) or the VAE (vae)")
+    p.add_argument(
+        "--preset",
+        help="write a random-weight checkpoint of this preset to a temp folder and use it "
+        "(dit: see `wanport presets`; vae: tiny-wan2.1, tiny-wan2.2, wan2.1, wan2.2)",
+    )
+    p.add_argument("--checkpoint", help="a model folder (config.json + safetensors), e.g. ckpt/transformer or ckpt/vae")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--attention", default="xla", help="attention back-end of our model (default xla)")
     p.add_argument("--json", help="also write the report as JSON here")
     p.add_argument("--seed", type=int, default=0, help="seed of weights (with --preset) and inputs")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--frames", type=int, default=2, help="latent frames (default 2)")
-    p.add_argument("--height", type=int, default=8, help="latent height (default 8)")
-    p.add_argument("--width", type=int, default=8, help="latent width (default 8)")
+    p.add_argument("--frames", type=int, default=None, help="dit: latent frames (default 2); vae: video frames, 4k+1 (default 5)")
+    p.add_argument("--height", type=int, default=None, help="dit: latent height (default 8); vae: pixels (default 2 latents)")
+    p.add_argument("--width", type=int, default=None, help="dit: latent width (default 8); vae: pixels (default 2 latents)")
     p.add_argument("--text-len", type=int, default=None, help="text tokens (default 16; 512 for Wan2.1 I2V)")
     p.set_defaults(func=_parity)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from parity.report import LayerResult, Report, compare_layers
+from parity.report import Report, compare_layers, measured_bf16_layers
 
 FP32_TOL = 1e-5
 BF16_FACTOR = 2.0
@@ -118,11 +118,7 @@ def compare_dit(models: dict, inputs: DitInputs, dtype: str, meta: dict | None =
     if dtype == "float32":
         return Report(compare_layers(ours, ref, FP32_TOL, order), meta | {"tolerance": f"rel_l2 <= {FP32_TOL}"})
     _, theirs = run_dit(models["torch_bf16"], inputs.latents, inputs.timestep, inputs.text, inputs.image)
-    torch_err = {r.name: r.rel_l2 for r in compare_layers(theirs, ref, float("inf"), order)}
-    tol = {n: max(BF16_FACTOR * e, BF16_FLOOR) for n, e in torch_err.items()}
-    layers: list[LayerResult] = compare_layers(ours, ref, tol, order)
-    for layer in layers:
-        layer.ref_rel_l2 = torch_err[layer.name]
+    layers = measured_bf16_layers(ours, ref, theirs, order, BF16_FACTOR, BF16_FLOOR)
     meta["tolerance"] = f"rel_l2 vs diffusers-fp32 <= {BF16_FACTOR} x diffusers-bf16's own error"
     return Report(layers, meta)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from parity.report import LayerResult, Report, compare_layers
+from parity.report import Report, compare_layers, measured_bf16_layers
 
 FP32_TOL = 1e-5
 BF16_FACTOR = 2.0
@@ -136,11 +136,7 @@ def vae_parity(folder: str | Path, *, dtype: str = "float32", video: np.ndarray 
     for side in ("encoder", "decoder"):
         _, b = _cache_taps(ttaps[f"{side}.caches"], ttaps[f"{side}.caches"], side)  # same slots as diffusers fp32
         theirs.update(b)
-    torch_err = {r.name: r.rel_l2 for r in compare_layers(theirs, ref, float("inf"), order)}
-    tol = {n: max(BF16_FACTOR * e, BF16_FLOOR) for n, e in torch_err.items()}
-    layers: list[LayerResult] = compare_layers(ours, ref, tol, order)
-    for layer in layers:
-        layer.ref_rel_l2 = torch_err[layer.name]
+    layers = measured_bf16_layers(ours, ref, theirs, order, BF16_FACTOR, BF16_FLOOR)
     meta["tolerance"] = f"rel_l2 vs diffusers-fp32 <= {BF16_FACTOR} x diffusers-bf16's own error"
     meta["decode_psnr_db_torch_bf16"] = psnr(tdec, rdec)
     return Report(layers, meta)

@@ -45,3 +45,12 @@ def test_bad_input_is_a_message_not_a_traceback(tmp_path, capsys):
     (tmp_path / "x").mkdir()
     assert main(["make-tiny", "--preset", "tiny-wan2.1-t2v-1.3b", "--out", str(tmp_path / "x")]) == 2
     assert "--force" in capsys.readouterr().err
+
+
+def test_parity_vae_subcommand(tmp_path, capsys):
+    rc = main(["parity", "--model", "vae", "--preset", "tiny-wan2.1", "--frames", "5", "--json", str(tmp_path / "v.json")])
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert rc == 0 and report["passed"] and report["meta"]["model"] == "vae"
+    assert report["meta"]["decode_psnr_db"] >= 60
+    assert main(["parity", "--model", "vae", "--preset", "tiny-wan2.1", "--frames", "6"]) == 2
+    assert "not 4k+1" in capsys.readouterr().err

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from jax_impl.presets import Preset, get_preset
 from torch_ref.models import build_transformer
+from weights.atomic import atomic_folder
 
 TRANSFORMER_DIRS = ("transformer", "transformer_2")
 
@@ -34,11 +33,7 @@ def write_tiny_checkpoint(
     """
     preset = get_preset(preset) if isinstance(preset, str) else preset
     out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out, force=force) as tmp:
         for i in range(preset.num_experts):
             model = build_transformer(preset.transformer, seed=seed + i)
             kwargs = {"safe_serialization": True}
@@ -55,10 +50,4 @@ def write_tiny_checkpoint(
         if preset.boundary_ratio is not None:
             index["boundary_ratio"] = preset.boundary_ratio
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

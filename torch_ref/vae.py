@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ from diffusers import AutoencoderKLWan
 
 from jax_impl.vae_config import VaeConfig
 from torch_ref.capture import to_numpy
+from weights.atomic import atomic_folder
 
 
 def build_vae(cfg: VaeConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> AutoencoderKLWan:
@@ -40,18 +39,8 @@ def build_vae(cfg: VaeConfig, seed: int = 0, dtype: torch.dtype = torch.float32)
 def write_vae_folder(cfg: VaeConfig, out: str | os.PathLike, *, seed: int = 0, force: bool = False) -> Path:
     """Write `out/{config.json, diffusion_pytorch_model.safetensors}` as `save_pretrained` does."""
     out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; pass force=True to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out, force=force) as tmp:
         build_vae(cfg, seed=seed).save_pretrained(tmp, safe_serialization=True)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -1,0 +1,33 @@
+"""bench/dit.py keeps working on CPU (the GPU numbers in the README come from the same script)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_flop_count_matches_hand_count():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from dit import dit_flops, latent_grid
+
+    from jax_impl.presets import get_preset
+
+    assert latent_grid(480, 832, 81) == (21, 60, 104)
+    cfg = get_preset("wan2.1-t2v-1.3b").transformer
+    L, D, F, S = 21 * 30 * 52, 1536, 8960, 512
+    per_block = 8 * L * D * D + 4 * L * L * D + 4 * L * D * D + 4 * S * D * D + 4 * L * S * D + 4 * L * D * F
+    assert abs(dit_flops(cfg, (21, 60, 104), 512) - 30 * per_block) / (30 * per_block) < 1e-3
+
+
+def test_tiny_run_writes_json(tmp_path):
+    out = tmp_path / "dit.json"
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "dit.py"), "--tiny", "--impls", "jax,torch-eager", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    data = json.loads(out.read_text())
+    assert {r["impl"] for r in data["results"]} == {"jax", "torch-eager"}
+    assert all(r["median_s"] > 0 for r in data["results"])
