@@ -19,9 +19,9 @@ from kernels.splash import splash_attention
 AttentionFn = Callable[..., jax.Array]
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
     """Plain softmax(q k^T / sqrt(d)) v. Materialises the score matrix: the reference, not a GPU path."""
-    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
 BACKENDS: dict[str, AttentionFn] = {"xla": xla_attention, "cudnn": cudnn_attention, "splash": splash_attention}
@@ -62,14 +62,17 @@ def _accepted_options(fn: AttentionFn) -> set[str]:
     return {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = "auto", **options) -> jax.Array:
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = "auto", mask: jax.Array | None = None, **options
+) -> jax.Array:
     """softmax(q k^T / sqrt(head_dim)) v over `[batch, seq, heads, head_dim]` inputs.
 
     q may have a different sequence length than k/v (cross-attention). The output has q's shape/dtype.
     `options` go to the back-end (e.g. splash's `block_q`, `block_kv`, `interpret`; cudnn's
     `cast_fp32`). An explicitly named back-end rejects options it does not know; with
     backend="auto" options meant for a back-end that was not chosen are dropped, so one call site
-    can carry tuning for every platform.
+    can carry tuning for every platform. `mask` (boolean, broadcastable to [batch, heads, q_len, k_len],
+    True = attend) is never dropped: a back-end that cannot apply it raises instead.
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention wants [batch, seq, heads, head_dim] inputs, got {q.shape}, {k.shape}, {v.shape}")
@@ -82,6 +85,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = "auto"
     name = resolve_backend(backend, q.dtype)
     fn = BACKENDS[name]
     accepted = _accepted_options(fn)
+    if mask is not None:
+        if "mask" not in accepted:
+            raise ValueError(f"attention backend {name!r} cannot apply a mask; use backend='xla' or 'cudnn'")
+        options = dict(options, mask=mask)
     unknown = set(options) - accepted
     if unknown:
         if backend != "auto":

@@ -13,7 +13,9 @@ import jax.numpy as jnp
 HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, cast_fp32: bool = False) -> jax.Array:
+def cudnn_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, cast_fp32: bool = False, mask: jax.Array | None = None
+) -> jax.Array:
     """cuDNN attention; any sequence lengths. `cast_fp32=True` computes float32 inputs in bfloat16."""
     platform = jax.default_backend()
     if platform != "gpu":
@@ -29,7 +31,7 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, cast_fp32: bool
                 "cast_fp32=True to compute in bfloat16, or use backend='xla' for float32 accuracy"
             )
         q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
     return out.astype(dtype)
 
 

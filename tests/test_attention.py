@@ -228,3 +228,15 @@ def test_bench_tiny_runs_on_cpu(tmp_path):
     assert all(r["tflops"] > 0 and r["median_ms"] > 0 for r in rows if r["status"] == "ok")
     assert any(r["status"] == "ok" for r in rows)
     assert "TFLOP/s" in proc.stdout
+
+
+def test_mask_restricts_keys_and_is_never_dropped():
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 6, 2, 8)), jnp.float32) for _ in range(3))
+    keep = 4  # every query sees only the first 4 keys
+    mask = jnp.broadcast_to(jnp.arange(6) < keep, (1, 1, 6, 6))
+    masked = kernels.attention(q, k, v, backend="xla", mask=mask)
+    cut = kernels.attention(q, k[:, :keep], v[:, :keep], backend="xla")
+    np.testing.assert_allclose(np.asarray(masked), np.asarray(cut), atol=1e-6)
+    with pytest.raises(ValueError, match="cannot apply a mask"):
+        kernels.attention(q, k, v, backend="splash", mask=mask)
