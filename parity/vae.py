@@ -9,12 +9,13 @@ The decoded video's PSNR against diffusers is in `meta["decode_psnr_db"]`.
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from parity import metrics
+from parity.metrics import RANGE_SIGNED
 from parity.report import Report, compare_layers, measured_bf16_layers
 
 FP32_TOL = 1e-5
@@ -32,10 +33,9 @@ def make_video(cfg, *, frames: int = 5, height: int | None = None, width: int | 
     return np.tanh(rng.standard_normal((batch, frames, h, w, c))).astype(np.float32)
 
 
-def psnr(x: np.ndarray, ref: np.ndarray, peak_to_peak: float = 2.0) -> float:
-    """PSNR in dB for videos in [-1, 1]; inf when identical."""
-    mse = float(np.mean((np.asarray(x, np.float64) - np.asarray(ref, np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(peak_to_peak**2 / mse)
+def psnr(x: np.ndarray, ref: np.ndarray, peak_to_peak: float = RANGE_SIGNED) -> float:
+    """PSNR in dB for videos in [-1, 1]; inf when identical (`parity.metrics.psnr` with data_range 2)."""
+    return metrics.psnr(x, ref, data_range=peak_to_peak)
 
 
 def _cache_taps(mine: list[list], theirs: list[list], side: str) -> tuple[dict, dict]:
