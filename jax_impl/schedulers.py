@@ -1,0 +1,406 @@
+"""Flow-matching samplers for Wan: UniPC (2nd order by default, as the Wan pipelines ship it) and Euler.
+
+Design
+------
+* `SchedulerConfig` is a frozen dataclass that reads and writes diffusers' `scheduler/scheduler_config.json`.
+  The flow shift is one of its fields, so it is fixed before any schedule exists.
+* `make_schedule(cfg, num_steps)` builds an immutable `Schedule`: the timesteps the model is conditioned on and
+  the `num_steps + 1` noise levels (ending at 0), both equal to what diffusers' `set_timesteps` produces for the
+  same config, plus the per-step update coefficients.
+* For flow matching every update is a linear combination of the current sample, the previous sample and the
+  stored clean-sample predictions x0 = sample - sigma * v. The weights depend only on the noise levels, so they
+  are computed once on the host (float64 numpy) into small per-step tables. `step(state, model_output, i)` is
+  then a pure function that looks its weights up with `table[i]`; `i` may be a traced int32, so one compiled
+  function serves every step of a loop.
+
+Usage::
+
+    sched = make_schedule(SchedulerConfig.from_json(".../scheduler/scheduler_config.json"), 50)
+    step_fn = jax.jit(step)
+    state = init_state(sched, noise)
+    for i, t in enumerate(sched.timesteps):
+        v = model(state.sample, t)
+        state, sample = step_fn(state, v, jnp.int32(i))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_impl.config import ConfigError, JsonConfig, _check_keys
+
+KINDS = ("unipc", "euler")
+_CLASS_OF_KIND = {"unipc": "UniPCMultistepScheduler", "euler": "FlowMatchEulerDiscreteScheduler"}
+_KIND_OF_CLASS = {v: k for k, v in _CLASS_OF_KIND.items()}
+_SHIFT_KEY = {"unipc": "flow_shift", "euler": "shift"}
+_MAX_SOLVER_ORDER = 3
+
+# diffusers options that this port does not model. Each must hold the value given here (the one the Wan
+# pipelines use); a key absent from the file takes diffusers' default, which is checked the same way.
+# key -> (required value, diffusers' default)
+_FIXED: dict[str, dict[str, tuple[Any, Any]]] = {
+    "unipc": {
+        "prediction_type": ("flow_prediction", "epsilon"),
+        "use_flow_sigmas": (True, False),
+        "predict_x0": (True, True),
+        # bh1 (and lower_order_final=False) make diffusers' last step, into noise level 0, produce inf/nan.
+        "solver_type": ("bh2", "bh2"),
+        "lower_order_final": (True, True),
+        "final_sigmas_type": ("zero", "zero"),
+        "thresholding": (False, False),
+        "use_karras_sigmas": (False, False),
+        "use_exponential_sigmas": (False, False),
+        "use_beta_sigmas": (False, False),
+        "use_dynamic_shifting": (False, False),
+        "disable_corrector": ([], []),
+        "solver_p": (None, None),
+        "shift_terminal": (None, None),
+    },
+    "euler": {
+        "use_dynamic_shifting": (False, False),
+        "invert_sigmas": (False, False),
+        "shift_terminal": (None, None),
+        "use_karras_sigmas": (False, False),
+        "use_exponential_sigmas": (False, False),
+        "use_beta_sigmas": (False, False),
+        "stochastic_sampling": (False, False),
+    },
+}
+
+# diffusers options that have no effect on a flow-sigma schedule once the options above hold (the beta
+# schedule only feeds the non-flow noise levels, etc.). Accepted and dropped.
+_INERT: dict[str, set[str]] = {
+    "unipc": {
+        "beta_start", "beta_end", "beta_schedule", "trained_betas", "timestep_spacing", "steps_offset",
+        "rescale_betas_zero_snr", "dynamic_thresholding_ratio", "sample_max_value", "time_shift_type",
+        "sigma_min", "sigma_max",
+    },
+    "euler": {"base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len", "time_shift_type"},
+}
+_MODELED = {
+    "unipc": {"num_train_timesteps", "flow_shift", "solver_order"},
+    "euler": {"num_train_timesteps", "shift"},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig(JsonConfig):
+    """A flow-matching sampler. `shift` is diffusers' `flow_shift` (UniPC) or `shift` (Euler); Wan uses 3.0
+    for 480p and 5.0 for 720p. `solver_order` applies to UniPC only (its B(h) variant is always bh2)."""
+
+    kind: str
+    shift: float
+    num_train_timesteps: int = 1000
+    solver_order: int = 2
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"scheduler kind {self.kind!r} is not supported; choose one of {list(KINDS)}")
+        if isinstance(self.shift, bool) or not isinstance(self.shift, (int, float)):
+            raise ConfigError(f"shift must be a number, got {self.shift!r}")
+        object.__setattr__(self, "shift", float(self.shift))
+        if not (math.isfinite(self.shift) and self.shift > 0):
+            raise ConfigError(f"shift must be a finite number > 0, got {self.shift}")
+        if isinstance(self.num_train_timesteps, bool) or not isinstance(self.num_train_timesteps, int):
+            raise ConfigError(f"num_train_timesteps must be an int, got {self.num_train_timesteps!r}")
+        if self.num_train_timesteps < 2:
+            raise ConfigError(f"num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
+        if self.kind == "unipc":
+            order = self.solver_order
+            if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= _MAX_SOLVER_ORDER:
+                raise ConfigError(
+                    f"solver_order must be an int in 1..{_MAX_SOLVER_ORDER}, got {self.solver_order!r} "
+                    "(Wan uses 2)"
+                )
+        elif self.solver_order != 2:
+            raise ConfigError("solver_order is a UniPC option; leave it at its default for kind='euler'")
+
+    @property
+    def history_size(self) -> int:
+        """How many past x0 predictions the sampler state keeps."""
+        return self.solver_order if self.kind == "unipc" else 1
+
+    # --- diffusers scheduler_config.json ----------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "scheduler_config") -> "SchedulerConfig":
+        cls_name = raw.get("_class_name")
+        if cls_name not in _KIND_OF_CLASS:
+            raise ConfigError(
+                f"{source}: scheduler _class_name {cls_name!r} is not supported; this project samples with "
+                f"{sorted(_KIND_OF_CLASS)}. Replace the scheduler config with one of those (the Wan pipelines "
+                "ship UniPCMultistepScheduler)."
+            )
+        kind = _KIND_OF_CLASS[cls_name]
+        if kind == "unipc" and "shift" in raw:
+            raise ConfigError(f"{source}: UniPCMultistepScheduler has no 'shift' option; rename it 'flow_shift'")
+        if kind == "euler" and "flow_shift" in raw:
+            raise ConfigError(
+                f"{source}: FlowMatchEulerDiscreteScheduler has no 'flow_shift' option; rename it 'shift'"
+            )
+        known = _MODELED[kind] | set(_FIXED[kind]) | _INERT[kind]
+        fields = _check_keys(cls_name, raw, known, source)
+        for key, (required, default) in _FIXED[kind].items():
+            value = fields.get(key, default)
+            if value != required:
+                how = "remove the key or set it" if default == required else "set it"
+                given = "is absent, so diffusers uses" if key not in fields else "is"
+                raise ConfigError(
+                    f"{source}: {cls_name} option {key!r} {given} {value!r}, which this project does not "
+                    f"support; {how} to {json.dumps(required)} (the value the Wan pipelines use)."
+                )
+        kw: dict[str, Any] = {
+            "kind": kind,
+            "shift": fields.get(_SHIFT_KEY[kind], 1.0),
+            "num_train_timesteps": fields.get("num_train_timesteps", 1000),
+        }
+        if kind == "unipc":
+            kw["solver_order"] = fields.get("solver_order", 2)
+        try:
+            return cls(**kw)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "_class_name": _CLASS_OF_KIND[self.kind],
+            "num_train_timesteps": self.num_train_timesteps,
+            _SHIFT_KEY[self.kind]: self.shift,
+        }
+        if self.kind == "unipc":
+            d["solver_order"] = self.solver_order
+        for key, (required, _) in _FIXED[self.kind].items():
+            d[key] = list(required) if isinstance(required, list) else required
+        return d
+
+
+# --- noise levels ------------------------------------------------------------------------------------
+
+
+def _shifted(sigma: np.ndarray, shift: float) -> np.ndarray:
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def _unipc_levels(cfg: SchedulerConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
+    # Unshifted levels evenly spaced from 1 down to (but excluding) 1/T, shifted in float64. diffusers then
+    # nudges a first level of exactly 1 down by 1e-6 (so x0 stays finite) and hands the model the levels
+    # times T *truncated to integers*.
+    T = cfg.num_train_timesteps
+    s = _shifted(np.linspace(1.0, 1.0 / T, n + 1)[:-1], cfg.shift)
+    if abs(s[0] - 1.0) < 1e-6:
+        s[0] -= 1e-6
+    timesteps = np.trunc(s * T).astype(np.float32)
+    sigmas = np.append(s, 0.0).astype(np.float32)
+    return timesteps, sigmas
+
+
+def _euler_levels(cfg: SchedulerConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
+    # diffusers builds a T-level float32 table at construction, shifted once, and takes its end points as the
+    # range of the inference levels; those are then shifted again. The top end is 1 either way, but the bottom
+    # end carries the shift twice. Reproduced here (the float32 steps as float32) to match it exactly.
+    T = cfg.num_train_timesteps
+    f32 = np.float32
+    low = f32(1.0) / f32(T)
+    low = f32(cfg.shift) * low / (f32(1.0) + f32(cfg.shift - 1.0) * low)
+    top = f32(cfg.shift) * f32(1.0) / (f32(1.0) + f32(cfg.shift - 1.0) * f32(1.0))
+    s = np.linspace(float(top) * T, float(low) * T, n) / T
+    sig32 = _shifted(s, cfg.shift).astype(np.float32)
+    timesteps = sig32 * np.float32(T)
+    return timesteps.astype(np.float32), np.append(sig32, np.float32(0.0))
+
+
+# --- update coefficients -------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class StepCoeffs:
+    """Per-step weights, one row per step i (K = history size).
+
+    x0    = sample - sigma[i] * model_output
+    x_c   = c_x[i] * sample + c_last[i] * last + c_new[i] * x0 + sum_j c_hist[i, j] * hist[j]     (corrector)
+    hist' = hist[1:] + (x0,)
+    next  = p_x[i] * x_c + sum_j p_hist[i, j] * hist'[j]                                         (predictor)
+    hist[-1] is the newest prediction.
+    """
+
+    sigma: Any
+    c_x: Any
+    c_last: Any
+    c_new: Any
+    c_hist: Any
+    p_x: Any
+    p_hist: Any
+
+
+def _unipc_update(lam, sig, s0: int, t: int, order: int, corrector: bool):
+    """UniP / UniC step from level s0 to level t in the x0 parameterisation (float64).
+
+    Returns (weight of the sample at s0, weights of x0 at s0, s0-1, ..., s0-order+1, weight of x0 at t);
+    the last is 0 for the predictor.
+    """
+    alpha_t, sigma_t = 1.0 - sig[t], sig[t]
+    h = lam[t] - lam[s0]
+    r = np.array([(lam[s0 - k] - lam[s0]) / h for k in range(1, order)])
+    hh = -h
+    phi1 = np.expm1(hh)
+    b_h = phi1  # the "bh2" choice B(h) = e^{-h} - 1
+    rks = np.append(r, 1.0)
+    R = np.stack([rks**p for p in range(order)])
+    b, phi_k, fact = [], phi1 / hh - 1.0, 1.0
+    for p in range(1, order + 1):
+        b.append(phi_k * fact / b_h)
+        fact *= p + 1
+        phi_k = phi_k / hh - 1.0 / fact
+    b = np.array(b)
+    # UniPC fixes the 2nd-order predictor weight and the 1st-order corrector weight at 1/2.
+    if corrector:
+        rho = np.array([0.5]) if order == 1 else np.linalg.solve(R, b)
+        rho_d, rho_t = rho[:-1], rho[-1]
+    else:
+        rho_d = np.array([0.5]) if order == 2 else np.linalg.solve(R[:-1, :-1], b[:-1]) if order > 2 else r[:0]
+        rho_t = 0.0
+    w_x = sigma_t / sig[s0]
+    w_hist = np.zeros(order)
+    w_hist[0] = -alpha_t * phi1 + alpha_t * b_h * (np.sum(rho_d / r) + rho_t)
+    w_hist[1:] = -alpha_t * b_h * rho_d / r
+    return w_x, w_hist, -alpha_t * b_h * rho_t
+
+
+def _coefficients(cfg: SchedulerConfig, sig32: np.ndarray) -> StepCoeffs:
+    n = sig32.shape[0] - 1
+    K = cfg.history_size
+    sig = sig32.astype(np.float64)
+    c_x, c_last, c_new, p_x = (np.zeros(n) for _ in range(4))
+    c_hist, p_hist = np.zeros((n, K)), np.zeros((n, K))
+    if cfg.kind == "euler":
+        c_x[:] = 1.0
+        p_x[:] = sig[1:] / sig[:-1]
+        p_hist[:, -1] = 1.0 - p_x
+    else:
+        with np.errstate(divide="ignore"):
+            lam = np.log1p(-sig) - np.log(sig)  # log-SNR; +inf at the final level 0
+        # Order at step i: capped by the predictions available (warm-up) and by the steps left (diffusers'
+        # lower_order_final, which is what keeps the last step away from the infinite log-SNR).
+        orders = [min(K, i + 1, n - i) for i in range(n)]
+        for i in range(n):
+            if i == 0:
+                c_x[i] = 1.0
+            else:  # correct the sample predicted at step i-1 with the new prediction, same order as there
+                o = orders[i - 1]
+                w_x, w_h, w_t = _unipc_update(lam, sig, i - 1, i, o, True)
+                c_last[i], c_new[i] = w_x, w_t
+                c_hist[i, K - o :] = w_h[::-1]
+            o = orders[i]
+            w_x, w_h, _ = _unipc_update(lam, sig, i, i + 1, o, False)
+            p_x[i] = w_x
+            p_hist[i, K - o :] = w_h[::-1]
+    tables = StepCoeffs(sig[:-1].copy(), c_x, c_last, c_new, c_hist, p_x, p_hist)
+    for name, arr in vars(tables).items():
+        if not np.all(np.isfinite(arr)):
+            raise ConfigError(f"non-finite update weights ({name}) for {cfg} and {n} steps")
+        arr.flags.writeable = False
+    return tables
+
+
+# --- schedule -------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """The noise levels and update weights of one sampling run; computed from (config, num_steps) only.
+
+    timesteps: float32 [num_steps], what the model is conditioned on at step i, as diffusers gives it
+        (integer-valued for UniPC, which truncates them; fractional for Euler).
+    sigmas: float32 [num_steps + 1], the noise level before step i; sigmas[-1] == 0.
+    All arrays are read-only.
+    """
+
+    config: SchedulerConfig
+    num_steps: int
+    timesteps: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
+    sigmas: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
+    coeffs: StepCoeffs = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.config, SchedulerConfig):
+            raise TypeError(f"config must be a SchedulerConfig, got {type(self.config).__name__}")
+        n = self.num_steps
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+            raise ConfigError(f"num_steps must be an int, got {n!r}")
+        if n < 1:
+            raise ConfigError(f"num_steps must be >= 1, got {n}")
+        object.__setattr__(self, "num_steps", int(n))
+        levels = _unipc_levels if self.config.kind == "unipc" else _euler_levels
+        timesteps, sigmas = levels(self.config, self.num_steps)
+        for a in (timesteps, sigmas):
+            a.flags.writeable = False
+        object.__setattr__(self, "timesteps", timesteps)
+        object.__setattr__(self, "sigmas", sigmas)
+        object.__setattr__(self, "coeffs", _coefficients(self.config, sigmas))
+
+
+def make_schedule(cfg: SchedulerConfig, num_steps: int) -> Schedule:
+    return Schedule(cfg, num_steps)
+
+
+# --- sampler state and step -----------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class SamplerState:
+    """Everything `step` reads: the weights (device copies of Schedule.coeffs) and the running arrays.
+
+    sample: the current noisy sample. hist: the last K x0 predictions, newest last (zeros before they exist).
+    last: the sample the previous predictor started from (UniPC's corrector input); None for Euler.
+    """
+
+    coeffs: StepCoeffs
+    sample: jax.Array
+    hist: tuple
+    last: jax.Array | None
+
+
+def init_state(schedule: Schedule, sample: Any, dtype: Any = jnp.float32) -> SamplerState:
+    """State for step 0 from the initial noise (both Wan schedulers start at unit noise, unscaled)."""
+    x = jnp.asarray(sample, dtype)
+    coeffs = jax.tree.map(lambda a: jnp.asarray(a, dtype), schedule.coeffs)
+    hist = tuple(jnp.zeros_like(x) for _ in range(schedule.config.history_size))
+    last = jnp.zeros_like(x) if schedule.config.kind == "unipc" else None
+    return SamplerState(coeffs=coeffs, sample=x, hist=hist, last=last)
+
+
+def step(state: SamplerState, model_output: jax.Array, i: Any) -> tuple[SamplerState, jax.Array]:
+    """Advance from level sigmas[i] to sigmas[i + 1] given the model's velocity at (state.sample, timesteps[i]).
+
+    Pure and jit-friendly: `i` may be a traced int32, so `jax.jit(step)` compiles once for all steps.
+    Steps must be taken in order 0, 1, ..., num_steps - 1. Computes in the state's dtype.
+    """
+    c = state.coeffs
+    x = state.sample
+    v = jnp.asarray(model_output).astype(x.dtype)
+    x0 = x - c.sigma[i] * v
+    if state.last is None:
+        x_c = x
+    else:
+        x_c = c.c_x[i] * x + c.c_last[i] * state.last + c.c_new[i] * x0
+        for j, m in enumerate(state.hist):
+            x_c = x_c + c.c_hist[i, j] * m
+    hist = state.hist[1:] + (x0,)
+    new = c.p_x[i] * x_c
+    for j, m in enumerate(hist):
+        new = new + c.p_hist[i, j] * m
+    last = None if state.last is None else x_c
+    return SamplerState(coeffs=c, sample=new, hist=hist, last=last), new
+
+
+def add_noise(x0: Any, noise: Any, sigma: Any) -> Any:
+    """Flow-matching forward process: (1 - sigma) * x0 + sigma * noise. `sigma` broadcasts against x0
+    (a scalar, or shaped [B, 1, ...] for per-sample levels)."""
+    return (1 - sigma) * x0 + sigma * noise
