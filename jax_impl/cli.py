@@ -16,11 +16,14 @@ examples:
   wanport make-tiny --preset tiny-wan2.1-i2v-14b --out ckpt
   wanport parity --model dit --preset tiny-wan2.1-t2v-1.3b --json report.json
   wanport parity --model dit --checkpoint ckpt/transformer --dtype bfloat16
+  wanport generate --checkpoint ckpt --image cat.png --prompt "a cat" --out cat.mp4
   wanport demo --out wanport-demo                     # the whole tiny default end to end
 """
 
 # Packages that contribute subcommands through `add_subcommands(subparsers)`.
-SUBCOMMAND_MODULES = ("jax_impl.cli", "torch_ref.cli", "parity.cli", "weights.cli", "jax_impl.demo")
+SUBCOMMAND_MODULES = (
+    "jax_impl.cli", "torch_ref.cli", "parity.cli", "weights.cli", "jax_impl.generate", "jax_impl.demo"
+)
 
 
 def _presets(args: argparse.Namespace) -> int:

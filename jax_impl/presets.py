@@ -20,6 +20,8 @@ class Preset:
     num_experts: int = 1  # 2 for Wan2.2 A14B: `transformer` (high noise) and `transformer_2` (low noise)
     boundary_ratio: float | None = None  # high-noise expert while t >= boundary_ratio * 1000
     task: str = "t2v"  # t2v | i2v | ti2v
+    vae: str = "wan2.1"  # VAE preset name (jax_impl.vae_config); tiny presets use "tiny-" + vae
+    flow_shift: float = 5.0  # the scheduler's shift written into scheduler/scheduler_config.json
 
     @property
     def is_tiny(self) -> bool:
@@ -51,6 +53,7 @@ _FULL = [
         _WAN_14B.replace(in_channels=36, image_dim=1280, added_kv_proj_dim=5120),
         "Wan2.1 image-to-video 14B (480p/720p), CLIP image tokens in cross-attention",
         task="i2v",
+        flow_shift=3.0,
     ),
     Preset(
         "wan2.2-i2v-a14b",
@@ -60,14 +63,20 @@ _FULL = [
         boundary_ratio=0.9,
         task="i2v",
     ),
-    Preset("wan2.2-ti2v-5b", _WAN_5B, "Wan2.2 text/image-to-video 5B, per-token timesteps", task="ti2v"),
+    Preset(
+        "wan2.2-ti2v-5b", _WAN_5B, "Wan2.2 text/image-to-video 5B, per-token timesteps", task="ti2v", vae="wan2.2"
+    ),
 ]
 
 PRESETS: dict[str, Preset] = {}
 for _p in _FULL:
     PRESETS[_p.name] = _p
     PRESETS["tiny-" + _p.name] = dataclasses.replace(
-        _p, name="tiny-" + _p.name, transformer=_tiny(_p.transformer), description="tiny " + _p.description
+        _p,
+        name="tiny-" + _p.name,
+        transformer=_tiny(_p.transformer),
+        description="tiny " + _p.description,
+        vae="tiny-" + _p.vae,
     )
 
 

@@ -1,0 +1,109 @@
+"""Image conditioning of the Wan I2V models, channels-last.
+
+Wan2.1 I2V and Wan2.2 I2V-A14B (36 input channels): the image (and optionally a last frame) followed by
+zero frames is VAE-encoded and normalised with the VAE's own mean/std; a 4-channel-per-latent-frame mask
+marks the given frames; the DiT input is concat(noisy latents 16, mask 4, condition 16).
+
+Wan2.2 TI2V-5B (48 channels): only the first frame is encoded; its latent replaces latent frame 0 at every
+step and that frame's tokens get timestep 0 (per-token timesteps), so the model treats it as clean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jax_impl.latents import normalize
+from jax_impl.vae_config import VaeConfig
+
+
+def check_video_size(frames: int, height: int, width: int, vae: VaeConfig, patch: tuple[int, int, int]) -> None:
+    """Frames must be 4k+1 and height/width multiples of the VAE's spatial factor times the patch size."""
+    t = vae.temporal_factor
+    if frames < 1 or (frames - 1) % t:
+        lo = max(1, (frames - 1) // t * t + 1)
+        raise ValueError(
+            f"frames={frames} is not {t}k+1: the causal VAE compresses 1 + {t}k frames into 1 + k latent frames; "
+            f"use {lo} or {lo + t}"
+        )
+    multiple = vae.spatial_factor * patch[1]
+    for name, n in (("height", height), ("width", width)):
+        if n < multiple or n % multiple:
+            lo = max(multiple, n // multiple * multiple)
+            raise ValueError(
+                f"{name}={n} is not a multiple of {multiple} (VAE {vae.spatial_factor}x times patch {patch[1]}); "
+                f"use {lo} or {lo + multiple}"
+            )
+
+
+def latent_grid(frames: int, height: int, width: int, vae: VaeConfig) -> tuple[int, int, int]:
+    f, h, w, _ = vae.latent_shape(frames, height, width)
+    return f, h, w
+
+
+def i2v_mask(batch: int, frames: int, height: int, width: int, vae: VaeConfig, last_frame: bool = False) -> np.ndarray:
+    """[batch, latent_frames, h, w, 4] float32: which pixel frames are given, 4 per latent frame.
+
+    Latent frame 0 stands for pixel frame 0 alone, so its 4 slots repeat that frame's flag; latent frame
+    k >= 1 stands for pixel frames 4k-3 .. 4k, one slot each.
+    """
+    t = vae.temporal_factor
+    f, h, w = latent_grid(frames, height, width, vae)
+    given = np.zeros(frames, np.float32)
+    given[0] = 1.0
+    if last_frame:
+        given[-1] = 1.0
+    slots = np.concatenate([np.repeat(given[:1], t), given[1:]]).reshape(f, t)
+    return np.broadcast_to(slots[None, :, None, None, :], (batch, f, h, w, t)).astype(np.float32)
+
+
+def condition_video(image: np.ndarray, frames: int, last_image: np.ndarray | None = None) -> np.ndarray:
+    """[1, frames, H, W, 3]: the image, zero frames, and optionally the last image (pixels in [-1, 1])."""
+    video = np.zeros((1, frames) + image.shape, np.float32)
+    video[0, 0] = image
+    if last_image is not None:
+        if last_image.shape != image.shape:
+            raise ValueError(f"last image {last_image.shape} and first image {image.shape} differ in size")
+        video[0, -1] = last_image
+    return video
+
+
+@dataclasses.dataclass(frozen=True)
+class I2VCondition:
+    """What the denoiser needs besides noise: the 20 (mask 4 + latent 16) channels, or TI2V's first latent."""
+
+    kind: str  # "concat" (Wan2.1 I2V, A14B) | "first_frame" (TI2V-5B)
+    tensor: np.ndarray  # concat: [B, F, h, w, 4 + z]; first_frame: [B, 1, h, w, z]
+
+
+def encode_condition(vae_model, kind: str, image: np.ndarray, frames: int, batch: int = 1,
+                     last_image: np.ndarray | None = None) -> I2VCondition:
+    """VAE-encode the conditioning frames with `vae_model` (a jax_impl.vae.WanVAE) and normalise them."""
+    import jax.numpy as jnp
+
+    cfg = vae_model.cfg
+    if kind == "first_frame":
+        if last_image is not None:
+            raise ValueError("TI2V conditions on the first frame only; drop the last image")
+        z = normalize(vae_model.encode(jnp.asarray(image[None, None])), cfg)
+        return I2VCondition(kind, np.repeat(np.asarray(z, np.float32), batch, axis=0))
+    if kind != "concat":
+        raise ValueError(f"unknown conditioning kind {kind!r}")
+    z = normalize(vae_model.encode(jnp.asarray(condition_video(image, frames, last_image))), cfg)
+    z = np.repeat(np.asarray(z, np.float32), batch, axis=0)
+    mask = i2v_mask(batch, frames, image.shape[0], image.shape[1], cfg, last_frame=last_image is not None)
+    return I2VCondition(kind, np.concatenate([mask, z], axis=-1))
+
+
+def first_frame_keep(latent_frames: int, h: int, w: int) -> np.ndarray:
+    """[1, F, h, w, 1]: 0 on latent frame 0 (kept from the image), 1 elsewhere (denoised)."""
+    keep = np.ones((1, latent_frames, h, w, 1), np.float32)
+    keep[:, 0] = 0.0
+    return keep
+
+
+def token_timesteps(keep: np.ndarray, patch: tuple[int, int, int]) -> np.ndarray:
+    """[F * h/ph * w/pw] per-token factors: 0 for the first frame's tokens, 1 for the rest (times t)."""
+    pt, ph, pw = patch
+    return keep[0, ::pt, ::ph, ::pw, 0].reshape(-1)

@@ -1,0 +1,99 @@
+"""`wanport generate`: image (+ prompt) -> video with the JAX pipeline, in three resumable stages.
+
+  1. encode   prompt and negative prompt (UMT5), image tokens (CLIP, Wan2.1 I2V), image condition (VAE)
+  2. denoise  the sampling loop (UniPC or Euler with shift, classifier-free guidance, A14B expert switch)
+  3. decode   VAE decode, mp4 at --fps
+
+Each stage writes a safetensors file under --work-dir (default: OUT's name + ".stages/"); with --resume a
+stage whose file exists and was made with the same settings is skipped, so a crashed or interrupted run
+continues where it stopped, and a different --steps or --guidance re-runs only the denoise and decode.
+
+examples:
+  wanport generate --checkpoint ckpt --image cat.png --prompt "a cat walks on the beach" --out cat.mp4
+  wanport generate --checkpoint ckpt --image cat.png --prompt "..." --frames 17 --height 256 --width 256 \\
+      --steps 20 --shift 3 --guidance 5 --seed 1 --out short.mp4
+  wanport generate --checkpoint a14b --image img.png --prompt "..." --guidance 3.5 --guidance-2 2.0 \\
+      --guidance-steps 30 --out out.mp4             # CFG only for the first 30 of 40 steps
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by `generate` and the analysis commands that generate."""
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="pipeline folder (model_index.json, transformer/[transformer_2/], vae/, scheduler/, encoders)")
+    p.add_argument("--image", metavar="IMG", help="first frame (PNG/JPEG); required for image-to-video checkpoints")
+    p.add_argument("--last-image", metavar="IMG", help="optional last frame (Wan2.1/2.2 I2V)")
+    p.add_argument("--prompt", help="what the video shows")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (default: empty)")
+    p.add_argument("--embeddings", metavar="FILE",
+                   help="precomputed prompt_embeds[, negative_prompt_embeds, image_embeds] (.safetensors) instead of "
+                        "running the text/image encoders")
+    p.add_argument("--frames", type=int, default=81, help="video length, 4k+1 (default 81: 5 s at 16 fps)")
+    p.add_argument("--height", type=int, default=480, help="multiple of 16 (32 for TI2V-5B); default 480")
+    p.add_argument("--width", type=int, default=832, help="multiple of 16 (32 for TI2V-5B); default 832")
+    p.add_argument("--steps", type=int, default=40, help="denoising steps (default 40)")
+    p.add_argument("--shift", type=float, default=None,
+                   help="flow shift of the sampler; default: the checkpoint's scheduler config (Wan: 3 for 480p "
+                        "Wan2.1 I2V, 5 for 720p and Wan2.2). Applied before the timesteps are made.")
+    p.add_argument("--scheduler", choices=["unipc", "euler"], default=None,
+                   help="sampler (default: the checkpoint's, UniPC multistep for Wan)")
+    p.add_argument("--guidance", type=float, default=3.5, help="classifier-free guidance scale (default 3.5)")
+    p.add_argument("--guidance-2", type=float, default=None,
+                   help="guidance for the low-noise expert of Wan2.2 A14B (default: same as --guidance)")
+    p.add_argument("--guidance-steps", type=int, default=None,
+                   help="guidance truncation: use CFG only for the first N steps (default: all)")
+    p.add_argument("--no-cfg-batch", dest="cfg_batch", action="store_false",
+                   help="run conditional and unconditional predictions as two calls instead of one batch of 2")
+    p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same video (default 0)")
+    p.add_argument("--batch", type=int, default=1, help="videos per run (default 1)")
+    p.add_argument("--fps", type=int, default=16, help="frames per second of the mp4 (default 16)")
+    p.add_argument("--backend", default="auto", choices=["auto", "xla", "cudnn", "splash"],
+                   help="attention back-end (default auto: cuDNN on GPU, Splash on TPU, XLA on CPU)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="DiT dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+
+
+def settings_from_args(args: argparse.Namespace):
+    from jax_impl.pipeline import GenerateSettings
+
+    return GenerateSettings(
+        frames=args.frames, height=args.height, width=args.width, steps=args.steps, shift=args.shift,
+        scheduler=args.scheduler, guidance=args.guidance, guidance_2=args.guidance_2,
+        guidance_steps=args.guidance_steps, cfg_batch=args.cfg_batch, seed=args.seed, batch=args.batch, fps=args.fps,
+    )
+
+
+def default_dtype(name: str | None) -> str:
+    if name:
+        return name
+    import jax
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from jax_impl.pipeline import generate
+
+    result = generate(
+        args.checkpoint, args.out, prompt=args.prompt, image_path=args.image, settings=settings_from_args(args),
+        negative_prompt=args.negative_prompt, last_image_path=args.last_image, embeddings_path=args.embeddings,
+        work_dir=args.work_dir, resume=args.resume, dtype=default_dtype(args.dtype), attention_backend=args.backend,
+    )
+    t = result["timings"]
+    print(f"wrote {result['video']} ({result['frames']} frames); load {t['load']:.1f} s, encode {t['encode']:.1f} s, "
+          f"denoise {t['denoise']:.1f} s, decode {t['decode']:.1f} s")
+    return 0
+
+
+def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate a video from an image and a prompt (JAX pipeline)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_generate_arguments(p)
+    p.add_argument("--out", required=True, metavar="MP4", help="output video path")
+    p.add_argument("--work-dir", metavar="DIR", help="where stage files go (default: OUT without .mp4 + '.stages')")
+    p.add_argument("--resume", action="store_true", help="reuse stage files made with the same settings")
+    p.set_defaults(func=_generate)

@@ -1,0 +1,161 @@
+"""The denoising loop: classifier-free guidance, the Wan2.2 expert switch, a jit-compiled step.
+
+One compiled function does a whole step (model call(s), guidance, scheduler update). Both experts of the
+A14B share its compiled code: the model's parameters are an argument, not a constant, so the switch at
+`boundary_ratio` changes which weights are passed in, nothing else. Guidance runs conditional and
+unconditional inputs as one batch of 2 (`cfg_batch=True`) or as two calls. After `guidance_steps` steps
+only the conditional prediction is made (guidance truncation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jax_impl import schedulers
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Guidance:
+    """Guidance settings: scale for the (high-noise) expert, `scale_2` for the low-noise expert of the A14B
+    (defaults to `scale`), classifier-free guidance only for the first `steps` steps (None: all)."""
+
+    scale: float = 5.0
+    scale_2: float | None = None
+    steps: int | None = None
+    cfg_batch: bool = True
+
+    def scale_for(self, expert: int) -> float:
+        return self.scale if expert == 0 or self.scale_2 is None else self.scale_2
+
+    def active(self, i: int, expert: int, has_negative: bool) -> bool:
+        within = self.steps is None or i < self.steps
+        return has_negative and within and self.scale_for(expert) > 1.0
+
+
+@flax.struct.dataclass
+class DenoiseInputs:
+    """Everything fixed during sampling; arrays are channels-last, float32 on the host or device.
+
+    condition: Wan2.1/A14B [B, F, h, w, 20] (mask + latent), concatenated to the latents each step;
+    first_latent + keep: TI2V's clean first-frame latent [B, 1, h, w, z] and the [1, F, h, w, 1] mask
+    (0 on frame 0); token_keep: [L] per-token timestep factors (TI2V).
+    """
+
+    text: Any
+    negative_text: Any | None = None
+    image: Any | None = None
+    condition: Any | None = None
+    first_latent: Any | None = None
+    keep: Any | None = None
+    token_keep: Any | None = None
+
+
+def expert_for(t: float, boundary_ratio: float | None, num_experts: int, num_train_timesteps: int = 1000) -> int:
+    """0 (high-noise expert, or the only model) while t >= boundary_ratio * T, else 1 (low-noise expert)."""
+    if num_experts == 1 or boundary_ratio is None:
+        return 0
+    return 0 if t >= boundary_ratio * num_train_timesteps else 1
+
+
+def model_input(latents: jax.Array, inputs: DenoiseInputs, t: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """(DiT input, timestep) for the current latents: I2V concat, TI2V first-frame replacement, or T2V."""
+    b = latents.shape[0]
+    if inputs.condition is not None:
+        x = jnp.concatenate([latents, inputs.condition.astype(latents.dtype)], axis=-1)
+        timestep = jnp.full((b,), t, F32)
+    elif inputs.first_latent is not None:
+        x = (1 - inputs.keep) * inputs.first_latent + inputs.keep * latents
+        timestep = jnp.broadcast_to(inputs.token_keep * t, (b, inputs.token_keep.shape[0]))
+    else:
+        x = latents
+        timestep = jnp.full((b,), t, F32)
+    return x.astype(dtype), timestep
+
+
+def _double(a):
+    return None if a is None else jnp.concatenate([a, a], axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "guided", "cfg_batch"))
+def denoise_step(graphdef, params, sampler: schedulers.SamplerState, i, t, inputs: DenoiseInputs, scale, *,
+                 guided: bool, cfg_batch: bool):
+    """One sampling step; returns (new sampler state, guided velocity, cond velocity, uncond velocity or cond)."""
+    model = nnx.merge(graphdef, params)
+    x, timestep = model_input(sampler.sample, inputs, t, model.dtype)
+    if not guided:
+        v_cond = model(x, timestep, inputs.text, inputs.image).astype(F32)
+        v_uncond = v = v_cond
+    elif cfg_batch:
+        both = model(_double(x), _double(timestep), jnp.concatenate([inputs.text, inputs.negative_text], 0),
+                     _double(inputs.image)).astype(F32)
+        v_cond, v_uncond = jnp.split(both, 2, axis=0)
+        v = v_uncond + scale * (v_cond - v_uncond)
+    else:
+        v_cond = model(x, timestep, inputs.text, inputs.image).astype(F32)
+        v_uncond = model(x, timestep, inputs.negative_text, inputs.image).astype(F32)
+        v = v_uncond + scale * (v_cond - v_uncond)
+    sampler, _ = schedulers.step(sampler, v, i)
+    return sampler, v, v_cond, v_uncond
+
+
+StepCallback = Callable[[dict[str, Any]], None]
+
+
+def sample(
+    experts: list[nnx.Module],
+    schedule: schedulers.Schedule,
+    noise: Any,
+    inputs: DenoiseInputs,
+    guidance: Guidance,
+    *,
+    boundary_ratio: float | None = None,
+    on_step: StepCallback | None = None,
+    progress: bool = True,
+) -> jax.Array:
+    """Run the whole schedule from `noise` [B, F, h, w, z] and return the final latents (float32).
+
+    `on_step` receives a dict per step: i, t, expert, guided, latents (after the step), v, v_cond, v_uncond.
+    """
+    splits = [nnx.split(m) for m in experts]
+    graphdef = splits[0][0]
+    if any(g != graphdef for g, _ in splits[1:]):
+        raise ValueError("the experts have different structures; both must be the same DiT configuration")
+    inputs = jax.tree.map(lambda a: None if a is None else jnp.asarray(a), inputs)
+    state = schedulers.init_state(schedule, noise)
+    steps = range(schedule.num_steps)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc="denoise", unit="step", dynamic_ncols=True)
+    used = set()
+    for i in steps:
+        t = float(schedule.timesteps[i])
+        expert = expert_for(t, boundary_ratio, len(experts), schedule.config.num_train_timesteps)
+        used.add(expert)
+        guided = guidance.active(i, expert, inputs.negative_text is not None)
+        state, v, v_cond, v_uncond = denoise_step(
+            graphdef, splits[expert][1], state, jnp.int32(i), jnp.float32(t), inputs,
+            jnp.float32(guidance.scale_for(expert)), guided=guided, cfg_batch=guidance.cfg_batch,
+        )
+        if on_step is not None:
+            on_step(dict(i=i, t=t, expert=expert, guided=guided, latents=state.sample, v=v,
+                         v_cond=v_cond, v_uncond=v_uncond))
+    latents = state.sample
+    if inputs.first_latent is not None:  # TI2V: the first frame is the image's latent, not a sample
+        latents = (1 - inputs.keep) * inputs.first_latent + inputs.keep * latents
+    return latents
+
+
+def initial_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Seeded standard-normal starting latents (float32), the same on every back-end for one seed."""
+    return np.asarray(jax.random.normal(jax.random.key(seed), shape, F32))
