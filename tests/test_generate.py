@@ -1,0 +1,174 @@
+"""`wanport generate` and `wanport demo`: mp4 output, stage files and resume, seeds, guidance options, bad input."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jax_impl.cli import main
+from jax_impl.media import read_mp4
+from jax_impl.pipeline import GenerateSettings, Pipeline
+from jax_impl.sampling import expert_for
+
+PRESET = "tiny-wan2.1-i2v-14b"
+SMALL = ["--frames", "5", "--height", "32", "--width", "32", "--steps", "3", "--prompt", "a cat"]
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory) -> Path:
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("img") / "cat.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((48, 40, 3)) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_ckpt) -> Pipeline:
+    return Pipeline(tiny_ckpt(PRESET))
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_generate_writes_mp4_with_requested_frames_and_resumes(tiny_ckpt, image_file, tmp_path, capsys):
+    out = tmp_path / "v.mp4"
+    args = ["generate", "--checkpoint", str(tiny_ckpt(PRESET)), "--image", str(image_file), *SMALL, "--out", str(out)]
+    assert main(args) == 0
+    frames, fps = read_mp4(out)
+    assert frames.shape == (5, 32, 32, 3) and fps == 16
+    stages = tmp_path / "v.stages"
+    assert sorted(p.name for p in stages.iterdir()) == ["encoded.safetensors", "latents.safetensors"]
+    capsys.readouterr()
+
+    assert main(args + ["--resume"]) == 0  # both stages reused, same video
+    log = capsys.readouterr().out
+    assert log.count("[resume] reusing") == 2
+    np.testing.assert_array_equal(read_mp4(out)[0], frames)
+
+    assert main(args[:-2] + ["--steps", "2", "--out", str(out), "--resume"]) == 0  # new steps: denoise re-runs
+    log = capsys.readouterr().out
+    assert "reusing" in log and "encoded.safetensors" in log and "recomputing" in log
+
+
+def test_stage_files_carry_settings_and_refuse_wrong_stage(tiny_ckpt, image_file, tmp_path):
+    from jax_impl.stages import load_stage
+    from weights.safetensors_io import CheckpointError
+
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "--checkpoint", str(tiny_ckpt(PRESET)), "--image", str(image_file), *SMALL,
+                 "--out", str(out), "--seed", "7"]) == 0
+    arrays, meta = load_stage(tmp_path / "v.stages" / "latents.safetensors", "latents")
+    assert meta["settings"]["seed"] == 7 and meta["frames"] == 5
+    assert arrays["latents"].shape == (1, 2, 4, 4, 16) and arrays["latents"].dtype == np.float32
+    encoded, _ = load_stage(tmp_path / "v.stages" / "encoded.safetensors", "encoded")
+    assert set(encoded) == {"prompt_embeds", "negative_prompt_embeds", "image_embeds", "condition"}
+    assert encoded["condition"].shape == (1, 2, 4, 4, 20)  # 4 mask + 16 latent channels
+    with pytest.raises(CheckpointError, match="holds stage 'latents'"):
+        load_stage(tmp_path / "v.stages" / "latents.safetensors", "encoded")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["--frames", "6"], "not 4k\\+1"),
+        (["--height", "40"], "multiple of 16"),
+        (["--width", "8"], "multiple of 16"),
+    ],
+)
+def test_bad_sizes_are_refused_before_anything_is_written(tiny_ckpt, image_file, tmp_path, capsys, change, message):
+    out = tmp_path / "run" / "v.mp4"
+    args = ["generate", "--checkpoint", str(tiny_ckpt(PRESET)), "--image", str(image_file), *SMALL, *change,
+            "--out", str(out)]
+    assert main(args) == 2
+    assert pytest.importorskip("re").search(message, capsys.readouterr().err)
+    assert not (tmp_path / "run").exists() or _files(tmp_path / "run") == []
+
+
+def test_unreadable_image_is_a_clear_error(tiny_ckpt, tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "--checkpoint", str(tiny_ckpt(PRESET)), "--image", str(bad), *SMALL, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read image" in err and "broken.png" in err
+    assert _files(tmp_path) == ["broken.png"]
+
+
+@pytest.mark.parametrize("component", ["vae", "scheduler", "text_encoder", "image_encoder", "transformer"])
+def test_missing_component_is_named(tiny_ckpt, image_file, tmp_path, capsys, component):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt(PRESET), ckpt)
+    shutil.rmtree(ckpt / component)
+    out = tmp_path / "out" / "v.mp4"
+    assert main(["generate", "--checkpoint", str(ckpt), "--image", str(image_file), *SMALL, "--out", str(out)]) == 2
+    assert f"{component}/" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_i2v_without_image_and_not_a_pipeline_folder(tiny_ckpt, tmp_path, capsys):
+    ckpt = tiny_ckpt(PRESET)
+    assert main(["generate", "--checkpoint", str(ckpt), *SMALL, "--out", str(tmp_path / "v.mp4")]) == 2
+    assert "give an image" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(ckpt / "transformer"), *SMALL, "--out", str(tmp_path / "v.mp4")]) == 2
+    assert "not a pipeline folder" in capsys.readouterr().err
+
+
+def test_seed_reproducible_and_cfg_batch_equals_two_calls(pipe, image_file):
+    from jax_impl.media import load_image
+
+    s = GenerateSettings(frames=5, height=32, width=32, steps=3, guidance=4.0, seed=5)
+    enc = pipe.encode(s, prompt="a dog", image=load_image(image_file), negative_prompt="blurry")
+    a = pipe.denoise(enc, s, progress=False)
+    np.testing.assert_array_equal(a, pipe.denoise(enc, s, progress=False))
+    assert not np.allclose(a, pipe.denoise(enc, GenerateSettings(**{**s.__dict__, "seed": 6}), progress=False))
+    two_calls = pipe.denoise(enc, GenerateSettings(**{**s.__dict__, "cfg_batch": False}), progress=False)
+    np.testing.assert_allclose(two_calls, a, rtol=1e-5, atol=1e-5)
+
+
+def test_guidance_truncation_extremes(pipe, image_file):
+    from jax_impl.media import load_image
+
+    s = GenerateSettings(frames=5, height=32, width=32, steps=4, guidance=4.0, seed=1)
+    enc = pipe.encode(s, prompt="a dog", image=load_image(image_file), negative_prompt="blurry")
+    full = pipe.denoise(enc, s, progress=False)
+    np.testing.assert_array_equal(pipe.denoise(enc, GenerateSettings(**{**s.__dict__, "guidance_steps": 4}),
+                                               progress=False), full)
+    none = pipe.denoise(enc, GenerateSettings(**{**s.__dict__, "guidance_steps": 0}), progress=False)
+    unguided = pipe.denoise(enc, GenerateSettings(**{**s.__dict__, "guidance": 1.0}), progress=False)
+    np.testing.assert_array_equal(none, unguided)
+    assert not np.allclose(none, full)
+
+
+def test_shift_from_settings_reaches_the_timesteps(pipe):
+    from diffusers import UniPCMultistepScheduler
+
+    default = pipe.schedule(GenerateSettings(steps=10))  # the checkpoint's shift: 3.0 for Wan2.1 I2V 480p
+    shifted = pipe.schedule(GenerateSettings(steps=10, shift=5.0))
+    ref = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+    ref.set_timesteps(10)
+    np.testing.assert_array_equal(shifted.timesteps, ref.timesteps.numpy().astype(np.float32))
+    assert default.config.shift == 3.0 and not np.array_equal(default.timesteps, shifted.timesteps)
+
+
+def test_expert_switch_boundary():
+    assert expert_for(999.0, 0.9, 2) == 0
+    assert expert_for(900.0, 0.9, 2) == 0  # t >= 900 stays on the high-noise expert
+    assert expert_for(899.0, 0.9, 2) == 1
+    assert expert_for(100.0, None, 1) == 0
+
+
+@pytest.mark.slow
+def test_demo_writes_video_and_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--frames", "9", "--size", "32", "--steps", "2"]) == 0
+    frames, _ = read_mp4(out / "video.mp4")
+    assert frames.shape == (9, 32, 32, 3)
+    assert (out / "parity_transformer.json").is_file()
+    log = capsys.readouterr().out
+    assert "video.mp4" in log and "parity PASSED" in log
