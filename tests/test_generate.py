@@ -172,3 +172,22 @@ def test_demo_writes_video_and_report(tmp_path, capsys):
     assert (out / "parity_transformer.json").is_file()
     log = capsys.readouterr().out
     assert "video.mp4" in log and "parity PASSED" in log
+
+
+@pytest.mark.parametrize("layout", ["wan", "flax"])
+def test_pipeline_folder_in_converted_layouts_gives_the_same_latents(tiny_ckpt, pipe, image_file, tmp_path, layout):
+    """A pipeline folder whose transformers were converted to the original-Wan or Flax layout loads as is."""
+    from jax_impl.media import load_image
+    from weights.convert import convert
+    from weights.dit_map import detect_layout
+    from weights.safetensors_io import CheckpointReader
+
+    converted = convert(tiny_ckpt(PRESET), tmp_path / layout, to=layout)
+    assert detect_layout(CheckpointReader(converted / "transformer").keys()) == layout
+    s = GenerateSettings(frames=5, height=32, width=32, steps=2, guidance=4.0)
+    img = load_image(image_file)
+    ours = Pipeline(converted)
+    enc = ours.encode(s, prompt="a dog", image=img)
+    np.testing.assert_array_equal(enc["condition"], pipe.encode(s, prompt="a dog", image=img)["condition"])
+    np.testing.assert_allclose(ours.denoise(enc, s, progress=False), pipe.denoise(enc, s, progress=False),
+                               rtol=1e-6, atol=1e-6)
