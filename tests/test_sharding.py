@@ -104,6 +104,9 @@ born = S.create_sharded(lambda: Dense(64, 128, rngs=nnx.Rngs(0)), S.make_mesh(8)
 whole = Dense(64, 128, rngs=nnx.Rngs(0))
 res["create_sharded_local"] = list(S.local_shape(born.kernel[...]))
 res["create_sharded_equal"] = bool(np.array_equal(np.asarray(born.kernel[...]), np.asarray(whole.kernel[...])))
+# shard_params: a model built whole (e.g. loaded from a checkpoint) split in place.
+S.shard_params(model, S.make_mesh(4))
+res["shard_params_local"] = list(S.local_shape(nnx.state(model)["blocks"]["ffn"]["fc1"]["kernel"][...]))
 print("RESULT " + json.dumps(res))
 """
 
@@ -142,6 +145,7 @@ def test_parameters_are_split(child):
     assert child["bytes_device0"] < 0.3 * child["bytes_total"], child
     assert child["create_sharded_local"] == [64, 16]
     assert child["create_sharded_equal"]
+    assert child["shard_params_local"] == [2, 32, 20]  # 80 outputs over 4 devices
 
 
 def test_activations_are_split_over_tokens(child):
