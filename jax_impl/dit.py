@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import kernels
+from kernels.context_parallel import SequenceSplit, pad_axis
 from jax_impl.config import DitConfig
 from jax_impl.layers import F32, Dense, LayerNorm, RMSNorm, gelu_exact, gelu_tanh
 from jax_impl.rope import apply_rope, rope_tables
@@ -101,6 +102,7 @@ class Attention(nnx.Module):
         context: jax.Array | None = None,
         context_img: jax.Array | None = None,
         rope: tuple[jax.Array, jax.Array] | None = None,
+        split: SequenceSplit | None = None,
     ) -> jax.Array:
         ctx = x if context is None else context
         q = self._heads(self.norm_q(self.q(x)))
@@ -108,11 +110,11 @@ class Attention(nnx.Module):
         v = self._heads(self.v(ctx))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = kernels.attention(q, k, v, backend=self.backend)
+        out = kernels.attention(q, k, v, backend=self.backend, sequence_split=split)
         if self.k_img is not None and context_img is not None:
             k_img = self._heads(self.norm_k_img(self.k_img(context_img)))
             v_img = self._heads(self.v_img(context_img))
-            out = out + kernels.attention(q, k_img, v_img, backend=self.backend)
+            out = out + kernels.attention(q, k_img, v_img, backend=self.backend, sequence_split=split)
         return self.o(out.reshape(*out.shape[:-2], -1))
 
 
@@ -129,18 +131,18 @@ class Block(nnx.Module):
         self.ffn = Mlp(d, cfg.ffn_dim, d, gelu_tanh, param_dtype=param_dtype, rngs=rngs)
         self.modulation = nnx.Param(jax.random.normal(rngs.params(), (1, 6, d), F32) / d**0.5)
 
-    def __call__(self, x, context, context_img, mod, rope) -> tuple[jax.Array, Taps]:
+    def __call__(self, x, context, context_img, mod, rope, splits=(None, None)) -> tuple[jax.Array, Taps]:
         # mod: [batch, 1 or seq, 6, dim] float32 time projection; the table is added in float32.
         m = self.modulation.value[None] + mod
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (m[:, :, i] for i in range(6))
         plain = _plain_norm(self.eps)
 
         h = (plain(x) * (1 + scale_sa) + shift_sa).astype(x.dtype)
-        sa = self.self_attn(h, rope=rope)
+        sa = self.self_attn(h, rope=rope, split=splits[0])
         x = (x.astype(F32) + sa * gate_sa).astype(x.dtype)
 
         h = self.norm_cross(x) if self.norm_cross is not None else x
-        ca = self.cross_attn(h, context, context_img)
+        ca = self.cross_attn(h, context, context_img, split=splits[1])
         x = x + ca
 
         h = (plain(x) * (1 + scale_ff) + shift_ff).astype(x.dtype)
@@ -231,11 +233,14 @@ class WanTransformer(nnx.Module):
         image: jax.Array | None = None,
         *,
         capture: bool = False,
+        seq_split: SequenceSplit | None = None,
     ):
         """Predict the flow (velocity) for `latents` at `timestep` given text (and image) embeddings.
 
         latents [B, F, H, W, C]; timestep scalar, [B] or per-token [B, L]; text [B, S, text_dim];
         image [B, N, image_dim] for Wan2.1 I2V. Returns [B, F, H, W, out_channels] (and taps).
+        `seq_split` runs it context-parallel (see `jax_impl.sharding`): tokens padded at the end to a
+        multiple of the mesh axis and split over it, each layer's weights gathered just before use.
         """
         timestep = jnp.asarray(timestep)
         self.check_inputs(latents, timestep, text, image)
@@ -255,6 +260,8 @@ class WanTransformer(nnx.Module):
 
         # Time conditioning: one vector per sample, or per token (TI2V keeps the first frame clean).
         t = jnp.broadcast_to(timestep, (b,) + timestep.shape[1:]) if timestep.ndim else jnp.full((b,), timestep)
+        if seq_split is not None and t.ndim == 2:  # per-token: split (padded) timesteps like the tokens
+            t = seq_split.tokens(pad_axis(t, 1, seq_split.padded(t.shape[1])))
         temb = self.time_embed(timestep_embedding(t, cfg.freq_dim)).astype(dt)
         tproj = self.time_proj(jax.nn.silu(temb))
         taps["time_embedding"] = temb
@@ -271,22 +278,38 @@ class WanTransformer(nnx.Module):
             taps["image_embedding"] = context_img
 
         rope = rope_tables(grid, cfg.rope_split, cfg.rope_max_seq_len)
+        seq, splits = x.shape[1], (None, None)
+        if seq_split is not None:  # context parallel: pad tokens to a multiple of the devices, split them
+            n = seq_split.padded(seq)
+            x = seq_split.tokens(pad_axis(x, 1, n))
+            rope = tuple(pad_axis(r, 0, n) for r in rope)
+            if mod.shape[1] > 1:  # per-token timesteps
+                mod, temb = seq_split.tokens(pad_axis(mod, 1, n)), seq_split.tokens(pad_axis(temb, 1, n))
+            context, context_img = seq_split.replicated((context, context_img))
+            splits = (seq_split.with_kv_len(seq), seq_split.with_kv_len(None))
         graphdef, stacked = nnx.split(self.blocks)
 
         def body(x, layer_state):
+            if seq_split is not None:  # FSDP: gather this layer's weights just before use
+                layer_state = seq_split.replicated(layer_state)
             block = nnx.merge(graphdef, layer_state)
-            x, block_taps = block(x, context, context_img, mod, rope)
+            x, block_taps = block(x, context, context_img, mod, rope, splits)
+            if seq_split is not None:
+                x = seq_split.tokens(x)
             return x, (block_taps if capture else None)
 
         x, block_taps = jax.lax.scan(body, x, stacked)
         if capture:
             for name, stacked_tap in block_taps.items():
                 for i in range(cfg.num_layers):
-                    taps[f"blocks.{i}.{name}"] = stacked_tap[i]
+                    taps[f"blocks.{i}.{name}"] = stacked_tap[i][:, :seq]
 
         m = self.head_modulation.value[None] + temb[:, :, None].astype(F32)  # [B, 1 or L, 2, D]
         x = (_plain_norm(cfg.eps)(x) * (1 + m[:, :, 1]) + m[:, :, 0]).astype(dt)
         x = self.head(x)
+        if seq_split is not None:  # keep the head token-split (else XLA may gather tokens, not weights)
+            x = seq_split.tokens(x)
+        x = x[:, :seq]  # drops context-parallel padding, if any
         taps["head"] = x
 
         out = x.reshape(b, *grid, pt, ph, pw, cfg.out_channels)

@@ -63,7 +63,14 @@ def _accepted_options(fn: AttentionFn) -> set[str]:
 
 
 def attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = "auto", mask: jax.Array | None = None, **options
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    backend: str = "auto",
+    mask: jax.Array | None = None,
+    sequence_split=None,
+    **options,
 ) -> jax.Array:
     """softmax(q k^T / sqrt(head_dim)) v over `[batch, seq, heads, head_dim]` inputs.
 
@@ -73,6 +80,9 @@ def attention(
     backend="auto" options meant for a back-end that was not chosen are dropped, so one call site
     can carry tuning for every platform. `mask` (boolean, broadcastable to [batch, heads, q_len, k_len],
     True = attend) is never dropped: a back-end that cannot apply it raises instead.
+    `sequence_split` (a `kernels.context_parallel.SequenceSplit`) runs it context-parallel: q split by
+    sequence over a mesh axis, K/V gathered (self-attention) or replicated (cross-attention), then this
+    same function runs locally on each device.
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention wants [batch, seq, heads, head_dim] inputs, got {q.shape}, {k.shape}, {v.shape}")
@@ -82,6 +92,10 @@ def attention(
         raise ValueError(f"attention needs non-empty sequences: q {q.shape}, k {k.shape}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"attention wants one dtype for q, k, v; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if sequence_split is not None:
+        from kernels.context_parallel import split_attention
+
+        return split_attention(q, k, v, sequence_split, backend=backend, mask=mask, **options)
     name = resolve_backend(backend, q.dtype)
     fn = BACKENDS[name]
     accepted = _accepted_options(fn)
