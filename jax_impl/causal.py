@@ -310,6 +310,7 @@ def _self_attention(attn, h, rope, mask, past=None):
     if past is not None:
         keys = jnp.concatenate([past[0], k], axis=1)
         vals = jnp.concatenate([past[1], v], axis=1)
+    mask = jnp.broadcast_to(mask, (1, 1, q.shape[1], keys.shape[1]))  # cuDNN wants the full [T, S] extent
     out = kernels.attention(q, keys, vals, backend=_mask_backend(attn.backend, q.dtype), mask=mask)
     return attn.o(out.reshape(*out.shape[:-2], -1)), k, v
 
@@ -593,23 +594,18 @@ def causal_forward(
 # ------------------------------------------------------------------------------------------------
 def block_noise(seed: int, batch: int, block: int, step: int, shape: Sequence[int]) -> jax.Array:
     """Seeded standard normal noise [batch, *shape] for (block, step); sample i does not depend on batch size."""
+    return _block_noise(jnp.uint32(seed), batch, jnp.int32(block), jnp.int32(step), tuple(int(n) for n in shape))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 4))
+def _block_noise(seed, batch, block, step, shape):
     key = jax.random.key(seed)
 
     def one(i):
-        return jax.random.normal(jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, i), block), step), tuple(shape), F32)
+        k = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, i), block), step)
+        return jax.random.normal(k, shape, F32)
 
     return jax.vmap(one)(jnp.arange(batch))
-
-
-@nnx.jit
-def _jit_denoise(model, cache, cross, x_t, cond, t, sigma, sigma_next, eps):
-    """One sampler step on the current block: predict v, x0 = x_t - sigma v, re-noise to sigma_next."""
-    TRACE_COUNTS["denoise_step"] += 1
-    inp = x_t if cond is None else jnp.concatenate([x_t, cond.astype(x_t.dtype)], axis=-1)
-    b = x_t.shape[0]
-    v, _, _ = _block_impl(model, cache, cross, inp, jnp.full((b,), t, F32), write=False, capture=False)
-    x0 = x_t.astype(F32) - sigma * v.astype(F32)
-    return x0, (1.0 - sigma_next) * x0 + sigma_next * eps
 
 
 def sample_blocks(
@@ -666,24 +662,21 @@ def _generate(model, cross, config, latent_shape, blocks, noise, step_noise, con
     ts, sig = config.schedule()
     fpb = config.frames_per_block
     cache = init_cache(model, config, b, h, w, num_frames=f)
-    zeros = jnp.zeros((b, fpb, h, w, c), F32)
     for blk in range(blocks):
         sl = slice(blk * fpb, (blk + 1) * fpb)
         x = noise[:, sl] if noise is not None else block_noise(seed, b, blk, 0, (fpb, h, w, c))
         cond = None if cond_all is None else cond_all[:, sl]
         for s in range(len(ts)):
-            if s + 1 == len(ts):
-                eps, s_next = zeros, 0.0
-            elif step_noise is not None:
-                eps, s_next = step_noise[s, :, sl], sig[s + 1]
-            else:
-                eps, s_next = block_noise(seed, b, blk, s + 1, (fpb, h, w, c)), sig[s + 1]
-            t, sigma, s_next = jnp.float32(ts[s]), jnp.float32(sig[s]), jnp.float32(s_next)
-            x0, x = _jit_denoise(model, cache, cross, x, cond, t, sigma, s_next, eps)
+            inp = x if cond is None else jnp.concatenate([x, cond], axis=-1)
+            v = block_step(model, cache, cross, inp, jnp.full((b,), ts[s], F32))
+            x0 = x - jnp.float32(sig[s]) * v.astype(F32)
+            if s + 1 < len(ts):  # re-noise to the next level with fresh noise
+                eps = step_noise[s, :, sl] if step_noise is not None else block_noise(seed, b, blk, s + 1, (fpb, h, w, c))
+                x = (1.0 - jnp.float32(sig[s + 1])) * x0 + jnp.float32(sig[s + 1]) * eps
         yield x0
         if blk + 1 < blocks:  # the last block is never attended to: skip its cache write
             clean = x0 if cond is None else jnp.concatenate([x0, cond], axis=-1)
-            cache = commit_block(model, cache, cross, clean, 0.0)
+            cache = commit_block(model, cache, cross, clean, jnp.zeros((b,), F32))
 
 
 def sample_causal(model, text, *, config: CausalConfig, **kwargs) -> jax.Array:
