@@ -27,11 +27,20 @@ Design (cache layout, eviction, positions):
   * RoPE frame positions keep counting: block n uses frames [n * fpb, (n + 1) * fpb) whatever was
     evicted, so a cached key keeps the position it was written with.
   * The current block's own keys are concatenated after the cache ([cache | current]) and a boolean
-    mask [1, 1, 1, keys] marks the invalid slots; the attention call is `kernels.attention(mask=...)`.
+    mask [1, 1, block_tokens, keys] marks the invalid slots; the call is `kernels.attention(mask=...)`
+    (xla or cudnn; with backend "auto" on TPU the masked self-attention falls back to xla). The price of
+    static shapes: every block attends over the whole cache capacity, invalid slots masked, so
+    without a window the first blocks cost as much as the last.
+  * Without a window the cache is sized for `num_frames`; committing past that simply slides a window
+    of `num_frames` frames (the ring wraps), it never writes out of bounds.
+  * Frame positions must stay below rope_max_seq_len (checked by the sampler and `check_causal_inputs`;
+    `block_step` itself cannot check the traced counter without a device sync).
 
 Sampler: for each block, `timesteps` (default 1000, 750, 500, 250; optional shift warp) with
 sigma = t / 1000: v = model(x_t, t); x0 = x_t - sigma * v; x_t' = (1 - sigma') x0 + sigma' * eps with
-fresh noise eps; the last step's x0 is the block. Then the clean block is committed at t=0.
+fresh noise eps; the last step's x0 is the block. Then the clean block is committed at t=0 (the last
+block is not: nothing attends to it). The model call is the jitted `block_step` (compiled once per
+shape, shared with the teacher-forced path); the update arithmetic is plain float32 jnp.
 """
 
 from __future__ import annotations
@@ -508,12 +517,29 @@ def block_step(model, cache: KVCache, cross: CrossKV, latents, timestep, *, capt
     latents [B, frames_per_block, H, W, in_channels] (I2V: noisy latents and the block's condition
     concatenated). Does not change the cache. Returns [B, fpb, H, W, out_channels] (and taps).
     """
-    return _jit_step(model, cache, cross, jnp.asarray(latents), jnp.asarray(timestep, F32), capture=capture)
+    latents = jnp.asarray(latents)
+    _check_step(model, cache, cross, latents)
+    return _jit_step(model, cache, cross, latents, jnp.asarray(timestep, F32), capture=capture)
 
 
 def commit_block(model, cache: KVCache, cross: CrossKV, latents, timestep=0.0) -> KVCache:
     """Run the (clean) block once and write its self-attention keys/values into the cache."""
-    return _jit_commit(model, cache, cross, jnp.asarray(latents), jnp.asarray(timestep, F32))
+    latents = jnp.asarray(latents)
+    _check_step(model, cache, cross, latents)
+    return _jit_commit(model, cache, cross, latents, jnp.asarray(timestep, F32))
+
+
+def _check_step(model, cache: KVCache, cross: CrossKV, latents) -> None:
+    cfg = model.cfg
+    if latents.ndim != 5 or latents.shape[-1] != cfg.in_channels:
+        hint = " (noisy latents + the block's condition)" if condition_channels(cfg) else ""
+        raise ValueError(f"block latents must be [B, fpb, H, W, {cfg.in_channels}]{hint}, got {latents.shape}")
+    if _grid(cfg, *latents.shape[1:4]) != cache.block_grid:
+        raise ValueError(f"block latents {latents.shape} do not match the cache's block token grid {cache.block_grid}")
+    if latents.shape[0] != cache.k.shape[1] or latents.shape[0] != cross.k.shape[1]:
+        raise ValueError(
+            f"batch {latents.shape[0]} differs from the cache's {cache.k.shape[1]} or the context's {cross.k.shape[1]}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -533,7 +559,12 @@ def _jit_full(model, latents, timesteps, cross, frames_per_block, window_blocks,
     temb, mod, ttaps = _time(model, t)
     taps.update(ttaps)
     rope = rope_tables(grid, cfg.rope_split, cfg.rope_max_seq_len)
-    mask = jnp.asarray(block_causal_mask(num_blocks, n_tok, window_blocks))[None, None]
+    blk = jnp.arange(num_blocks * n_tok) // n_tok  # built in-graph: no [L, L] constant in the program
+    qb, kb = blk[:, None], blk[None, :]
+    mask = kb <= qb
+    if window_blocks is not None:
+        mask &= (kb == 0) | (kb > qb - window_blocks)
+    mask = mask[None, None]
     graphdef, stacked = nnx.split(model.blocks)
 
     def body(x, xs):

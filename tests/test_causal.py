@@ -310,3 +310,15 @@ def test_t2v_sampler_parity(tiny_ckpt):
     uncached = T.sample_causal_uncached(t2v["torch_fp32"], inp.text, **_sample_kw(inp, config)).numpy()
     ours = np.asarray(C.sample_causal(t2v["jax"], inp.text, **_sample_kw(inp, config)))
     assert rel_l2(ours, uncached) <= SAMPLER_TOL
+
+
+def test_block_step_rejects_mismatched_cache(models):
+    inp = _inputs(models, WIN, batch=2, frames=6)
+    cross = C.prepare_context(models["jax"], inp.text, inp.image)
+    cache = C.init_cache(models["jax"], WIN, 1, 4, 4)
+    with pytest.raises(ValueError, match="batch 2 differs from the cache's 1"):
+        C.block_step(models["jax"], cache, cross, inp.latents[:, :1], inp.timesteps[:, 0])
+    with pytest.raises(ValueError, match="block token grid"):
+        C.commit_block(models["jax"], cache, cross, inp.latents[:1, :2], 0.0)
+    with pytest.raises(ValueError, match="noisy latents"):
+        C.block_step(models["jax"], cache, cross, inp.noise[:1, :1], 500.0)
