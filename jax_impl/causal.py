@@ -359,7 +359,9 @@ def _unstack_taps(taps: dict, block_taps: dict | None, num_layers: int) -> None:
 # ------------------------------------------------------------------------------------------------
 # Cross-attention context (computed once) and the self-attention cache
 # ------------------------------------------------------------------------------------------------
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "k_img", "v_img", "text", "image"], meta_fields=[])
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["k", "v", "k_img", "v_img", "text", "image"], meta_fields=[]
+)
 @dataclasses.dataclass
 class CrossKV:
     """Per-layer cross-attention keys/values [layers, B, tokens, heads, head_dim] (+ embeddings, for taps)."""
@@ -430,7 +432,9 @@ class KVCache:
         return int(self.k.nbytes + self.v.nbytes)
 
 
-def init_cache(model, ccfg: CausalConfig, batch: int, height: int, width: int, num_frames: int | None = None) -> KVCache:
+def init_cache(
+    model, ccfg: CausalConfig, batch: int, height: int, width: int, num_frames: int | None = None
+) -> KVCache:
     """An empty cache for latents of `height` x `width`. Without a window, `num_frames` sizes it."""
     cfg = model.cfg
     pt, ph, pw = cfg.patch_size
@@ -603,7 +607,8 @@ def causal_forward(
         raise ValueError(f"latents have {c} channels, this model takes {cfg.in_channels}")
     cc = condition_channels(cfg)  # I2V: the condition is already concatenated to the latents
     blocks = check_causal_inputs(
-        cfg, config, (b, f, h, w), text.shape, None if image is None else np.shape(image), (b, f, h, w, cc) if cc else None
+        cfg, config, (b, f, h, w), text.shape,
+        None if image is None else np.shape(image), (b, f, h, w, cc) if cc else None,
     )
     ts = jnp.asarray(timesteps, F32)
     if ts.ndim == 0 or (ts.ndim == 1 and ts.shape[0] in (1, b)):
@@ -702,7 +707,10 @@ def _generate(model, cross, config, latent_shape, blocks, noise, step_noise, con
             v = block_step(model, cache, cross, inp, jnp.full((b,), ts[s], F32))
             x0 = x - jnp.float32(sig[s]) * v.astype(F32)
             if s + 1 < len(ts):  # re-noise to the next level with fresh noise
-                eps = step_noise[s, :, sl] if step_noise is not None else block_noise(seed, b, blk, s + 1, (fpb, h, w, c))
+                if step_noise is not None:
+                    eps = step_noise[s, :, sl]
+                else:
+                    eps = block_noise(seed, b, blk, s + 1, (fpb, h, w, c))
                 x = (1.0 - jnp.float32(sig[s + 1])) * x0 + jnp.float32(sig[s + 1]) * eps
         yield x0
         if blk + 1 < blocks:  # the last block is never attended to: skip its cache write

@@ -31,7 +31,9 @@ class CausalInputs:
     condition: np.ndarray | None  # [B, F, H, W, in - out] or None
 
 
-def make_causal_inputs(cfg, config, *, batch=1, frames=4, height=4, width=4, text_len=8, image_len=9, seed=0) -> CausalInputs:
+def make_causal_inputs(
+    cfg, config, *, batch=1, frames=4, height=4, width=4, text_len=8, image_len=9, seed=0
+) -> CausalInputs:
     """Deterministic random inputs for `cfg` (a DitConfig) and `config` (a CausalConfig)."""
     from jax_impl.causal import condition_channels, i2v_condition
 
@@ -129,7 +131,8 @@ def causal_sampler_parity(jax_model, torch_model, inputs: CausalInputs, config, 
     from jax_impl import causal as C
     from torch_ref import causal as T
 
-    kw = dict(config=config, noise=inputs.noise, step_noise=inputs.step_noise, image=inputs.image, condition=inputs.condition)
+    kw = dict(config=config, noise=inputs.noise, step_noise=inputs.step_noise)
+    kw |= dict(image=inputs.image, condition=inputs.condition)
     ours = {f"block{i}.latents": _np(x) for i, x in enumerate(C.sample_blocks(jax_model, inputs.text, **kw))}
     ref = {f"block{i}.latents": _np(x) for i, x in enumerate(T.sample_blocks(torch_model, inputs.text, **kw))}
     meta = {"model": "causal-sampler", "frames_per_block": config.frames_per_block, "window": config.window,

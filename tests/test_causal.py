@@ -62,9 +62,9 @@ def test_block_size_must_divide_frames(models):
         C.CausalConfig(frames_per_block=3).num_blocks(8)
     inp = _inputs(models, FULL2, frames=4)
     bad = C.CausalConfig(frames_per_block=3)
-    for sample in (C.sample_blocks, T.sample_blocks):
+    for sample, model in ((C.sample_blocks, models["jax"]), (T.sample_blocks, models["torch_fp32"])):
         with pytest.raises(ValueError, match="does not divide the 4 latent frames"):
-            sample(models["jax"] if sample is C.sample_blocks else models["torch_fp32"], inp.text, **_sample_kw(inp, bad))
+            sample(model, inp.text, **_sample_kw(inp, bad))
     with pytest.raises(ValueError, match="does not divide"):
         C.causal_forward(models["jax"], inp.latents, 500.0, inp.text, inp.image, config=bad)
 

@@ -250,7 +250,8 @@ def causal_forward(model, latents, timesteps, text, image=None, *, config: Causa
     cfg = _cfg(model)
     cc = condition_channels(cfg)
     image_shape = None if image is None else tuple(image.shape)
-    blocks = check_causal_inputs(cfg, config, (b, f, h, w), tuple(text.shape), image_shape, (b, f, h, w, cc) if cc else None)
+    cond_shape = (b, f, h, w, cc) if cc else None  # I2V: the condition is already in the latents
+    blocks = check_causal_inputs(cfg, config, (b, f, h, w), tuple(text.shape), image_shape, cond_shape)
     ts = _t(torch.as_tensor(np.asarray(timesteps, np.float32)), model)
     if ts.ndim == 0 or (ts.ndim == 1 and ts.shape[0] in (1, b)):
         ts = ts.reshape(-1, 1).expand(b, blocks)
@@ -360,4 +361,13 @@ def sample_causal_uncached(model, text, *, config: CausalConfig, noise, step_noi
     return torch.cat([d[..., : noise.shape[-1]] for d in done], dim=1)
 
 
-__all__ = ["BlockCache", "CrossContext", "block_step", "causal_forward", "rope_tables", "sample_blocks", "sample_causal", "sample_causal_uncached"]
+__all__ = [
+    "BlockCache",
+    "CrossContext",
+    "block_step",
+    "causal_forward",
+    "rope_tables",
+    "sample_blocks",
+    "sample_causal",
+    "sample_causal_uncached",
+]
