@@ -1,0 +1,743 @@
+"""Block-causal (streaming) Wan DiT with a key/value cache, and the few-step block sampler, in Flax NNX.
+
+The latent video is cut into blocks of `frames_per_block` latent frames. Self-attention of a block sees
+the block itself and the blocks before it (optionally only a local window plus the first block, which
+stays as an attention sink); cross-attention sees the text (and CLIP image) tokens as usual. Blocks are
+generated one after the other, each denoised in a few steps, then run once more clean (t=0) so that
+its keys/values enter the cache for the blocks that follow.
+
+Two ways to run the same model, which must agree (tests/test_causal.py):
+  * `causal_forward`: the whole sequence in one pass with the block-causal attention mask (reference);
+  * `prepare_context` + `init_cache` + `block_step`/`commit_block`: one block at a time with the cache.
+
+Design (cache layout, eviction, positions):
+  * `KVCache` holds per layer `k`, `v` of shape [layers, batch, slots * block_tokens, heads, head_dim]:
+    keys after q/k RMS-norm and RoPE, values as projected. Shapes are fixed at creation, so one
+    compiled block step serves every block (no retrace); the block index is the traced counter
+    `committed`, which also gives the RoPE frame offset and which slots are valid.
+  * Slots hold whole blocks. Slot 0 is the first block (the attention sink); slots 1..slots-1 are a ring
+    buffer for the most recent blocks: block n (n >= 1) goes to slot 1 + (n - 1) % (slots - 1), so
+    the oldest recent block is overwritten (evicted) in place with `lax.dynamic_update_slice`, no
+    shifting. Slot s is valid once s < committed. Attention order over keys does not matter (softmax
+    is permutation invariant), so the ring order needs no un-rotation.
+  * With `window` (latent frames, counting the current block) a block sees the sink block plus the
+    last `window` frames: slots = window / frames_per_block, i.e. the cache holds sink + (window -
+    frames_per_block) frames, the current block's keys are appended on the fly. Its size does not
+    depend on the video length. Without a window, slots = number of blocks (the whole video).
+  * RoPE frame positions keep counting: block n uses frames [n * fpb, (n + 1) * fpb) whatever was
+    evicted, so a cached key keeps the position it was written with.
+  * The current block's own keys are concatenated after the cache ([cache | current]) and a boolean
+    mask [1, 1, block_tokens, keys] marks the invalid slots; the call is `kernels.attention(mask=...)`
+    (xla or cudnn; with backend "auto" on TPU the masked self-attention falls back to xla). The price of
+    static shapes: every block attends over the whole cache capacity, invalid slots masked, so
+    without a window the first blocks cost as much as the last.
+  * Without a window the cache is sized for `num_frames`; committing past that simply slides a window
+    of `num_frames` frames (the ring wraps), it never writes out of bounds.
+  * Frame positions must stay below rope_max_seq_len (checked by the sampler and `check_causal_inputs`;
+    `block_step` itself cannot check the traced counter without a device sync).
+
+Sampler: for each block, `timesteps` (default 1000, 750, 500, 250; optional shift warp) with
+sigma = t / 1000: v = model(x_t, t); x0 = x_t - sigma * v; x_t' = (1 - sigma') x0 + sigma' * eps with
+fresh noise eps; the last step's x0 is the block. Then the clean block is committed at t=0 (the last
+block is not: nothing attends to it). The model call is the jitted `block_step` (compiled once per
+shape, shared with the teacher-forced path); the update arithmetic is plain float32 jnp.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import kernels
+from kernels.attention import resolve_backend
+from jax_impl.config import DitConfig
+from jax_impl.dit import _plain_norm, timestep_embedding
+from jax_impl.layers import F32
+from jax_impl.rope import apply_rope, axis_tables, rope_tables
+
+NUM_TRAIN_TIMESTEPS = 1000.0
+DEFAULT_TIMESTEPS = (1000.0, 750.0, 500.0, 250.0)
+MASK_BACKENDS = ("xla", "cudnn")
+
+# Number of times each jitted entry point was traced (compiled); tests check there is no retrace per block.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration and validation (pure Python: shared with torch_ref.causal)
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class CausalConfig:
+    """How the video is generated block by block.
+
+    frames_per_block: latent frames per block. window: latent frames a block attends to besides the sink
+    (the first block), counting the block itself; None = everything before. timesteps: the few-step
+    schedule per block (model timesteps in (0, 1000], strictly decreasing). shift: flow shift applied to
+    sigma = t / 1000 (sigma' = shift * s / (1 + (shift - 1) * s)); 1.0 uses the timesteps as given.
+    """
+
+    frames_per_block: int
+    window: int | None = None
+    timesteps: tuple[float, ...] = DEFAULT_TIMESTEPS
+    shift: float = 1.0
+
+    def __post_init__(self) -> None:
+        fpb = self.frames_per_block
+        if isinstance(fpb, bool) or not isinstance(fpb, (int, np.integer)) or fpb < 1:
+            raise ValueError(f"frames_per_block must be a positive integer (latent frames), got {fpb!r}")
+        object.__setattr__(self, "frames_per_block", int(fpb))
+        w = self.window
+        if w is not None:
+            if isinstance(w, bool) or not isinstance(w, (int, np.integer)):
+                raise ValueError(f"window must be an integer number of latent frames or None, got {w!r}")
+            if w < fpb or w % fpb:
+                up = max(fpb, -(-int(w) // fpb) * fpb)
+                raise ValueError(
+                    f"window={w} latent frames must be a multiple of frames_per_block={fpb} and at least {fpb} "
+                    f"(it counts whole blocks, the current one included); use --window {up}"
+                )
+            object.__setattr__(self, "window", int(w))
+        ts = tuple(float(t) for t in self.timesteps)
+        if not ts:
+            raise ValueError("timesteps must list at least one denoising step, e.g. (1000, 750, 500, 250)")
+        if any(not (0.0 < t <= NUM_TRAIN_TIMESTEPS) for t in ts):
+            raise ValueError(f"timesteps must lie in (0, {NUM_TRAIN_TIMESTEPS:g}], got {ts}")
+        if any(b >= a for a, b in zip(ts, ts[1:])):
+            raise ValueError(f"timesteps must be strictly decreasing (noisy to clean), got {ts}")
+        object.__setattr__(self, "timesteps", ts)
+        if not (self.shift > 0 and math.isfinite(self.shift)):
+            raise ValueError(f"shift must be a positive number, got {self.shift!r}")
+
+    @property
+    def window_blocks(self) -> int | None:
+        """Blocks a block attends to besides the sink, itself included (None: all earlier blocks)."""
+        return None if self.window is None else self.window // self.frames_per_block
+
+    def num_blocks(self, num_frames: int) -> int:
+        if num_frames < 1 or num_frames % self.frames_per_block:
+            divisors = [d for d in range(1, num_frames + 1) if num_frames % d == 0]
+            raise ValueError(
+                f"frames_per_block={self.frames_per_block} does not divide the {num_frames} latent frames; "
+                f"use --frames-per-block in {divisors} or change the number of frames"
+            )
+        return num_frames // self.frames_per_block
+
+    def schedule(self) -> tuple[list[float], list[float]]:
+        """(model timesteps, sigmas) of the per-block schedule after the shift warp."""
+        sig = [t / NUM_TRAIN_TIMESTEPS for t in self.timesteps]
+        sig = [self.shift * s / (1.0 + (self.shift - 1.0) * s) for s in sig]
+        return [s * NUM_TRAIN_TIMESTEPS for s in sig], sig
+
+
+def condition_channels(cfg: DitConfig) -> int:
+    """Channels of the I2V condition concatenated after the noisy latents (4 mask + 16 latent; 0 for T2V)."""
+    return cfg.in_channels - cfg.out_channels
+
+
+def check_causal_inputs(
+    cfg: DitConfig,
+    ccfg: CausalConfig,
+    latent_shape: Sequence[int],
+    text_shape: Sequence[int],
+    image_shape: Sequence[int] | None = None,
+    condition_shape: Sequence[int] | None = None,
+) -> int:
+    """Validate shapes up front with errors naming the fix; returns the number of blocks.
+
+    latent_shape is (batch, frames, height, width[, channels]) of the generated latents.
+    """
+    b, f, h, w = (int(n) for n in latent_shape[:4])
+    if len(latent_shape) == 5 and latent_shape[4] != cfg.out_channels:
+        raise ValueError(f"noise has {latent_shape[4]} channels, the model generates {cfg.out_channels}")
+    pt, ph, pw = cfg.patch_size
+    if ccfg.frames_per_block % pt:
+        raise ValueError(f"frames_per_block={ccfg.frames_per_block} must be a multiple of the temporal patch size {pt}")
+    blocks = ccfg.num_blocks(f)
+    for name, n, p in (("height", h, ph), ("width", w, pw)):
+        if n % p:
+            raise ValueError(f"latent {name}={n} is not divisible by the patch size {p}; pad or resize the video")
+    if f // pt > cfg.rope_max_seq_len:
+        raise ValueError(
+            f"{f} latent frames exceed the model's rotary range rope_max_seq_len={cfg.rope_max_seq_len} "
+            "(positions keep counting across blocks, also with a window); generate fewer frames"
+        )
+    if len(text_shape) != 3 or text_shape[2] != cfg.text_dim:
+        raise ValueError(f"text embeddings must be [batch, tokens, {cfg.text_dim}], got {tuple(text_shape)}")
+    if text_shape[0] != b:
+        raise ValueError(f"text embeddings have batch {text_shape[0]}, the latents have batch {b}; pass one per sample")
+    if cfg.has_image_tokens and image_shape is None:
+        raise ValueError("this is an I2V model with CLIP image tokens: pass `image` [batch, 257, image_dim]")
+    if image_shape is not None:
+        if not cfg.has_image_tokens:
+            raise ValueError("this model has no image cross-attention; do not pass `image` tokens")
+        if len(image_shape) != 3 or image_shape[2] != cfg.image_dim:
+            raise ValueError(f"image tokens must be [batch, tokens, {cfg.image_dim}], got {tuple(image_shape)}")
+        if image_shape[0] != b:
+            raise ValueError(f"image tokens have batch {image_shape[0]}, the latents have batch {b}")
+    cc = condition_channels(cfg)
+    if cc and condition_shape is None:
+        raise ValueError(
+            f"this image-to-video model takes {cfg.in_channels} input channels: pass `condition` "
+            f"[batch, frames, height, width, {cc}] (4 mask + {cc - 4} first-frame latent channels, see i2v_condition)"
+        )
+    if condition_shape is not None:
+        if not cc:
+            raise ValueError("this model takes no latent condition (in_channels == out_channels); drop `condition`")
+        cs = tuple(int(n) for n in condition_shape)
+        if len(cs) != 5 or cs[4] != cc:
+            raise ValueError(f"condition must be [batch, frames, height, width, {cc}] channels-last, got {cs}")
+        if cs[0] != b:
+            raise ValueError(f"condition has batch {cs[0]}, the latents have batch {b}")
+        if cs[1] != f:
+            raise ValueError(
+                f"condition has {cs[1]} latent frames, the video has {f}: build it for the whole video "
+                "(first-frame latent, the other frames encoded zeros, mask 1 on the first frame only)"
+            )
+        if cs[2:4] != (h, w):
+            raise ValueError(f"condition is {cs[2]}x{cs[3]} latent pixels, the video is {h}x{w}")
+    return blocks
+
+
+def i2v_condition(latent_condition: Any, num_mask_frames: int = 1) -> Any:
+    """[B, F, H, W, 16] VAE latents of (image, zeros...) -> the 20-channel condition (4 mask + 16 latent).
+
+    Channels-last version of diffusers' I2V `prepare_latents`: mask channels are 1 on the first latent
+    frame (the 4 channels stand for the 4 video frames folded into it) and 0 elsewhere. Works on numpy or
+    jax arrays; the model input of a block is concat([noisy latents, condition], -1).
+    """
+    xp = np if isinstance(latent_condition, np.ndarray) else jnp
+    b, f, h, w, _ = latent_condition.shape
+    mask = (xp.arange(f) < num_mask_frames).astype(latent_condition.dtype)
+    mask = xp.broadcast_to(mask[None, :, None, None, None], (b, f, h, w, 4))
+    return xp.concatenate([mask, latent_condition], axis=-1)
+
+
+def block_causal_mask(num_blocks: int, tokens_per_block: int, window_blocks: int | None = None) -> np.ndarray:
+    """Boolean [L, L] mask (True = attend): block i sees block j <= i; with a window only the sink (block 0)
+    and the last `window_blocks` blocks (i - window_blocks < j <= i)."""
+    i = np.arange(num_blocks)[:, None]
+    j = np.arange(num_blocks)[None, :]
+    m = j <= i
+    if window_blocks is not None:
+        m &= (j == 0) | (j > i - window_blocks)
+    return np.repeat(np.repeat(m, tokens_per_block, axis=0), tokens_per_block, axis=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Model pieces: call the sub-modules of jax_impl.dit.WanTransformer
+# ------------------------------------------------------------------------------------------------
+def _mask_backend(backend: str, dtype) -> str:
+    """A back-end that applies masks: the configured one if it can, else xla (auto on TPU picks splash)."""
+    name = resolve_backend(backend, dtype)
+    if name in MASK_BACKENDS:
+        return name
+    if backend == "auto":
+        return "xla"
+    return name  # explicitly chosen: let kernels.attention raise its own clear error
+
+
+def _grid(cfg: DitConfig, f: int, h: int, w: int) -> tuple[int, int, int]:
+    pt, ph, pw = cfg.patch_size
+    return f // pt, h // ph, w // pw
+
+
+def _embed_patches(model, latents: jax.Array) -> jax.Array:
+    """[B, F, H, W, C] -> tokens [B, L, D] (patchify + one matmul, as WanTransformer)."""
+    cfg, dt = model.cfg, model.dtype
+    b, f, h, w, _ = latents.shape
+    pt, ph, pw = cfg.patch_size
+    gf, gh, gw = _grid(cfg, f, h, w)
+    x = latents.astype(dt).reshape(b, gf, pt, gh, ph, gw, pw, -1)
+    x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, gf * gh * gw, -1)
+    kernel = model.patch_kernel.value.reshape(-1, cfg.inner_dim)
+    x = jnp.einsum("bli,io->blo", x, kernel, preferred_element_type=F32)
+    return (x + model.patch_bias.value.astype(F32)).astype(dt)
+
+
+def _time(model, t: jax.Array):
+    """t [B] or [B, L] -> temb [B, 1|L, D], modulation [B, 1|L, 6, D] float32, and their taps."""
+    cfg, dt = model.cfg, model.dtype
+    temb = model.time_embed(timestep_embedding(t, cfg.freq_dim)).astype(dt)
+    tproj = model.time_proj(jax.nn.silu(temb))
+    taps = {"time_embedding": temb, "time_projection": tproj}
+    if temb.ndim == 2:
+        temb, tproj = temb[:, None], tproj[:, None]
+    mod = tproj.reshape(*tproj.shape[:2], 6, cfg.inner_dim).astype(F32)
+    return temb, mod, taps
+
+
+def _head(model, x: jax.Array, temb: jax.Array, shape: tuple[int, int, int, int]) -> tuple[jax.Array, jax.Array]:
+    """Final modulated norm + projection + unpatchify; returns (head tokens, [B, F, H, W, out])."""
+    cfg, dt = model.cfg, model.dtype
+    b, f, h, w = shape
+    pt, ph, pw = cfg.patch_size
+    m = model.head_modulation.value[None] + temb[:, :, None].astype(F32)
+    x = (_plain_norm(cfg.eps)(x) * (1 + m[:, :, 1]) + m[:, :, 0]).astype(dt)
+    x = model.head(x)
+    out = x.reshape(b, *_grid(cfg, f, h, w), pt, ph, pw, cfg.out_channels)
+    out = out.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, f, h, w, cfg.out_channels)
+    return x, out
+
+
+def _rope_at(cfg: DitConfig, grid: tuple[int, int, int], frame_offset: jax.Array):
+    """cos, sin [f*h*w, head_dim] for a block whose first frame is the (traced) `frame_offset`.
+
+    Same tables as `jax_impl.rope.rope_tables`, with the frame axis sliced dynamically so the offset can
+    change between blocks without recompiling. The caller guarantees offset + f <= rope_max_seq_len.
+    """
+    f, h, w = grid
+    split, max_len = cfg.rope_split, cfg.rope_max_seq_len
+    out = []
+    for idx in range(2):
+        tf = jax.lax.dynamic_slice_in_dim(jnp.asarray(axis_tables(split[0], max_len)[idx]), frame_offset, f, 0)
+        th = jnp.asarray(axis_tables(split[1], max_len)[idx][:h])
+        tw = jnp.asarray(axis_tables(split[2], max_len)[idx][:w])
+        parts = [
+            jnp.broadcast_to(tf[:, None, None], (f, h, w, split[0])),
+            jnp.broadcast_to(th[None, :, None], (f, h, w, split[1])),
+            jnp.broadcast_to(tw[None, None, :], (f, h, w, split[2])),
+        ]
+        out.append(jnp.concatenate(parts, axis=-1).reshape(f * h * w, sum(split)))
+    return out[0], out[1]
+
+
+def _self_attention(attn, h, rope, mask, past=None):
+    """Self-attention of `h` over [past keys | own keys]; returns (output, own k, own v)."""
+    q = attn._heads(attn.norm_q(attn.q(h)))
+    k = attn._heads(attn.norm_k(attn.k(h)))
+    v = attn._heads(attn.v(h))
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    keys, vals = k, v
+    if past is not None:
+        keys = jnp.concatenate([past[0], k], axis=1)
+        vals = jnp.concatenate([past[1], v], axis=1)
+    mask = jnp.broadcast_to(mask, (1, 1, q.shape[1], keys.shape[1]))  # cuDNN wants the full [T, S] extent
+    out = kernels.attention(q, keys, vals, backend=_mask_backend(attn.backend, q.dtype), mask=mask)
+    return attn.o(out.reshape(*out.shape[:-2], -1)), k, v
+
+
+def _cross_attention(attn, h, k, v, k_img, v_img):
+    """Cross-attention on precomputed text (and image) keys/values."""
+    q = attn._heads(attn.norm_q(attn.q(h)))
+    out = kernels.attention(q, k, v, backend=attn.backend)
+    if k_img is not None:
+        out = out + kernels.attention(q, k_img, v_img, backend=attn.backend)
+    return attn.o(out.reshape(*out.shape[:-2], -1))
+
+
+def _block(block, x, mod, self_attn: Callable, cross: tuple):
+    """One DiT block (same arithmetic as jax_impl.dit.Block) with pluggable self-attention."""
+    m = block.modulation.value[None] + mod
+    shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (m[:, :, i] for i in range(6))
+    plain = _plain_norm(block.eps)
+    h = (plain(x) * (1 + scale_sa) + shift_sa).astype(x.dtype)
+    sa, k, v = self_attn(block.self_attn, h)
+    x = (x.astype(F32) + sa * gate_sa).astype(x.dtype)
+    h = block.norm_cross(x) if block.norm_cross is not None else x
+    ca = _cross_attention(block.cross_attn, h, *cross)
+    x = x + ca
+    h = (plain(x) * (1 + scale_ff) + shift_ff).astype(x.dtype)
+    ff = block.ffn(h)
+    x = (x.astype(F32) + ff.astype(F32) * gate_ff).astype(x.dtype)
+    return x, (k, v), {"self_attn": sa, "cross_attn": ca, "ffn": ff, "output": x}
+
+
+def _unstack_taps(taps: dict, block_taps: dict | None, num_layers: int) -> None:
+    for name, stacked in (block_taps or {}).items():
+        for i in range(num_layers):
+            taps[f"blocks.{i}.{name}"] = stacked[i]
+
+
+# ------------------------------------------------------------------------------------------------
+# Cross-attention context (computed once) and the self-attention cache
+# ------------------------------------------------------------------------------------------------
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["k", "v", "k_img", "v_img", "text", "image"], meta_fields=[]
+)
+@dataclasses.dataclass
+class CrossKV:
+    """Per-layer cross-attention keys/values [layers, B, tokens, heads, head_dim] (+ embeddings, for taps)."""
+
+    k: jax.Array
+    v: jax.Array
+    k_img: jax.Array | None
+    v_img: jax.Array | None
+    text: jax.Array  # text embedding [B, S, D]
+    image: jax.Array | None  # image embedding [B, N, D]
+
+
+@nnx.jit
+def _prepare_context(model, text, image):
+    dt = model.dtype
+    context = model.text_embed(text.astype(dt))
+    context_img = model.image_embed(image.astype(dt)) if image is not None else None
+    graphdef, stacked = nnx.split(model.blocks)
+
+    def body(_, state):
+        attn = nnx.merge(graphdef, state).cross_attn
+        k = attn._heads(attn.norm_k(attn.k(context)))
+        v = attn._heads(attn.v(context))
+        if context_img is None:
+            return None, (k, v, None, None)
+        k_img = attn._heads(attn.norm_k_img(attn.k_img(context_img)))
+        return None, (k, v, k_img, attn._heads(attn.v_img(context_img)))
+
+    _, (k, v, k_img, v_img) = jax.lax.scan(body, None, stacked)
+    return CrossKV(k, v, k_img, v_img, context, context_img)
+
+
+def prepare_context(model, text, image=None) -> CrossKV:
+    """Embed text (and CLIP image tokens) and project them to every layer's cross-attention keys/values, once."""
+    cfg = model.cfg
+    if cfg.has_image_tokens and image is None:
+        raise ValueError("this is an I2V model with CLIP image tokens: pass `image` [batch, 257, image_dim]")
+    if image is not None and not cfg.has_image_tokens:
+        raise ValueError("this model has no image cross-attention; do not pass `image` tokens")
+    return _prepare_context(model, jnp.asarray(text), None if image is None else jnp.asarray(image))
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["k", "v", "committed"],
+    meta_fields=["block_grid", "num_slots"],
+)
+@dataclasses.dataclass
+class KVCache:
+    """Fixed-size self-attention cache. k, v: [layers, B, num_slots * block_tokens, heads, head_dim].
+
+    `committed` (int32 scalar on device) counts the blocks written so far, and is the index of the next
+    block. Slot 0 = block 0 (sink); slots 1.. = ring buffer of the latest blocks (see module docstring).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    committed: jax.Array
+    block_grid: tuple[int, int, int]  # post-patch (frames, height, width) of one block
+    num_slots: int
+
+    @property
+    def block_tokens(self) -> int:
+        return math.prod(self.block_grid)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.k.nbytes + self.v.nbytes)
+
+
+def init_cache(
+    model, ccfg: CausalConfig, batch: int, height: int, width: int, num_frames: int | None = None
+) -> KVCache:
+    """An empty cache for latents of `height` x `width`. Without a window, `num_frames` sizes it."""
+    cfg = model.cfg
+    pt, ph, pw = cfg.patch_size
+    if ccfg.frames_per_block % pt:
+        raise ValueError(f"frames_per_block={ccfg.frames_per_block} must be a multiple of the temporal patch size {pt}")
+    if height % ph or width % pw:
+        raise ValueError(f"latent size {height}x{width} is not divisible by the patch size {(ph, pw)}")
+    if ccfg.window_blocks is not None:
+        slots = ccfg.window_blocks
+    elif num_frames is None:
+        raise ValueError("without a window the cache covers the whole video: pass num_frames (or set a window)")
+    else:
+        slots = ccfg.num_blocks(num_frames)
+    grid = _grid(cfg, ccfg.frames_per_block, height, width)
+    shape = (cfg.num_layers, batch, slots * math.prod(grid), cfg.num_attention_heads, cfg.attention_head_dim)
+    zeros = jnp.zeros(shape, model.dtype)
+    return KVCache(zeros, jnp.zeros(shape, model.dtype), jnp.zeros((), jnp.int32), grid, slots)
+
+
+def _block_impl(model, cache: KVCache, cross: CrossKV, latents, timestep, *, write: bool, capture: bool):
+    """One block through the model with the cache; returns (prediction, new k/v per layer or None, taps)."""
+    cfg = model.cfg
+    b, f, h, w, _ = latents.shape
+    grid = _grid(cfg, f, h, w)
+    if grid != cache.block_grid:
+        raise ValueError(f"block token grid {grid} does not match the cache's {cache.block_grid}")
+    taps: dict = {}
+    x = _embed_patches(model, latents)
+    taps["patch_embedding"] = x
+    t = jnp.broadcast_to(jnp.asarray(timestep, F32).reshape(-1), (b,))
+    temb, mod, ttaps = _time(model, t)
+    taps.update(ttaps)
+    rope = _rope_at(cfg, grid, cache.committed * grid[0])
+    n_tok = cache.block_tokens
+    valid = (jnp.arange(cache.num_slots * n_tok) // n_tok) < cache.committed
+    mask = jnp.concatenate([valid, jnp.ones((n_tok,), bool)])[None, None, None, :]
+    graphdef, stacked = nnx.split(model.blocks)
+
+    def body(x, xs):
+        state, pk, pv, ck, cv, cki, cvi = xs
+        block = nnx.merge(graphdef, state)
+        sa = lambda attn, hh: _self_attention(attn, hh, rope, mask, (pk, pv))  # noqa: E731
+        x, kv, btaps = _block(block, x, mod, sa, (ck, cv, cki, cvi))
+        return x, (kv if write else None, btaps if capture else None)
+
+    xs = (stacked, cache.k, cache.v, cross.k, cross.v, cross.k_img, cross.v_img)
+    x, (kv, block_taps) = jax.lax.scan(body, x, xs)
+    _unstack_taps(taps, block_taps, cfg.num_layers)
+    head, out = _head(model, x, temb, (b, f, h, w))
+    taps["head"], taps["output"] = head, out
+    return out, kv, taps
+
+
+def _write(cache: KVCache, kv) -> KVCache:
+    """Put the block's k/v into its slot (sink or ring) and advance the counter."""
+    n = cache.committed
+    ring = cache.num_slots - 1
+    slot = jnp.where(n == 0, 0, 1 + (n - 1) % max(ring, 1))
+    start = slot * cache.block_tokens
+    k = jax.lax.dynamic_update_slice_in_dim(cache.k, kv[0].astype(cache.k.dtype), start, axis=2)
+    v = jax.lax.dynamic_update_slice_in_dim(cache.v, kv[1].astype(cache.v.dtype), start, axis=2)
+    if ring == 0:  # window of one block: only the sink is ever stored
+        k, v = jnp.where(n == 0, k, cache.k), jnp.where(n == 0, v, cache.v)
+    return dataclasses.replace(cache, k=k, v=v, committed=n + 1)
+
+
+@functools.partial(nnx.jit, static_argnames=("capture",))
+def _jit_step(model, cache, cross, latents, timestep, capture=False):
+    TRACE_COUNTS["block_step"] += 1
+    out, _, taps = _block_impl(model, cache, cross, latents, timestep, write=False, capture=capture)
+    return (out, taps) if capture else out
+
+
+@nnx.jit
+def _jit_commit(model, cache, cross, latents, timestep):
+    TRACE_COUNTS["commit_block"] += 1
+    _, kv, _ = _block_impl(model, cache, cross, latents, timestep, write=True, capture=False)
+    return _write(cache, kv)
+
+
+def block_step(model, cache: KVCache, cross: CrossKV, latents, timestep, *, capture: bool = False):
+    """Predict the flow for the next block (index `cache.committed`) at `timestep` ([B] or scalar).
+
+    latents [B, frames_per_block, H, W, in_channels] (I2V: noisy latents and the block's condition
+    concatenated). Does not change the cache. Returns [B, fpb, H, W, out_channels] (and taps).
+    """
+    latents = jnp.asarray(latents)
+    _check_step(model, cache, cross, latents)
+    return _jit_step(model, cache, cross, latents, jnp.asarray(timestep, F32), capture=capture)
+
+
+def commit_block(model, cache: KVCache, cross: CrossKV, latents, timestep=0.0) -> KVCache:
+    """Run the (clean) block once and write its self-attention keys/values into the cache."""
+    latents = jnp.asarray(latents)
+    _check_step(model, cache, cross, latents)
+    return _jit_commit(model, cache, cross, latents, jnp.asarray(timestep, F32))
+
+
+def _check_step(model, cache: KVCache, cross: CrossKV, latents) -> None:
+    cfg = model.cfg
+    if latents.ndim != 5 or latents.shape[-1] != cfg.in_channels:
+        hint = " (noisy latents + the block's condition)" if condition_channels(cfg) else ""
+        raise ValueError(f"block latents must be [B, fpb, H, W, {cfg.in_channels}]{hint}, got {latents.shape}")
+    if _grid(cfg, *latents.shape[1:4]) != cache.block_grid:
+        raise ValueError(f"block latents {latents.shape} do not match the cache's block token grid {cache.block_grid}")
+    if latents.shape[0] != cache.k.shape[1] or latents.shape[0] != cross.k.shape[1]:
+        raise ValueError(
+            f"batch {latents.shape[0]} differs from the cache's {cache.k.shape[1]} or the context's {cross.k.shape[1]}"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Full-sequence forward with the block-causal mask (the reference for the cached path)
+# ------------------------------------------------------------------------------------------------
+@functools.partial(nnx.jit, static_argnames=("frames_per_block", "window_blocks", "capture"))
+def _jit_full(model, latents, timesteps, cross, frames_per_block, window_blocks, capture):
+    cfg = model.cfg
+    b, f, h, w, _ = latents.shape
+    grid = _grid(cfg, f, h, w)
+    num_blocks = f // frames_per_block
+    n_tok = math.prod(grid) // num_blocks
+    taps: dict = {}
+    x = _embed_patches(model, latents)
+    taps["patch_embedding"] = x
+    t = jnp.repeat(timesteps.astype(F32), n_tok, axis=1)  # per block -> per token
+    temb, mod, ttaps = _time(model, t)
+    taps.update(ttaps)
+    rope = rope_tables(grid, cfg.rope_split, cfg.rope_max_seq_len)
+    blk = jnp.arange(num_blocks * n_tok) // n_tok  # built in-graph: no [L, L] constant in the program
+    qb, kb = blk[:, None], blk[None, :]
+    mask = kb <= qb
+    if window_blocks is not None:
+        mask &= (kb == 0) | (kb > qb - window_blocks)
+    mask = mask[None, None]
+    graphdef, stacked = nnx.split(model.blocks)
+
+    def body(x, xs):
+        state, ck, cv, cki, cvi = xs
+        block = nnx.merge(graphdef, state)
+        sa = lambda attn, hh: _self_attention(attn, hh, rope, mask)  # noqa: E731
+        x, _, btaps = _block(block, x, mod, sa, (ck, cv, cki, cvi))
+        return x, (btaps if capture else None)
+
+    x, block_taps = jax.lax.scan(body, x, (stacked, cross.k, cross.v, cross.k_img, cross.v_img))
+    _unstack_taps(taps, block_taps, cfg.num_layers)
+    head, out = _head(model, x, temb, (b, f, h, w))
+    taps["head"], taps["output"] = head, out
+    return out, taps
+
+
+def causal_forward(
+    model,
+    latents,
+    timesteps,
+    text,
+    image=None,
+    *,
+    config: CausalConfig,
+    capture: bool = False,
+):
+    """Whole video in one pass with the block-causal (optionally windowed) attention mask.
+
+    latents [B, F, H, W, in_channels]; timesteps scalar, [B] or per block [B, num_blocks];
+    text [B, S, text_dim]; image [B, N, image_dim] (Wan2.1 I2V). Returns [B, F, H, W, out] (and taps).
+    """
+    latents, text = jnp.asarray(latents), jnp.asarray(text)
+    cfg = model.cfg
+    b, f, h, w, c = latents.shape
+    if c != cfg.in_channels:
+        raise ValueError(f"latents have {c} channels, this model takes {cfg.in_channels}")
+    cc = condition_channels(cfg)  # I2V: the condition is already concatenated to the latents
+    blocks = check_causal_inputs(
+        cfg, config, (b, f, h, w), text.shape,
+        None if image is None else np.shape(image), (b, f, h, w, cc) if cc else None,
+    )
+    ts = jnp.asarray(timesteps, F32)
+    if ts.ndim == 0 or (ts.ndim == 1 and ts.shape[0] in (1, b)):
+        ts = jnp.broadcast_to(ts.reshape(-1, 1), (b, blocks))
+    if ts.shape != (b, blocks):
+        raise ValueError(f"timesteps must be a scalar, [batch] or [batch, num_blocks={blocks}], got {ts.shape}")
+    cross = prepare_context(model, text, image)
+    out, taps = _jit_full(model, latents, ts, cross, config.frames_per_block, config.window_blocks, capture)
+    if capture:
+        taps["text_embedding"] = cross.text
+        if cross.image is not None:
+            taps["image_embedding"] = cross.image
+        return out, taps
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Few-step block sampler
+# ------------------------------------------------------------------------------------------------
+def block_noise(seed: int, batch: int, block: int, step: int, shape: Sequence[int]) -> jax.Array:
+    """Seeded standard normal noise [batch, *shape] for (block, step); sample i does not depend on batch size."""
+    return _block_noise(jnp.uint32(seed), batch, jnp.int32(block), jnp.int32(step), tuple(int(n) for n in shape))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 4))
+def _block_noise(seed, batch, block, step, shape):
+    key = jax.random.key(seed)
+
+    def one(i):
+        k = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, i), block), step)
+        return jax.random.normal(k, shape, F32)
+
+    return jax.vmap(one)(jnp.arange(batch))
+
+
+def sample_blocks(
+    model,
+    text,
+    *,
+    config: CausalConfig,
+    noise=None,
+    shape: tuple[int, int, int] | None = None,
+    image=None,
+    condition=None,
+    step_noise=None,
+    seed: int = 0,
+    cross: CrossKV | None = None,
+) -> Iterator[jax.Array]:
+    """Generate the video block by block; yields each finished block's clean latents [B, fpb, H, W, C].
+
+    noise: initial noise [B, F, H, W, out_channels], or None with `shape` = (frames, height, width)
+    to draw it from `seed`. step_noise: the fresh noise of steps 1.. of the schedule, [steps - 1, B, F,
+    H, W, C], or None to draw it from `seed`. image: CLIP tokens (Wan2.1 I2V), given to every block.
+    condition: I2V condition [B, F, H, W, in - out channels] (see `i2v_condition`), sliced per block.
+    """
+    cfg = model.cfg
+    text = jnp.asarray(text)
+    b = text.shape[0]
+    if noise is not None:
+        noise = jnp.asarray(noise, F32)
+        if noise.ndim != 5:
+            raise ValueError(f"noise must be [batch, frames, height, width, channels], got {noise.shape}")
+        latent_shape = noise.shape
+    elif shape is not None:
+        latent_shape = (b, *shape, cfg.out_channels)
+    else:
+        raise ValueError("pass `noise` [B, F, H, W, C] or `shape` = (frames, height, width) with a seed")
+    _, f, h, w, c = latent_shape
+    blocks = check_causal_inputs(
+        cfg, config, latent_shape, text.shape,
+        None if image is None else np.shape(image), None if condition is None else np.shape(condition),
+    )
+    ts, sig = config.schedule()
+    if step_noise is not None:
+        step_noise = jnp.asarray(step_noise, F32)
+        want = (len(ts) - 1, *latent_shape)
+        if step_noise.shape != want:
+            raise ValueError(f"step_noise must be [steps - 1, B, F, H, W, C] = {want}, got {step_noise.shape}")
+    if cross is None:
+        cross = prepare_context(model, text, image)
+    cond = None if condition is None else jnp.asarray(condition, F32)
+    return _generate(model, cross, config, (b, f, h, w, c), blocks, noise, step_noise, cond, seed)
+
+
+def _generate(model, cross, config, latent_shape, blocks, noise, step_noise, cond_all, seed) -> Iterator[jax.Array]:
+    b, f, h, w, c = latent_shape
+    ts, sig = config.schedule()
+    fpb = config.frames_per_block
+    cache = init_cache(model, config, b, h, w, num_frames=f)
+    for blk in range(blocks):
+        sl = slice(blk * fpb, (blk + 1) * fpb)
+        x = noise[:, sl] if noise is not None else block_noise(seed, b, blk, 0, (fpb, h, w, c))
+        cond = None if cond_all is None else cond_all[:, sl]
+        for s in range(len(ts)):
+            inp = x if cond is None else jnp.concatenate([x, cond], axis=-1)
+            v = block_step(model, cache, cross, inp, jnp.full((b,), ts[s], F32))
+            x0 = x - jnp.float32(sig[s]) * v.astype(F32)
+            if s + 1 < len(ts):  # re-noise to the next level with fresh noise
+                if step_noise is not None:
+                    eps = step_noise[s, :, sl]
+                else:
+                    eps = block_noise(seed, b, blk, s + 1, (fpb, h, w, c))
+                x = (1.0 - jnp.float32(sig[s + 1])) * x0 + jnp.float32(sig[s + 1]) * eps
+        yield x0
+        if blk + 1 < blocks:  # the last block is never attended to: skip its cache write
+            clean = x0 if cond is None else jnp.concatenate([x0, cond], axis=-1)
+            cache = commit_block(model, cache, cross, clean, jnp.zeros((b,), F32))
+
+
+def sample_causal(model, text, *, config: CausalConfig, **kwargs) -> jax.Array:
+    """All blocks of `sample_blocks` concatenated: clean latents [B, F, H, W, out_channels] (float32)."""
+    return jnp.concatenate(list(sample_blocks(model, text, config=config, **kwargs)), axis=1)
+
+
+__all__ = [
+    "CausalConfig",
+    "CrossKV",
+    "KVCache",
+    "DEFAULT_TIMESTEPS",
+    "block_causal_mask",
+    "block_noise",
+    "block_step",
+    "causal_forward",
+    "check_causal_inputs",
+    "commit_block",
+    "condition_channels",
+    "i2v_condition",
+    "init_cache",
+    "prepare_context",
+    "sample_blocks",
+    "sample_causal",
+]
