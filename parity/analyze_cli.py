@@ -48,7 +48,8 @@ reference's), bitwise identity of the latents. A guided step costs 2 model evalu
 unconditional; one batch of 2, or two calls with --no-cfg-batch), an unguided step 1.
 
 Time: every frame count is warmed up first (compiling the guided and unguided step and the decoder), then each
-run's denoise + decode wall time is measured; time saved is relative to the reference. Encoding is shared.
+run's denoise + decode wall time is measured (the fastest of --repeats); time saved is relative to the
+reference. Encoding is shared and not counted.
 
 Fewer frames (--frames-list 81,49): a shorter video is compared on its common frames, the first F frames of
 the reference (frame k is k/fps seconds after the image in both), and starts from the reference's noise cut to
@@ -62,7 +63,8 @@ writes into OUT:
   truncation_frames.png   PSNR per frame of each run against the reference
   contact.png        the videos side by side, one row per run, 5 frames each
   report.json        settings, device, the rows with per-frame values; report.md: the table, readable
-  videos/*.mp4       every run's video (not with --no-videos)
+  videos/*.mp4       every run's video, f<frames>_cut<N>.mp4 (not with --no-videos)
+(with --batch > 1 the metrics cover the whole batch; videos, contact sheet and per-frame plot show item 0)
 
 examples:
   wanport analyze truncation --out trunc-tiny                     # tiny default: cuts 0,2,5,8,10
@@ -81,6 +83,10 @@ def _tune_parser(p: argparse.ArgumentParser, default_out: str) -> None:
         if "--checkpoint" in action.option_strings:
             action.required = False
             action.help = "pipeline folder as for `wanport generate`; default: write the tiny --preset into OUT/tiny/"
+        if action.dest == "image":
+            action.help += "; without --checkpoint: the bundled demo image"
+        if action.dest == "prompt":
+            action.help += "; without --checkpoint: the bundled demo prompt"
         if action.dest in TINY_DEFAULTS:
             action.help = (f"{action.help.split(' (default')[0].split('; default')[0]}; default "
                            f"{FULL_DEFAULTS[action.dest]} with --checkpoint, {TINY_DEFAULTS[action.dest]} without")
@@ -197,6 +203,9 @@ def _truncation(args: argparse.Namespace) -> int:
     if frames_list is not None and any(f > frames for f in frames_list):
         raise ValueError(f"--frames-list {args.frames_list}: every count must be at most --frames ({frames}), "
                          "the reference's length")
+    repeats = args.repeats if args.repeats is not None else (3 if args.checkpoint is None else 1)
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
     ctx = _prepare(args)
     pipe, settings, out, meta = ctx["pipe"], ctx["settings"], ctx["out"], ctx["meta"]
     cuts = cuts if cuts is not None else default_cuts(settings.steps)
@@ -209,7 +218,7 @@ def _truncation(args: argparse.Namespace) -> int:
 
     result = run_truncation(pipe, settings, cuts, frames_list, prompt=args.prompt, image=ctx["image"],
                             last_image=ctx["last_image"], negative_prompt=args.negative_prompt,
-                            embeddings=ctx["embeddings"], on_video=save)
+                            embeddings=ctx["embeddings"], on_video=save, repeats=repeats)
     meta.update(cuts=cuts, frames_list=frames_list)
     report = write_truncation_report(out, result, meta, quality=args.quality)
     print(f"wrote {', '.join(Path(v).name for v in report['files'].values())}"
@@ -219,7 +228,10 @@ def _truncation(args: argparse.Namespace) -> int:
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
     top = sub.add_parser("analyze", help="guidance analyses: per-step CFG gap (cfg), guidance truncation (truncation)",
-                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog="examples:\n  wanport analyze cfg --out cfg-tiny\n"
+                                "  wanport analyze truncation --out trunc-tiny --cut 0,5,10 --frames-list 17,9\n"
+                                "  wanport analyze cfg --help                 # what each analysis writes")
     top.set_defaults(func=lambda a: (top.print_help(), 2)[1])
     asub = top.add_subparsers(dest="analysis", metavar="ANALYSIS")
 
@@ -241,5 +253,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quality", choices=["ssim", "psnr"], default="ssim",
                    help="what truncation.png plots against time saved (default ssim; identical videos, PSNR inf, "
                         "are drawn 5 dB above the best finite one)")
+    p.add_argument("--repeats", type=int, default=None, metavar="K",
+                   help="time every run K times and keep the fastest (default 1 with --checkpoint, 3 without: tiny "
+                        "runs last a fraction of a second and a busy CPU makes single timings noisy)")
     p.add_argument("--no-videos", action="store_true", help="do not write OUT/videos/*.mp4")
     p.set_defaults(func=_truncation)

@@ -97,11 +97,12 @@ def test_run_truncation_rows_and_common_frames(i2v, image):
 
     pipe, _ = i2v
     result = guidance.run_truncation(pipe, SETTINGS, [0, 2, 4], [5, 1], prompt="a cat on the beach", image=image,
-                                     negative_prompt="blurry", keep_latents=True, log=lambda m: None)
+                                     negative_prompt="blurry", keep_latents=True, repeats=2, log=lambda m: None)
     runs = result["runs"]
     assert [(r.frames, r.cut) for r in runs] == [(5, 4), (5, 0), (5, 2), (1, 0), (1, 2), (1, 4)]
     ref = runs[0]
     assert ref.row["identical"] and ref.row["psnr_mean"] == np.inf and ref.row["time_saved_pct"] == 0.0
+    assert result["repeats"] == 2 and all(r.row["denoise_s"] > 0 and r.row["decode_s"] > 0 for r in runs)
     # costs: a guided step is 2 evaluations in one batch-of-2 call
     assert [r.row["model_evals"] for r in runs] == [8, 4, 6, 4, 6, 8]
     assert all(r.row["model_calls"] == 4 for r in runs)
@@ -173,7 +174,8 @@ def test_a14b_steps_are_tagged_with_both_experts(tiny_ckpt, image):
     assert records[i]["cfg_mse"] == pytest.approx(got, rel=1e-3)
     assert records[i]["cfg_mse"] != pytest.approx(other, rel=1e-2)
     summary = guidance.cfg_summary(records, 2, True)
-    assert summary["per_expert"]["0"]["name"] == "high-noise expert" and summary["per_expert"]["1"]["steps"] == list(range(i, 6))
+    assert summary["per_expert"]["0"]["name"] == "high-noise expert"
+    assert summary["per_expert"]["1"]["steps"] == list(range(i, 6))
 
 
 def _png_ok(path):
