@@ -57,7 +57,8 @@ its latent frames, so the common frames differ only through the length.
 
 writes into OUT:
   truncation.csv     one row per run: label, frames, cut, steps, guided_steps, model_evals, model_calls,
-                     evals_saved_pct, denoise_s, decode_s, run_s, time_saved_s, time_saved_pct, compared_frames,
+                     evals_saved_pct, denoise_s, decode_s, run_s, time_saved_s, time_saved_pct,
+                     denoise_saved_pct (the part guidance changes), compared_frames,
                      psnr_mean, psnr_min, ssim_mean, ssim_min, temporal_mse, temporal_mse_ref, identical
   truncation.png     quality (--quality) against time saved, Pareto front dashed
   truncation_frames.png   PSNR per frame of each run against the reference

@@ -286,6 +286,8 @@ def run_truncation(pipe, settings, cuts: Sequence[int], frames_list: Sequence[in
             "evals_saved_pct": 100.0 * (1 - row["model_evals"] / ref_row["model_evals"]),
             "time_saved_s": ref_row["run_s"] - row["run_s"],
             "time_saved_pct": 100.0 * (1 - row["run_s"] / ref_row["run_s"]) if ref_row["run_s"] > 0 else 0.0,
+            "denoise_saved_pct": (100.0 * (1 - row["denoise_s"] / ref_row["denoise_s"]) if ref_row["denoise_s"] > 0
+                                  else 0.0),
             "compared_frames": frames,
             "psnr_mean": cmp["psnr_mean"], "psnr_min": cmp["psnr_min"],
             "ssim_mean": cmp["ssim_mean"], "ssim_min": cmp["ssim_min"],
@@ -316,8 +318,8 @@ CFG_COLUMNS = ("i", "t", "sigma", "expert", "expert_name", "guided", "scale", "c
                "uncond_ms")
 TRUNCATION_COLUMNS = ("label", "frames", "cut", "steps", "guided_steps", "model_evals", "model_calls",
                       "evals_saved_pct", "denoise_s", "decode_s", "run_s", "time_saved_s", "time_saved_pct",
-                      "compared_frames", "psnr_mean", "psnr_min", "ssim_mean", "ssim_min", "temporal_mse",
-                      "temporal_mse_ref", "identical")
+                      "denoise_saved_pct", "compared_frames", "psnr_mean", "psnr_min", "ssim_mean", "ssim_min",
+                      "temporal_mse", "temporal_mse_ref", "identical")
 
 
 def _table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
@@ -471,7 +473,8 @@ def write_truncation_report(out, result: dict[str, Any], meta: dict[str, Any], *
     write_json(files["json"], report)
     table = _table(rows, [("label", "run", ""), ("frames", "frames", "d"), ("cut", "cut", "d"),
                           ("model_evals", "evals", "d"), ("run_s", "time s", ".2f"),
-                          ("time_saved_pct", "saved %", ".1f"), ("psnr_mean", "PSNR dB", ".2f"),
+                          ("time_saved_pct", "saved %", ".1f"), ("denoise_saved_pct", "denoise saved %", ".1f"),
+                          ("psnr_mean", "PSNR dB", ".2f"),
                           ("ssim_mean", "SSIM", ".4f"), ("temporal_mse", "temporal mse", ".4g"),
                           ("identical", "= ref", "")])
     log(table)
