@@ -18,11 +18,13 @@ examples:
   wanport parity --model dit --checkpoint ckpt/transformer --dtype bfloat16
   wanport generate --checkpoint ckpt --image cat.png --prompt "a cat" --out cat.mp4
   wanport demo --out wanport-demo                     # the whole tiny default end to end
+  wanport analyze truncation --out trunc --cut 0,5,10  # CFG per step (analyze cfg), guidance truncation
 """
 
 # Packages that contribute subcommands through `add_subcommands(subparsers)`.
 SUBCOMMAND_MODULES = (
-    "jax_impl.cli", "torch_ref.cli", "parity.cli", "weights.cli", "jax_impl.generate", "jax_impl.demo"
+    "jax_impl.cli", "torch_ref.cli", "parity.cli", "weights.cli", "jax_impl.generate", "jax_impl.demo",
+    "parity.analyze_cli",
 )
 
 
