@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 IMPLS = ("jax", "torch-eager", "torch-compile")
 
 
@@ -60,15 +62,11 @@ def run_jax(cfg, grid, text_len, warmup: int, iters: int, backend: str) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from jax_impl.dit import WanTransformer
+    from bench.common import random_dit
 
     t0 = time.perf_counter()
-
-    @nnx.jit
-    def make():
-        return WanTransformer(cfg, dtype=jnp.bfloat16, attention_backend=backend, rngs=nnx.Rngs(0))
-
-    model = make()
+    model = random_dit(cfg, dtype=jnp.bfloat16, attention_backend=backend)
+    weights = jax.devices()[0].memory_stats() or {}
     lat, t, text, img = (None if a is None else jnp.asarray(a, jnp.bfloat16 if a.ndim > 1 else jnp.float32) for a in _inputs(cfg, grid, text_len))
 
     @nnx.jit
@@ -89,7 +87,8 @@ def run_jax(cfg, grid, text_len, warmup: int, iters: int, backend: str) -> dict:
         stats = jax.devices()[0].memory_stats() or {}
     except Exception:
         pass
-    return {"times": times, "setup_s": compile_s, "peak_bytes": stats.get("peak_bytes_in_use"), "device": str(jax.devices()[0].device_kind)}
+    return {"times": times, "setup_s": compile_s, "peak_bytes": stats.get("peak_bytes_in_use"),
+            "weights_bytes": weights.get("bytes_in_use"), "device": str(jax.devices()[0].device_kind)}
 
 
 def run_torch(cfg, grid, text_len, warmup: int, iters: int, compile_: bool) -> dict:
@@ -152,6 +151,9 @@ def child(args) -> None:
 
 
 def main(argv=None) -> int:
+    from jax_impl.runtime import configure_xla
+
+    configure_xla()  # children inherit XLA_FLAGS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="wan2.1-t2v-1.3b")
     ap.add_argument("--size", default="480x832", help="HEIGHTxWIDTH in pixels (default 480x832)")

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jax_impl.runtime import configure_xla
+
+    configure_xla()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

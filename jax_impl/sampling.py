@@ -124,9 +124,12 @@ def sample(
 ) -> jax.Array:
     """Run the whole schedule from `noise` [B, F, h, w, z] and return the final latents (float32).
 
+    Experts whose parameters live in host memory (see `offload`) are moved to the device when the
+    schedule reaches them, so only one A14B expert occupies the device at a time.
+
     `on_step` receives a dict per step: i, t, expert, guided, latents (after the step), v, v_cond, v_uncond.
     """
-    splits = [nnx.split(m) for m in experts]
+    splits = [nnx.split(m) for m in experts]  # parameters may live on the host (offloaded experts)
     graphdef = splits[0][0]
     if any(g != graphdef for g, _ in splits[1:]):
         raise ValueError("the experts have different structures; both must be the same DiT configuration")
@@ -137,14 +140,20 @@ def sample(
         from tqdm import tqdm
 
         steps = tqdm(steps, desc="denoise", unit="step", dynamic_ncols=True)
-    used = set()
+    device = jax.devices()[0]
+    current, params = None, None
     for i in steps:
         t = float(schedule.timesteps[i])
         expert = expert_for(t, boundary_ratio, len(experts), schedule.config.num_train_timesteps)
-        used.add(expert)
+        if expert != current:
+            # At the switch the previous expert's device copy is dropped before the next one is moved in;
+            # for experts already on the device, device_put is a no-op and nothing moves.
+            params = None
+            params = jax.device_put(splits[expert][1], device)
+            current = expert
         guided = guidance.active(i, expert, inputs.negative_text is not None)
         state, v, v_cond, v_uncond = denoise_step(
-            graphdef, splits[expert][1], state, jnp.int32(i), jnp.float32(t), inputs,
+            graphdef, params, state, jnp.int32(i), jnp.float32(t), inputs,
             jnp.float32(guidance.scale_for(expert)), guided=guided, cfg_batch=guidance.cfg_batch,
         )
         if on_step is not None:
@@ -154,6 +163,12 @@ def sample(
     if inputs.first_latent is not None:  # TI2V: the first frame is the image's latent, not a sample
         latents = (1 - inputs.keep) * inputs.first_latent + inputs.keep * latents
     return latents
+
+
+def offload(model: nnx.Module) -> nnx.Module:
+    """Move a model's parameters to host memory (numpy); `sample` moves them back when it needs them."""
+    nnx.update(model, jax.device_get(nnx.state(model)))
+    return model
 
 
 def initial_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:

@@ -31,3 +31,14 @@ def test_tiny_run_writes_json(tmp_path):
     data = json.loads(out.read_text())
     assert {r["impl"] for r in data["results"]} == {"jax", "torch-eager"}
     assert all(r["median_s"] > 0 for r in data["results"])
+
+
+def test_denoise_bench_tiny_runs_both_experts(tmp_path):
+    """bench/denoise.py on CPU: guided step both ways, a whole A14B run using both experts, VAE decode."""
+    out = tmp_path / "denoise.json"
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "denoise.py"), "--tiny", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    res = json.loads(out.read_text())["results"]["jax"]
+    assert set(res["step"]) == {"batch2", "two_calls"} and res["experts_used"] == [0, 1]
+    assert res["latents_finite"] and res["decode_s"] > 0
