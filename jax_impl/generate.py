@@ -14,6 +14,14 @@ examples:
       --steps 20 --shift 3 --guidance 5 --seed 1 --out short.mp4
   wanport generate --checkpoint a14b --image img.png --prompt "..." --guidance 3.5 --guidance-2 2.0 \\
       --guidance-steps 30 --out out.mp4             # CFG only for the first 30 of 40 steps
+  wanport generate --checkpoint ckpt --prompt "..." --causal --frames-per-block 3 --window 9 \\
+      --frames 321 --out long.mp4                   # streaming: 81 latent frames in blocks of 3, KV cache
+
+Block-causal mode (--causal) generates a few latent frames at a time (Self-Forcing / CausVid style):
+each block is denoised in a few steps (--causal-steps) while attending to a key/value cache of the blocks
+already made; --window keeps only the last F latent frames (plus the first block) so memory stays flat
+for any length. It needs a causal (distilled) checkpoint to make sense; on a bidirectional checkpoint it
+runs but the video shows what the model was not trained for.
 """
 
 from __future__ import annotations
@@ -57,6 +65,28 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="DiT dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
 
 
+def causal_from_args(args: argparse.Namespace):
+    """A CausalConfig from --causal/--frames-per-block/--window/--causal-steps, or None."""
+    if not getattr(args, "causal", False):
+        for flag in ("frames_per_block", "window", "causal_steps"):
+            if getattr(args, flag, None) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} only applies with --causal")
+        return None
+    from jax_impl.causal import DEFAULT_TIMESTEPS, CausalConfig
+
+    if args.frames_per_block is None:
+        raise ValueError("--causal needs --frames-per-block N (latent frames per block, e.g. 3)")
+    steps = DEFAULT_TIMESTEPS
+    if args.causal_steps:
+        try:
+            steps = tuple(float(t) for t in args.causal_steps.split(","))
+        except ValueError:
+            raise ValueError(f"--causal-steps wants comma-separated timesteps, e.g. 1000,750,500,250; got "
+                             f"{args.causal_steps!r}") from None
+    return CausalConfig(frames_per_block=args.frames_per_block, window=args.window, timesteps=steps,
+                        shift=args.causal_shift)
+
+
 def settings_from_args(args: argparse.Namespace):
     from jax_impl.pipeline import GenerateSettings
 
@@ -82,6 +112,7 @@ def _generate(args: argparse.Namespace) -> int:
         args.checkpoint, args.out, prompt=args.prompt, image_path=args.image, settings=settings_from_args(args),
         negative_prompt=args.negative_prompt, last_image_path=args.last_image, embeddings_path=args.embeddings,
         work_dir=args.work_dir, resume=args.resume, dtype=default_dtype(args.dtype), attention_backend=args.backend,
+        causal=causal_from_args(args),
     )
     t = result["timings"]
     print(f"wrote {result['video']} ({result['frames']} frames); load {t['load']:.1f} s, encode {t['encode']:.1f} s, "
@@ -96,4 +127,14 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="MP4", help="output video path")
     p.add_argument("--work-dir", metavar="DIR", help="where stage files go (default: OUT without .mp4 + '.stages')")
     p.add_argument("--resume", action="store_true", help="reuse stage files made with the same settings")
+    c = p.add_argument_group("block-causal (streaming) generation")
+    c.add_argument("--causal", action="store_true", help="generate block by block with a KV cache")
+    c.add_argument("--frames-per-block", type=int, default=None, metavar="N",
+                   help="latent frames per block; must divide the latent frames (1 + (frames - 1) / 4)")
+    c.add_argument("--window", type=int, default=None, metavar="F",
+                   help="latent frames each block attends to (a multiple of N), plus the first block as a sink; "
+                        "default: all earlier frames")
+    c.add_argument("--causal-steps", default=None, metavar="T,T,..",
+                   help="per-block timesteps, noisy to clean (default 1000,750,500,250)")
+    c.add_argument("--causal-shift", type=float, default=1.0, help="flow shift of the per-block schedule (default 1)")
     p.set_defaults(func=_generate)

@@ -240,6 +240,28 @@ class Pipeline:
                                   boundary_ratio=self.boundary_ratio, on_step=on_step, progress=progress)
         return np.asarray(latents, np.float32)
 
+    def denoise_causal(self, encoded: dict[str, np.ndarray], settings: GenerateSettings, causal,
+                       progress: bool = True) -> np.ndarray:
+        """Block-causal generation (`jax_impl.causal`): a few steps per block of latent frames, each block
+        attending to a KV cache of the ones before (within `causal.window`). No guidance: causal Wan models
+        are distilled to run without it. Returns the latents [B, F, h, w, z] (float32)."""
+        from jax_impl import causal as causal_mod
+
+        if len(self.experts) != 1:
+            raise ValueError("block-causal generation takes a single-expert checkpoint (Wan2.1 T2V/I2V style)")
+        if "first_latent" in encoded:
+            raise ValueError("block-causal generation does not support TI2V's first-frame conditioning")
+        f, h, w = self.latent_shape(settings)[1:4]
+        blocks = causal_mod.sample_blocks(
+            self.experts[0], encoded["prompt_embeds"], config=causal, shape=(f, h, w),
+            image=encoded.get("image_embeds"), condition=encoded.get("condition"), seed=settings.seed,
+        )
+        if progress:
+            from tqdm import tqdm
+
+            blocks = tqdm(blocks, total=causal.num_blocks(f), desc="blocks", unit="block", dynamic_ncols=True)
+        return np.concatenate([np.asarray(b, np.float32) for b in blocks], axis=1)
+
     # --- stage 3: decode -------------------------------------------------------------------------------
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Video [B, frames, H, W, 3] in [-1, 1] (float32) from normalised latents."""
@@ -268,11 +290,13 @@ def generate(
     resume: bool = False,
     dtype=None,
     attention_backend: str = "auto",
+    causal=None,
     log=print,
 ) -> dict[str, Any]:
     """Run encode -> denoise -> decode, writing each stage's file under `work_dir` and the mp4 at `out`.
 
     With `resume`, a stage whose file exists (and matches the checkpoint and settings) is not re-run.
+    `causal` (a `jax_impl.causal.CausalConfig`) switches the denoise stage to block-causal generation.
     """
     from jax_impl.media import load_image, to_uint8, write_mp4
     from jax_impl.stages import load_stage, save_stage
@@ -289,6 +313,8 @@ def generate(
     pipe = Pipeline(checkpoint, dtype=dtype, attention_backend=attention_backend,
                     load_encoders=embeddings is None)
     pipe.check_settings(settings, image is not None)
+    if causal is not None:  # validate the block layout before any stage runs
+        causal.num_blocks(pipe.latent_shape(settings)[1])
     shape_meta = {"frames": settings.frames, "height": settings.height, "width": settings.width,
                   "batch": settings.batch, "checkpoint": str(Path(checkpoint).resolve())}
     timings: dict[str, float] = {"load": time.perf_counter() - t0}
@@ -314,10 +340,14 @@ def generate(
     log(f"[1/3] encoded: {encoded_path} ({timings['encode']:.1f} s)")
 
     t = time.perf_counter()
-    denoise_meta = {**shape_meta, "settings": describe(settings)}
+    denoise_meta = {**shape_meta, "settings": describe(settings),
+                    "causal": None if causal is None else dataclasses.asdict(causal)}
     latents = reusable(latents_path, "latents", denoise_meta)
     if latents is None:
-        latents = {"latents": pipe.denoise(encoded, settings)}
+        if causal is None:
+            latents = {"latents": pipe.denoise(encoded, settings)}
+        else:
+            latents = {"latents": pipe.denoise_causal(encoded, settings, causal)}
         save_stage(latents_path, "latents", latents, denoise_meta)
     timings["denoise"] = time.perf_counter() - t
     log(f"[2/3] denoised: {latents_path} ({timings['denoise']:.1f} s)")

@@ -209,3 +209,21 @@ def test_offloaded_experts_give_the_same_latents(tiny_ckpt, image_file):
     leaves = jax.tree.leaves(jax.tree.map(type, __import__("flax").nnx.state(a14b.experts[1])))
     assert all(t is np.ndarray for t in leaves), "offload must leave the parameters in host numpy arrays"
     np.testing.assert_array_equal(a14b.denoise(enc, s, progress=False), resident)
+
+
+def test_causal_generate_writes_video_of_any_length(tiny_ckpt, image_file, tmp_path, capsys):
+    """`--causal`: blocks of latent frames with a KV cache and a local window; I2V condition included."""
+    ckpt = str(tiny_ckpt(PRESET))
+    common = ["generate", "--checkpoint", ckpt, "--image", str(image_file), "--prompt", "a cat", "--height", "32",
+              "--width", "32", "--causal"]
+    out = tmp_path / "long.mp4"
+    assert main(common + ["--frames", "25", "--frames-per-block", "1", "--window", "2", "--out", str(out)]) == 0
+    assert read_mp4(out)[0].shape == (25, 32, 32, 3)
+    capsys.readouterr()
+    bad = tmp_path / "bad" / "v.mp4"
+    assert main(common + ["--frames", "17", "--frames-per-block", "2", "--out", str(bad)]) == 2
+    assert "does not divide the 5 latent frames" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert main(["generate", "--checkpoint", ckpt, "--image", str(image_file), *SMALL, "--window", "2",
+                 "--out", str(bad)]) == 2
+    assert "only applies with --causal" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""`wanport make-tiny`: write a small random-weight checkpoint in the real diffusers layout."""
+"""`wanport make-tiny`: write a small random-weight pipeline folder in the real diffusers layout."""
 
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ def _make_tiny(args: argparse.Namespace) -> int:
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "make-tiny",
-        help="write a deterministic random-weight checkpoint (diffusers layout)",
+        help="write a deterministic random-weight pipeline folder (diffusers layout)",
         description=(
-            "Write OUT/transformer/{config.json,*.safetensors} (and transformer_2/ for two-expert models) plus "
-            "OUT/model_index.json, produced by diffusers' own classes from SEED. Any preset works; "
-            "full-size presets give full-size random checkpoints (tens of GB for 14B models)."
+            "Write a whole pipeline folder: OUT/transformer/ (and transformer_2/ for two-expert models), vae/, "
+            "scheduler/, text_encoder/ + tokenizer/ (a 2-layer UMT5 and a small SentencePiece-style vocabulary), "
+            "image_encoder/ + image_processor/ (a small CLIP ViT, Wan2.1 I2V only) and model_index.json, produced "
+            "by diffusers' and transformers' own classes from SEED, loadable by WanImageToVideoPipeline. Any preset "
+            "works; full-size presets give full-size random transformers and VAE (tens of GB for 14B models)."
         ),
         epilog="example: wanport make-tiny --preset tiny-wan2.2-i2v-a14b --out ckpt --shard-size 50KB",
     )
