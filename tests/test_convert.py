@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from jax_impl.presets import PRESETS
 from weights.cli import add_subcommands, main as cli_main
-from weights.convert import DELAY_ENV, convert, parse_size, plan_shards
+from weights.convert import DELAY_ENV, convert, is_dit_folder, parse_size, plan_shards
 from weights.dit_io import DitCheckpoint, convert_dit
 from weights.dit_map import LAYOUTS
 from weights.manifest import MANIFEST_NAME, read_manifest, verify
@@ -33,9 +33,12 @@ PAIRS = list(itertools.permutations(LAYOUTS, 2))
 
 
 def tensor_hashes(folder: Path) -> dict[str, tuple[str, tuple[int, ...], str]]:
-    """{tensor: (dtype, shape, sha256 of stored bytes)} over every model folder below `folder`."""
+    """{tensor: (dtype, shape, sha256 of stored bytes)} over every DiT folder below `folder` (the converted part;
+    other pipeline components are copied, which test_pipeline_other_files_copied_unchanged checks)."""
     out = {}
     for cfg in sorted(folder.rglob("config.json")):
+        if not is_dit_folder(cfg.parent):
+            continue
         r = CheckpointReader(cfg.parent)
         rel = cfg.parent.relative_to(folder).as_posix()
         for k in r.keys():
@@ -95,6 +98,7 @@ def test_layouts_differ_and_keep_their_config_format(layouts):
 def test_pipeline_other_files_copied_unchanged(tiny_ckpt, tmp_path):
     src = tmp_path / "pipe"
     shutil.copytree(tiny_ckpt("tiny-wan2.2-i2v-a14b"), src)
+    shutil.rmtree(src / "vae")  # replaced by an odd component: non-safetensors files are copied too
     (src / "vae").mkdir()
     (src / "vae" / "config.json").write_text('{"_class_name": "AutoencoderKLWan"}')
     (src / "vae" / "weights.bin").write_bytes(os.urandom(1000))
