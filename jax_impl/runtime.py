@@ -36,6 +36,7 @@ def _backend_started(jax) -> bool:
     try:
         from jax._src import xla_bridge
 
-        return bool(getattr(xla_bridge, "_backends", {}))
+        # Only a started GPU backend matters: the flags do nothing on CPU.
+        return any(name != "cpu" for name in getattr(xla_bridge, "_backends", {}))
     except Exception:
         return False
