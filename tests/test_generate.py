@@ -227,3 +227,23 @@ def test_causal_generate_writes_video_of_any_length(tiny_ckpt, image_file, tmp_p
     assert main(["generate", "--checkpoint", ckpt, "--image", str(image_file), *SMALL, "--window", "2",
                  "--out", str(bad)]) == 2
     assert "only applies with --causal" in capsys.readouterr().err
+
+
+def test_precomputed_embeddings_replace_the_encoders(tiny_ckpt, image_file, tmp_path):
+    """--embeddings: a folder without text/image encoders generates from saved embeddings, same result."""
+    from jax_impl.stages import load_stage
+    from weights.safetensors_io import save_tensors
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt(PRESET), ckpt)
+    ref = tmp_path / "ref.mp4"
+    assert main(["generate", "--checkpoint", str(ckpt), "--image", str(image_file), *SMALL, "--out", str(ref)]) == 0
+    encoded, _ = load_stage(tmp_path / "ref.stages" / "encoded.safetensors", "encoded")
+    emb = tmp_path / "emb.safetensors"
+    save_tensors(emb, {k: encoded[k] for k in ("prompt_embeds", "negative_prompt_embeds", "image_embeds")})
+    for part in ("text_encoder", "tokenizer", "image_encoder", "image_processor"):
+        shutil.rmtree(ckpt / part)
+    out = tmp_path / "emb.mp4"
+    assert main(["generate", "--checkpoint", str(ckpt), "--image", str(image_file), "--embeddings", str(emb),
+                 *[a for a in SMALL if a not in ("--prompt", "a cat")], "--out", str(out)]) == 0
+    np.testing.assert_array_equal(read_mp4(out)[0], read_mp4(ref)[0])
