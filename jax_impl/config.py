@@ -12,6 +12,8 @@ import json
 import os
 from typing import Any
 
+from weights.atomic import atomic_write
+
 PathLike = str | os.PathLike
 
 
@@ -203,9 +205,7 @@ def _read_json(path: PathLike) -> dict[str, Any]:
 
 
 def _write_json(path: PathLike, data: dict[str, Any]) -> None:
-    """Write JSON atomically: a crash leaves either the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write JSON atomically: a crash leaves either the old file or the new one, never half of one (nor a temp file)."""
+    text = json.dumps(data, indent=2, sort_keys=False) + "\n"  # serialise first: a bad value writes nothing
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(text)

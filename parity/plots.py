@@ -10,45 +10,23 @@ backend switch), so importing this module costs nothing and works headless. Cont
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from weights.atomic import atomic_write  # also imported from here by callers
 
 PathLike = str | os.PathLike
 
 # contact sheet geometry, in pixels (see `contact_sheet`)
 SHEET_PAD = 4
 SHEET_HEADER = 16
-
-
-@contextlib.contextmanager
-def atomic_write(path: PathLike, mode: str = "wb", **open_kw: Any) -> Iterator[Any]:
-    """Open a temporary sibling of `path` for writing; on success it replaces `path`, on failure it vanishes."""
-    if mode not in ("w", "wb", "wt"):
-        raise ValueError(f"atomic_write needs a write mode ('w', 'wb', ...), got {mode!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **open_kw) as f:
-            # mkstemp makes the file private (0600); give it the replaced file's mode, or a plain file's
-            os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _json_default(o: Any) -> Any:

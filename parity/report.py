@@ -14,6 +14,7 @@ import os
 from typing import Any, Iterable
 
 from parity.metrics import compare
+from weights.atomic import atomic_write
 
 
 @dataclasses.dataclass
@@ -55,11 +56,10 @@ class Report:
         }
 
     def write_json(self, path: str | os.PathLike) -> None:
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, default=_json_default)
-            f.write("\n")
-        os.replace(tmp, path)
+        """Write the report as JSON, atomically (serialised first: a bad value leaves no file behind)."""
+        text = json.dumps(self.to_dict(), indent=2, default=_json_default) + "\n"
+        with atomic_write(path, "w", encoding="utf-8") as f:
+            f.write(text)
 
     def table(self) -> str:
         has_ref = any(layer.ref_rel_l2 is not None for layer in self.layers)

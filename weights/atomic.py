@@ -1,4 +1,9 @@
-"""Write a folder so that it appears complete or not at all."""
+"""Write a file or a folder so that it appears complete or not at all.
+
+`atomic_write` (one file) and `atomic_folder` (a whole folder) fill a temporary sibling of the
+destination and `os.replace` it onto the destination on success; on failure the temporary vanishes and
+the old destination, if any, is left as it was. Parent folders are created.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 @contextlib.contextmanager
@@ -29,4 +34,26 @@ def atomic_folder(dst: str | os.PathLike, *, force: bool = False) -> Iterator[Pa
         os.replace(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kw: Any) -> Iterator[Any]:
+    """Open a temporary sibling of `path` for writing; on success it replaces `path`, on failure it vanishes."""
+    if mode not in ("w", "wb", "wt"):
+        raise ValueError(f"atomic_write needs a write mode ('w', 'wb', ...), got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **open_kw) as f:
+            # mkstemp makes the file private (0600); give it the replaced file's mode, or a plain file's
+            os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
