@@ -59,9 +59,9 @@ from flax import nnx
 import kernels
 from kernels.attention import resolve_backend
 from jax_impl.config import DitConfig
-from jax_impl.dit import _plain_norm, timestep_embedding
+from jax_impl.dit import token_grid, unstack_block_taps
 from jax_impl.layers import F32
-from jax_impl.rope import apply_rope, axis_tables, rope_tables
+from jax_impl.rope import axis_tables, rope_tables
 
 NUM_TRAIN_TIMESTEPS = 1000.0
 DEFAULT_TIMESTEPS = (1000.0, 750.0, 500.0, 250.0)
@@ -232,7 +232,7 @@ def block_causal_mask(num_blocks: int, tokens_per_block: int, window_blocks: int
 
 
 # ------------------------------------------------------------------------------------------------
-# Model pieces: call the sub-modules of jax_impl.dit.WanTransformer
+# Model pieces: the masked, cached self-attention plugged into jax_impl.dit.WanTransformer's pieces
 # ------------------------------------------------------------------------------------------------
 def _mask_backend(backend: str, dtype) -> str:
     """A back-end that applies masks: the configured one if it can, else xla (auto on TPU picks splash)."""
@@ -242,49 +242,6 @@ def _mask_backend(backend: str, dtype) -> str:
     if backend == "auto":
         return "xla"
     return name  # explicitly chosen: let kernels.attention raise its own clear error
-
-
-def _grid(cfg: DitConfig, f: int, h: int, w: int) -> tuple[int, int, int]:
-    pt, ph, pw = cfg.patch_size
-    return f // pt, h // ph, w // pw
-
-
-def _embed_patches(model, latents: jax.Array) -> jax.Array:
-    """[B, F, H, W, C] -> tokens [B, L, D] (patchify + one matmul, as WanTransformer)."""
-    cfg, dt = model.cfg, model.dtype
-    b, f, h, w, _ = latents.shape
-    pt, ph, pw = cfg.patch_size
-    gf, gh, gw = _grid(cfg, f, h, w)
-    x = latents.astype(dt).reshape(b, gf, pt, gh, ph, gw, pw, -1)
-    x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, gf * gh * gw, -1)
-    kernel = model.patch_kernel.value.reshape(-1, cfg.inner_dim)
-    x = jnp.einsum("bli,io->blo", x, kernel, preferred_element_type=F32)
-    return (x + model.patch_bias.value.astype(F32)).astype(dt)
-
-
-def _time(model, t: jax.Array):
-    """t [B] or [B, L] -> temb [B, 1|L, D], modulation [B, 1|L, 6, D] float32, and their taps."""
-    cfg, dt = model.cfg, model.dtype
-    temb = model.time_embed(timestep_embedding(t, cfg.freq_dim)).astype(dt)
-    tproj = model.time_proj(jax.nn.silu(temb))
-    taps = {"time_embedding": temb, "time_projection": tproj}
-    if temb.ndim == 2:
-        temb, tproj = temb[:, None], tproj[:, None]
-    mod = tproj.reshape(*tproj.shape[:2], 6, cfg.inner_dim).astype(F32)
-    return temb, mod, taps
-
-
-def _head(model, x: jax.Array, temb: jax.Array, shape: tuple[int, int, int, int]) -> tuple[jax.Array, jax.Array]:
-    """Final modulated norm + projection + unpatchify; returns (head tokens, [B, F, H, W, out])."""
-    cfg, dt = model.cfg, model.dtype
-    b, f, h, w = shape
-    pt, ph, pw = cfg.patch_size
-    m = model.head_modulation.value[None] + temb[:, :, None].astype(F32)
-    x = (_plain_norm(cfg.eps)(x) * (1 + m[:, :, 1]) + m[:, :, 0]).astype(dt)
-    x = model.head(x)
-    out = x.reshape(b, *_grid(cfg, f, h, w), pt, ph, pw, cfg.out_channels)
-    out = out.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, f, h, w, cfg.out_channels)
-    return x, out
 
 
 def _rope_at(cfg: DitConfig, grid: tuple[int, int, int], frame_offset: jax.Array):
@@ -310,50 +267,39 @@ def _rope_at(cfg: DitConfig, grid: tuple[int, int, int], frame_offset: jax.Array
 
 
 def _self_attention(attn, h, rope, mask, past=None):
-    """Self-attention of `h` over [past keys | own keys]; returns (output, own k, own v)."""
-    q = attn._heads(attn.norm_q(attn.q(h)))
-    k = attn._heads(attn.norm_k(attn.k(h)))
-    v = attn._heads(attn.v(h))
-    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    """Self-attention of `h` over [past keys | own keys] under `mask`; returns (output, own k, own v)."""
+    q, k, v = attn.qkv(h, rope)
     keys, vals = k, v
     if past is not None:
         keys = jnp.concatenate([past[0], k], axis=1)
         vals = jnp.concatenate([past[1], v], axis=1)
     mask = jnp.broadcast_to(mask, (1, 1, q.shape[1], keys.shape[1]))  # cuDNN wants the full [T, S] extent
     out = kernels.attention(q, keys, vals, backend=_mask_backend(attn.backend, q.dtype), mask=mask)
-    return attn.o(out.reshape(*out.shape[:-2], -1)), k, v
+    return attn.output(out), k, v
 
 
-def _cross_attention(attn, h, k, v, k_img, v_img):
-    """Cross-attention on precomputed text (and image) keys/values."""
-    q = attn._heads(attn.norm_q(attn.q(h)))
-    out = kernels.attention(q, k, v, backend=attn.backend)
-    if k_img is not None:
-        out = out + kernels.attention(q, k_img, v_img, backend=attn.backend)
-    return attn.o(out.reshape(*out.shape[:-2], -1))
+def _run_blocks(model, x, mod, cross: "CrossKV", self_attention: Callable, past=None, *, keep_kv=False, capture=False):
+    """The model's blocks with `self_attention(attn, h, past_i) -> (out, k, v)` and the precomputed context
+    keys/values; `past` = per-layer (k, v) stacks or None. Returns (x, per-layer own (k, v) if `keep_kv`
+    else None, taps)."""
 
+    def step(block, x, xs):
+        past_i, cross_i = xs
+        own_kv = []  # the self-attention's own keys/values, for the cache
 
-def _block(block, x, mod, self_attn: Callable, cross: tuple):
-    """One DiT block (same arithmetic as jax_impl.dit.Block) with pluggable self-attention."""
-    m = block.modulation.value[None] + mod
-    shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (m[:, :, i] for i in range(6))
-    plain = _plain_norm(block.eps)
-    h = (plain(x) * (1 + scale_sa) + shift_sa).astype(x.dtype)
-    sa, k, v = self_attn(block.self_attn, h)
-    x = (x.astype(F32) + sa * gate_sa).astype(x.dtype)
-    h = block.norm_cross(x) if block.norm_cross is not None else x
-    ca = _cross_attention(block.cross_attn, h, *cross)
-    x = x + ca
-    h = (plain(x) * (1 + scale_ff) + shift_ff).astype(x.dtype)
-    ff = block.ffn(h)
-    x = (x.astype(F32) + ff.astype(F32) * gate_ff).astype(x.dtype)
-    return x, (k, v), {"self_attn": sa, "cross_attn": ca, "ffn": ff, "output": x}
+        def sa(attn, h):
+            out, k, v = self_attention(attn, h, past_i)
+            own_kv.append((k, v))
+            return out
 
+        x, block_taps = block(
+            x, None, None, mod, None, self_attention=sa, cross_attention=lambda attn, h: attn.cross(h, cross_i)
+        )
+        return x, (own_kv[0] if keep_kv else None, block_taps if capture else None)
 
-def _unstack_taps(taps: dict, block_taps: dict | None, num_layers: int) -> None:
-    for name, stacked in (block_taps or {}).items():
-        for i in range(num_layers):
-            taps[f"blocks.{i}.{name}"] = stacked[i]
+    cross_kv = (cross.k, cross.v, cross.k_img, cross.v_img)
+    x, (kv, block_taps) = model.scan_blocks(x, step, (past, cross_kv))
+    return x, kv, unstack_block_taps(block_taps, model.cfg.num_layers)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -376,22 +322,9 @@ class CrossKV:
 
 @nnx.jit
 def _prepare_context(model, text, image):
-    dt = model.dtype
-    context = model.text_embed(text.astype(dt))
-    context_img = model.image_embed(image.astype(dt)) if image is not None else None
-    graphdef, stacked = nnx.split(model.blocks)
-
-    def body(_, state):
-        attn = nnx.merge(graphdef, state).cross_attn
-        k = attn._heads(attn.norm_k(attn.k(context)))
-        v = attn._heads(attn.v(context))
-        if context_img is None:
-            return None, (k, v, None, None)
-        k_img = attn._heads(attn.norm_k_img(attn.k_img(context_img)))
-        return None, (k, v, k_img, attn._heads(attn.v_img(context_img)))
-
-    _, (k, v, k_img, v_img) = jax.lax.scan(body, None, stacked)
-    return CrossKV(k, v, k_img, v_img, context, context_img)
+    context, context_img, _ = model.embed_context(text, image)
+    _, kv = model.scan_blocks(None, lambda block, _, __: (None, block.cross_attn.context_kv(context, context_img)))
+    return CrossKV(*kv, context, context_img)
 
 
 def prepare_context(model, text, image=None) -> CrossKV:
@@ -448,7 +381,7 @@ def init_cache(
         raise ValueError("without a window the cache covers the whole video: pass num_frames (or set a window)")
     else:
         slots = ccfg.num_blocks(num_frames)
-    grid = _grid(cfg, ccfg.frames_per_block, height, width)
+    grid = token_grid(cfg, ccfg.frames_per_block, height, width)
     shape = (cfg.num_layers, batch, slots * math.prod(grid), cfg.num_attention_heads, cfg.attention_head_dim)
     zeros = jnp.zeros(shape, model.dtype)
     return KVCache(zeros, jnp.zeros(shape, model.dtype), jnp.zeros((), jnp.int32), grid, slots)
@@ -458,34 +391,22 @@ def _block_impl(model, cache: KVCache, cross: CrossKV, latents, timestep, *, wri
     """One block through the model with the cache; returns (prediction, new k/v per layer or None, taps)."""
     cfg = model.cfg
     b, f, h, w, _ = latents.shape
-    grid = _grid(cfg, f, h, w)
+    grid = token_grid(cfg, f, h, w)
     if grid != cache.block_grid:
         raise ValueError(f"block token grid {grid} does not match the cache's {cache.block_grid}")
-    taps: dict = {}
-    x = _embed_patches(model, latents)
-    taps["patch_embedding"] = x
+    x = model.embed_patches(latents)
     t = jnp.broadcast_to(jnp.asarray(timestep, F32).reshape(-1), (b,))
-    temb, mod, ttaps = _time(model, t)
-    taps.update(ttaps)
+    temb, mod, taps = model.embed_time(t)
+    taps = {"patch_embedding": x, **taps}
     rope = _rope_at(cfg, grid, cache.committed * grid[0])
     n_tok = cache.block_tokens
     valid = (jnp.arange(cache.num_slots * n_tok) // n_tok) < cache.committed
     mask = jnp.concatenate([valid, jnp.ones((n_tok,), bool)])[None, None, None, :]
-    graphdef, stacked = nnx.split(model.blocks)
-
-    def body(x, xs):
-        state, pk, pv, ck, cv, cki, cvi = xs
-        block = nnx.merge(graphdef, state)
-        sa = lambda attn, hh: _self_attention(attn, hh, rope, mask, (pk, pv))  # noqa: E731
-        x, kv, btaps = _block(block, x, mod, sa, (ck, cv, cki, cvi))
-        return x, (kv if write else None, btaps if capture else None)
-
-    xs = (stacked, cache.k, cache.v, cross.k, cross.v, cross.k_img, cross.v_img)
-    x, (kv, block_taps) = jax.lax.scan(body, x, xs)
-    _unstack_taps(taps, block_taps, cfg.num_layers)
-    head, out = _head(model, x, temb, (b, f, h, w))
-    taps["head"], taps["output"] = head, out
-    return out, kv, taps
+    sa = lambda attn, hh, past: _self_attention(attn, hh, rope, mask, past)  # noqa: E731
+    x, kv, block_taps = _run_blocks(model, x, mod, cross, sa, (cache.k, cache.v), keep_kv=write, capture=capture)
+    taps.update(block_taps)
+    taps["head"], taps["output"] = model.apply_head(x, temb, latents.shape)
+    return taps["output"], kv, taps
 
 
 def _write(cache: KVCache, kv) -> KVCache:
@@ -538,7 +459,7 @@ def _check_step(model, cache: KVCache, cross: CrossKV, latents) -> None:
     if latents.ndim != 5 or latents.shape[-1] != cfg.in_channels:
         hint = " (noisy latents + the block's condition)" if condition_channels(cfg) else ""
         raise ValueError(f"block latents must be [B, fpb, H, W, {cfg.in_channels}]{hint}, got {latents.shape}")
-    if _grid(cfg, *latents.shape[1:4]) != cache.block_grid:
+    if token_grid(cfg, *latents.shape[1:4]) != cache.block_grid:
         raise ValueError(f"block latents {latents.shape} do not match the cache's block token grid {cache.block_grid}")
     if latents.shape[0] != cache.k.shape[1] or latents.shape[0] != cross.k.shape[1]:
         raise ValueError(
@@ -552,16 +473,14 @@ def _check_step(model, cache: KVCache, cross: CrossKV, latents) -> None:
 @functools.partial(nnx.jit, static_argnames=("frames_per_block", "window_blocks", "capture"))
 def _jit_full(model, latents, timesteps, cross, frames_per_block, window_blocks, capture):
     cfg = model.cfg
-    b, f, h, w, _ = latents.shape
-    grid = _grid(cfg, f, h, w)
+    _, f, h, w, _ = latents.shape
+    grid = token_grid(cfg, f, h, w)
     num_blocks = f // frames_per_block
     n_tok = math.prod(grid) // num_blocks
-    taps: dict = {}
-    x = _embed_patches(model, latents)
-    taps["patch_embedding"] = x
+    x = model.embed_patches(latents)
     t = jnp.repeat(timesteps.astype(F32), n_tok, axis=1)  # per block -> per token
-    temb, mod, ttaps = _time(model, t)
-    taps.update(ttaps)
+    temb, mod, taps = model.embed_time(t)
+    taps = {"patch_embedding": x, **taps}
     rope = rope_tables(grid, cfg.rope_split, cfg.rope_max_seq_len)
     blk = jnp.arange(num_blocks * n_tok) // n_tok  # built in-graph: no [L, L] constant in the program
     qb, kb = blk[:, None], blk[None, :]
@@ -569,20 +488,11 @@ def _jit_full(model, latents, timesteps, cross, frames_per_block, window_blocks,
     if window_blocks is not None:
         mask &= (kb == 0) | (kb > qb - window_blocks)
     mask = mask[None, None]
-    graphdef, stacked = nnx.split(model.blocks)
-
-    def body(x, xs):
-        state, ck, cv, cki, cvi = xs
-        block = nnx.merge(graphdef, state)
-        sa = lambda attn, hh: _self_attention(attn, hh, rope, mask)  # noqa: E731
-        x, _, btaps = _block(block, x, mod, sa, (ck, cv, cki, cvi))
-        return x, (btaps if capture else None)
-
-    x, block_taps = jax.lax.scan(body, x, (stacked, cross.k, cross.v, cross.k_img, cross.v_img))
-    _unstack_taps(taps, block_taps, cfg.num_layers)
-    head, out = _head(model, x, temb, (b, f, h, w))
-    taps["head"], taps["output"] = head, out
-    return out, taps
+    sa = lambda attn, hh, _: _self_attention(attn, hh, rope, mask)  # noqa: E731
+    x, _, block_taps = _run_blocks(model, x, mod, cross, sa, capture=capture)
+    taps.update(block_taps)
+    taps["head"], taps["output"] = model.apply_head(x, temb, latents.shape)
+    return taps["output"], taps
 
 
 def causal_forward(

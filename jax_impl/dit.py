@@ -13,6 +13,7 @@ image_embedding, blocks.{i}.{self_attn,cross_attn,ffn,output}, head, output.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -96,6 +97,36 @@ class Attention(nnx.Module):
     def _heads(self, x: jax.Array) -> jax.Array:
         return x.reshape(*x.shape[:-1], self.heads, -1)
 
+    def output(self, out: jax.Array) -> jax.Array:
+        """Attention output [..., heads, head_dim] -> the output projection [..., dim]."""
+        return self.o(out.reshape(*out.shape[:-2], -1))
+
+    def qkv(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None = None):
+        """Self-attention q, k, v [B, L, heads, head_dim] of `x`: one matmul, q/k RMS-norm, then RoPE."""
+        q, k, v = fused_dense(x, [self.q, self.k, self.v])
+        q, k, v = self._heads(self.norm_q(q)), self._heads(self.norm_k(k)), self._heads(v)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    def context_kv(self, context: jax.Array, context_img: jax.Array | None = None):
+        """Cross-attention (k, v, k_img, v_img) of the text (and image) tokens, heads split; the image pair is
+        None without image tokens. Depends on the context only, so it can be computed once (jax_impl.causal)."""
+        k, v = fused_dense(context, [self.k, self.v])
+        k, v = self._heads(self.norm_k(k)), self._heads(v)
+        if self.k_img is None or context_img is None:
+            return k, v, None, None
+        return k, v, self._heads(self.norm_k_img(self.k_img(context_img))), self._heads(self.v_img(context_img))
+
+    def cross(self, x: jax.Array, kv: tuple, split: SequenceSplit | None = None) -> jax.Array:
+        """Cross-attention of `x` on `context_kv` keys/values."""
+        k, v, k_img, v_img = kv
+        q = self._heads(self.norm_q(self.q(x)))
+        out = kernels.attention(q, k, v, backend=self.backend, sequence_split=split)
+        if k_img is not None:
+            out = out + kernels.attention(q, k_img, v_img, backend=self.backend, sequence_split=split)
+        return self.output(out)
+
     def __call__(
         self,
         x: jax.Array,
@@ -104,19 +135,11 @@ class Attention(nnx.Module):
         rope: tuple[jax.Array, jax.Array] | None = None,
         split: SequenceSplit | None = None,
     ) -> jax.Array:
-        if context is None:  # self-attention: one matmul for q, k and v
-            q, k, v = fused_dense(x, [self.q, self.k, self.v])
-        else:
-            q, (k, v) = self.q(x), fused_dense(context, [self.k, self.v])
-        q, k, v = self._heads(self.norm_q(q)), self._heads(self.norm_k(k)), self._heads(v)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = kernels.attention(q, k, v, backend=self.backend, sequence_split=split)
-        if self.k_img is not None and context_img is not None:
-            k_img = self._heads(self.norm_k_img(self.k_img(context_img)))
-            v_img = self._heads(self.v_img(context_img))
-            out = out + kernels.attention(q, k_img, v_img, backend=self.backend, sequence_split=split)
-        return self.o(out.reshape(*out.shape[:-2], -1))
+        """Self-attention (`rope` applies) without `context`, cross-attention on `context` (and `context_img`)."""
+        if context is not None:
+            return self.cross(x, self.context_kv(context, context_img), split)
+        q, k, v = self.qkv(x, rope)
+        return self.output(kernels.attention(q, k, v, backend=self.backend, sequence_split=split))
 
 
 class Block(nnx.Module):
@@ -132,18 +155,38 @@ class Block(nnx.Module):
         self.ffn = Mlp(d, cfg.ffn_dim, d, gelu_tanh, param_dtype=param_dtype, rngs=rngs)
         self.modulation = nnx.Param(jax.random.normal(rngs.params(), (1, 6, d), F32) / d**0.5)
 
-    def __call__(self, x, context, context_img, mod, rope, splits=(None, None)) -> tuple[jax.Array, Taps]:
-        # mod: [batch, 1 or seq, 6, dim] float32 time projection; the table is added in float32.
+    def __call__(
+        self,
+        x,
+        context,
+        context_img,
+        mod,
+        rope,
+        splits=(None, None),
+        *,
+        self_attention: Callable[[Attention, jax.Array], jax.Array] | None = None,
+        cross_attention: Callable[[Attention, jax.Array], jax.Array] | None = None,
+    ) -> tuple[jax.Array, Taps]:
+        """x [B, L, D]; mod: [B, 1 or L, 6, D] float32 time projection (the table is added in float32).
+
+        `self_attention(attn, h)` and `cross_attention(attn, h)` replace the default
+        `attn(h, rope=rope, split=splits[0])` and `attn(h, context, context_img, split=splits[1])` (the
+        block-causal DiT passes its masked, cached attention and precomputed context keys/values).
+        """
+        if self_attention is None:
+            self_attention = lambda attn, h: attn(h, rope=rope, split=splits[0])  # noqa: E731
+        if cross_attention is None:
+            cross_attention = lambda attn, h: attn(h, context, context_img, split=splits[1])  # noqa: E731
         m = self.modulation.value[None] + mod
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (m[:, :, i] for i in range(6))
         plain = _plain_norm(self.eps)
 
         h = (plain(x) * (1 + scale_sa) + shift_sa).astype(x.dtype)
-        sa = self.self_attn(h, rope=rope, split=splits[0])
+        sa = self_attention(self.self_attn, h)
         x = (x.astype(F32) + sa * gate_sa).astype(x.dtype)
 
         h = self.norm_cross(x) if self.norm_cross is not None else x
-        ca = self.cross_attn(h, context, context_img, split=splits[1])
+        ca = cross_attention(self.cross_attn, h)
         x = x + ca
 
         h = (plain(x) * (1 + scale_ff) + shift_ff).astype(x.dtype)
@@ -162,6 +205,22 @@ def _plain_norm(eps: float):
         return (h - mean) * jax.lax.rsqrt(var + eps)
 
     return f
+
+
+def token_grid(cfg: DitConfig, frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """Post-patch (frames, height, width) token grid of latents of that size."""
+    pt, ph, pw = cfg.patch_size
+    return frames // pt, height // ph, width // pw
+
+
+def unstack_block_taps(block_taps: Taps | None, num_layers: int, seq: int | None = None) -> Taps:
+    """Scan-stacked block taps {name: [layers, B, L, ...]} -> {"blocks.{i}.{name}": [B, L, ...]}, tokens cut
+    to the first `seq` (context-parallel padding)."""
+    taps: Taps = {}
+    for name, stacked in (block_taps or {}).items():
+        for i in range(num_layers):
+            taps[f"blocks.{i}.{name}"] = stacked[i] if seq is None else stacked[i][:, :seq]
+    return taps
 
 
 class WanTransformer(nnx.Module):
@@ -226,6 +285,87 @@ class WanTransformer(nnx.Module):
             if image.ndim != 3 or image.shape[0] != b or image.shape[2] != cfg.image_dim:
                 raise ValueError(f"image tokens must be [{b}, tokens, {cfg.image_dim}], got {image.shape}")
 
+    # The forward in pieces (`__call__` chains them; jax_impl.causal reuses them around its own attention).
+    def embed_patches(self, latents: jax.Array) -> jax.Array:
+        """Patch embedding [B, F, H, W, C] -> tokens [B, L, D]: a strided 3D conv written as patchify + one matmul."""
+        cfg, dt = self.cfg, self.dtype
+        b, f, h, w, _ = latents.shape
+        pt, ph, pw = cfg.patch_size
+        grid = token_grid(cfg, f, h, w)
+        x = latents.astype(dt).reshape(b, grid[0], pt, grid[1], ph, grid[2], pw, -1)
+        x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, math.prod(grid), -1)
+        kernel = self.patch_kernel.value.reshape(-1, cfg.inner_dim)
+        x = jnp.einsum("bli,io->blo", x, kernel, preferred_element_type=F32)
+        return (x + self.patch_bias.value.astype(F32)).astype(dt)
+
+    def embed_time(self, t: jax.Array) -> tuple[jax.Array, jax.Array, Taps]:
+        """Timesteps [B] or per token [B, L] -> (temb [B, 1 or L, D], modulation [B, 1 or L, 6, D] float32, taps)."""
+        temb = self.time_embed(timestep_embedding(t, self.cfg.freq_dim)).astype(self.dtype)
+        tproj = self.time_proj(jax.nn.silu(temb))
+        taps = {"time_embedding": temb, "time_projection": tproj}
+        if temb.ndim == 2:  # [B, D] -> [B, 1, D]: one vector broadcast over tokens
+            temb, tproj = temb[:, None], tproj[:, None]
+        mod = tproj.reshape(*tproj.shape[:2], 6, self.cfg.inner_dim).astype(F32)
+        return temb, mod, taps
+
+    def embed_context(self, text: jax.Array, image: jax.Array | None = None):
+        """Text (and CLIP image) embeddings -> (context [B, S, D], context_img [B, N, D] or None, taps)."""
+        context = self.text_embed(text.astype(self.dtype))
+        taps = {"text_embedding": context}
+        context_img = None
+        if self.image_embed is not None:
+            context_img = self.image_embed(image.astype(self.dtype))
+            taps["image_embedding"] = context_img
+        return context, context_img, taps
+
+    def embed(self, latents, timestep, text, image=None, *, seq_split: SequenceSplit | None = None):
+        """Everything the blocks need: (tokens x, temb, modulation, context, context_img, taps).
+
+        timestep: scalar, [B] or per token [B, L]; with `seq_split`, per-token timesteps are padded and split
+        like the tokens (the tokens themselves are split by the caller, after `embed`).
+        """
+        b = latents.shape[0]
+        x = self.embed_patches(latents)
+        taps: Taps = {"patch_embedding": x}
+        # Time conditioning: one vector per sample, or per token (TI2V keeps the first frame clean).
+        t = jnp.broadcast_to(timestep, (b,) + timestep.shape[1:]) if timestep.ndim else jnp.full((b,), timestep)
+        if seq_split is not None and t.ndim == 2:  # per-token: split (padded) timesteps like the tokens
+            t = seq_split.tokens(pad_axis(t, 1, seq_split.padded(t.shape[1])))
+        temb, mod, time_taps = self.embed_time(t)
+        context, context_img, context_taps = self.embed_context(text, image)
+        return x, temb, mod, context, context_img, taps | time_taps | context_taps
+
+    def scan_blocks(self, x, step: Callable, xs=None, *, gather: Callable | None = None, unroll: int = 1):
+        """Run the blocks in order under `lax.scan`: `step(block, x, xs_i) -> (x, y)` with `xs_i` this layer's
+        slice of `xs` (arrays with a leading layer axis, or None). Returns (x, the y's stacked).
+        `gather(layer_state)` runs on a layer's weights before use (context parallel: FSDP all-gather)."""
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def body(x, inputs):
+            layer_state, layer_xs = inputs
+            if gather is not None:
+                layer_state = gather(layer_state)
+            return step(nnx.merge(graphdef, layer_state), x, layer_xs)
+
+        return jax.lax.scan(body, x, (stacked, xs), unroll=unroll)
+
+    def apply_head(self, x, temb, latent_shape, *, seq_split: SequenceSplit | None = None):
+        """Final modulated norm, head and unpatchify: tokens [B, L(+padding), D] -> (head tokens [B, L, out *
+        patch], prediction [B, F, H, W, out_channels]); `latent_shape` is the input latents' shape."""
+        cfg = self.cfg
+        b, f, h, w = latent_shape[:4]
+        pt, ph, pw = cfg.patch_size
+        grid = token_grid(cfg, f, h, w)
+        m = self.head_modulation.value[None] + temb[:, :, None].astype(F32)  # [B, 1 or L, 2, D]
+        x = (_plain_norm(cfg.eps)(x) * (1 + m[:, :, 1]) + m[:, :, 0]).astype(self.dtype)
+        x = self.head(x)
+        if seq_split is not None:  # keep the head token-split (else XLA may gather tokens, not weights)
+            x = seq_split.tokens(x)
+        x = x[:, : math.prod(grid)]  # drops context-parallel padding, if any
+        out = x.reshape(b, *grid, pt, ph, pw, cfg.out_channels)
+        out = out.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, f, h, w, cfg.out_channels)
+        return x, out
+
     def __call__(
         self,
         latents: jax.Array,
@@ -245,38 +385,9 @@ class WanTransformer(nnx.Module):
         """
         timestep = jnp.asarray(timestep)
         self.check_inputs(latents, timestep, text, image)
-        cfg, dt = self.cfg, self.dtype
-        b, f, h, w, _ = latents.shape
-        pt, ph, pw = cfg.patch_size
-        grid = (f // pt, h // ph, w // pw)
-        taps: Taps = {}
-
-        # Patch embedding: a strided 3D conv written as patchify + one matmul.
-        x = latents.astype(dt).reshape(b, grid[0], pt, grid[1], ph, grid[2], pw, -1)
-        x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, math.prod(grid), -1)
-        kernel = self.patch_kernel.value.reshape(-1, cfg.inner_dim)
-        x = jnp.einsum("bli,io->blo", x, kernel, preferred_element_type=F32)
-        x = (x + self.patch_bias.value.astype(F32)).astype(dt)
-        taps["patch_embedding"] = x
-
-        # Time conditioning: one vector per sample, or per token (TI2V keeps the first frame clean).
-        t = jnp.broadcast_to(timestep, (b,) + timestep.shape[1:]) if timestep.ndim else jnp.full((b,), timestep)
-        if seq_split is not None and t.ndim == 2:  # per-token: split (padded) timesteps like the tokens
-            t = seq_split.tokens(pad_axis(t, 1, seq_split.padded(t.shape[1])))
-        temb = self.time_embed(timestep_embedding(t, cfg.freq_dim)).astype(dt)
-        tproj = self.time_proj(jax.nn.silu(temb))
-        taps["time_embedding"] = temb
-        taps["time_projection"] = tproj
-        if temb.ndim == 2:  # [B, D] -> [B, 1, D]: one vector broadcast over tokens
-            temb, tproj = temb[:, None], tproj[:, None]
-        mod = tproj.reshape(b, tproj.shape[1], 6, cfg.inner_dim).astype(F32)
-
-        context = self.text_embed(text.astype(dt))
-        taps["text_embedding"] = context
-        context_img = None
-        if self.image_embed is not None:
-            context_img = self.image_embed(image.astype(dt))
-            taps["image_embedding"] = context_img
+        cfg = self.cfg
+        grid = token_grid(cfg, *latents.shape[1:4])
+        x, temb, mod, context, context_img, taps = self.embed(latents, timestep, text, image, seq_split=seq_split)
 
         rope = rope_tables(grid, cfg.rope_split, cfg.rope_max_seq_len)
         seq, splits = x.shape[1], (None, None)
@@ -288,12 +399,8 @@ class WanTransformer(nnx.Module):
                 mod, temb = seq_split.tokens(pad_axis(mod, 1, n)), seq_split.tokens(pad_axis(temb, 1, n))
             context, context_img = seq_split.replicated((context, context_img))
             splits = (seq_split.with_kv_len(seq), seq_split.with_kv_len(None))
-        graphdef, stacked = nnx.split(self.blocks)
 
-        def body(x, layer_state):
-            if seq_split is not None:  # FSDP: gather this layer's weights just before use
-                layer_state = seq_split.replicated(layer_state)
-            block = nnx.merge(graphdef, layer_state)
+        def step(block, x, _):
             x, block_taps = block(x, context, context_img, mod, rope, splits)
             if seq_split is not None:
                 x = seq_split.tokens(x)
@@ -301,22 +408,11 @@ class WanTransformer(nnx.Module):
 
         # unroll=2: two blocks per loop iteration lets XLA overlap one block's weight slicing with the
         # other's compute (0.3-1% on an H100) at a small compile-time cost.
-        x, block_taps = jax.lax.scan(body, x, stacked, unroll=2)
+        gather = seq_split.replicated if seq_split is not None else None  # FSDP: gather each layer's weights
+        x, block_taps = self.scan_blocks(x, step, gather=gather, unroll=2)
         if capture:
-            for name, stacked_tap in block_taps.items():
-                for i in range(cfg.num_layers):
-                    taps[f"blocks.{i}.{name}"] = stacked_tap[i][:, :seq]
+            taps.update(unstack_block_taps(block_taps, cfg.num_layers, seq))
 
-        m = self.head_modulation.value[None] + temb[:, :, None].astype(F32)  # [B, 1 or L, 2, D]
-        x = (_plain_norm(cfg.eps)(x) * (1 + m[:, :, 1]) + m[:, :, 0]).astype(dt)
-        x = self.head(x)
-        if seq_split is not None:  # keep the head token-split (else XLA may gather tokens, not weights)
-            x = seq_split.tokens(x)
-        x = x[:, :seq]  # drops context-parallel padding, if any
-        taps["head"] = x
-
-        out = x.reshape(b, *grid, pt, ph, pw, cfg.out_channels)
-        out = out.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, f, h, w, cfg.out_channels)
+        taps["head"], out = self.apply_head(x, temb, latents.shape, seq_split=seq_split)
         taps["output"] = out
         return (out, taps) if capture else out
-
