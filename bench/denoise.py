@@ -32,6 +32,19 @@ def _median(xs: list[float]) -> float:
     return xs[len(xs) // 2]
 
 
+def _timed(fn, iters: int) -> dict:
+    """First call (compilation included) and `iters` timed calls of `fn`, which must block until done."""
+    t = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return {"median_s": _median(times), "times": times, "first_call_s": first}
+
+
 def run_jax(args) -> dict:
     import jax
     import jax.numpy as jnp
@@ -81,16 +94,7 @@ def run_jax(args) -> dict:
             out = sampling.denoise_step(graphdef, params, st, jnp.int32(0), jnp.float32(sched.timesteps[0]), inputs,
                                         jnp.float32(args.guidance), guided=True, cfg_batch=layout)
             return jax.block_until_ready(out[0].sample)
-        tc = time.perf_counter()
-        one()
-        compile_s = time.perf_counter() - tc
-        times = []
-        for _ in range(args.iters):
-            s = time.perf_counter()
-            one()
-            times.append(time.perf_counter() - s)
-        step_times["batch2" if layout else "two_calls"] = {"median_s": _median(times), "times": times,
-                                                           "first_call_s": compile_s}
+        step_times["batch2" if layout else "two_calls"] = _timed(one, args.iters)
     best = min(step_times, key=lambda k: step_times[k]["median_s"])
     del params, graphdef
 
@@ -170,16 +174,8 @@ def run_torch(args, compile_: bool) -> dict:
             torch.cuda.synchronize()
         return out
 
-    tc = time.perf_counter()
-    step()
-    first = time.perf_counter() - tc
-    times = []
-    for _ in range(args.iters):
-        s = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - s)
-    return {"median_s": _median(times), "times": times, "first_call_s": first,
-            "peak_bytes": torch.cuda.max_memory_allocated() if dev == "cuda" else None}
+    res = _timed(step, args.iters)
+    return {**res, "peak_bytes": torch.cuda.max_memory_allocated() if dev == "cuda" else None}
 
 
 def main(argv=None) -> int:

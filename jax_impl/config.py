@@ -46,6 +46,15 @@ class JsonConfig:
     def replace(self, **changes: Any):
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def _diffusers_fields(cls, raw: dict[str, Any], source: str) -> dict[str, Any]:
+        """The dataclass fields of a diffusers config.json, after checking its keys and `_class_name`."""
+        fields = _check_keys(cls.__name__, raw, {f.name for f in dataclasses.fields(cls)}, source)
+        cls_name = raw.get("_class_name", cls.DIFFUSERS_CLASS)
+        if cls_name != cls.DIFFUSERS_CLASS:
+            raise ConfigError(f"{source}: _class_name is {cls_name!r}, expected {cls.DIFFUSERS_CLASS!r}")
+        return fields
+
 
 @dataclasses.dataclass(frozen=True)
 class DitConfig(JsonConfig):
@@ -121,11 +130,7 @@ class DitConfig(JsonConfig):
     # --- diffusers config.json -------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "DitConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        fields = _check_keys(cls.__name__, raw, known, source)
-        cls_name = raw.get("_class_name", cls.DIFFUSERS_CLASS)
-        if cls_name != cls.DIFFUSERS_CLASS:
-            raise ConfigError(f"{source}: _class_name is {cls_name!r}, expected {cls.DIFFUSERS_CLASS!r}")
+        fields = cls._diffusers_fields(raw, source)
         return cls(**fields)
 
     def to_dict(self) -> dict[str, Any]:

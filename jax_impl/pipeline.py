@@ -1,6 +1,6 @@
 """The staged Wan generation pipeline in JAX: encode -> denoise -> decode -> mp4.
 
-`Pipeline.load(folder)` opens a pipeline folder in the diffusers layout (model_index.json, transformer/,
+`Pipeline(folder)` opens a pipeline folder in the diffusers layout (model_index.json, transformer/,
 transformer_2/, vae/, scheduler/, text_encoder/ + tokenizer/, image_encoder/ + image_processor/); a
 transformer folder may hold diffusers-, original-Wan- or Flax-layout weights (see `wanport convert`).
 Every component is checked before anything runs, so a missing one is named up front.
@@ -73,6 +73,11 @@ def _read_index(folder: Path) -> dict[str, Any]:
     if not isinstance(index, dict):
         raise PipelineError(f"{index_path}: expected a JSON object")
     return index
+
+
+def _per_sample(x: np.ndarray, batch: int) -> np.ndarray:
+    """One row shared by every video of the batch is repeated; per-sample rows are kept as they are."""
+    return np.repeat(x, batch, 0) if x.shape[0] == 1 else x
 
 
 def _listed(index: dict[str, Any], name: str) -> bool:
@@ -194,16 +199,16 @@ class Pipeline:
             text, neg = np.split(self.text_encoder([prompt, negative_prompt]), 2)
         if text.shape[-1] != self.dit_config.text_dim:
             raise ValueError(f"prompt embeddings have width {text.shape[-1]}, the DiT takes {self.dit_config.text_dim}")
-        out["prompt_embeds"] = np.repeat(text, b, 0) if text.shape[0] == 1 else text
+        out["prompt_embeds"] = _per_sample(text, b)
         if neg is not None:
-            out["negative_prompt_embeds"] = np.repeat(neg, b, 0) if neg.shape[0] == 1 else neg
+            out["negative_prompt_embeds"] = _per_sample(neg, b)
         if self.dit_config.has_image_tokens:
             if "image_embeds" in emb:
                 img = np.asarray(emb["image_embeds"], np.float32)
             else:
                 images = [image] + ([last_image] if last_image is not None else [])
                 img = self.image_encoder(images)
-            out["image_embeds"] = np.repeat(img, b, 0) if img.shape[0] == 1 else img
+            out["image_embeds"] = _per_sample(img, b)
         if self.conditioning != "none" and image is not None:
             pixels = image_to_array(image, settings.height, settings.width)
             last = None if last_image is None else image_to_array(last_image, settings.height, settings.width)
@@ -272,10 +277,6 @@ class Pipeline:
         return np.asarray(decode_latents(self.vae, jnp.asarray(latents, jnp.float32)), np.float32)
 
 
-def describe(settings: GenerateSettings) -> dict[str, Any]:
-    return dataclasses.asdict(settings)
-
-
 def generate(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike,
@@ -330,17 +331,17 @@ def generate(
         return arrays
 
     t = time.perf_counter()
-    encoded = reusable(encoded_path, "encoded", {**shape_meta, "prompt": prompt, "negative_prompt": negative_prompt})
+    encode_meta = {**shape_meta, "prompt": prompt, "negative_prompt": negative_prompt}
+    encoded = reusable(encoded_path, "encoded", encode_meta)
     if encoded is None:
         encoded = pipe.encode(settings, prompt=prompt, image=image, last_image=last_image,
                               negative_prompt=negative_prompt, embeddings=embeddings)
-        save_stage(encoded_path, "encoded", encoded,
-                   {**shape_meta, "prompt": prompt, "negative_prompt": negative_prompt})
+        save_stage(encoded_path, "encoded", encoded, encode_meta)
     timings["encode"] = time.perf_counter() - t
     log(f"[1/3] encoded: {encoded_path} ({timings['encode']:.1f} s)")
 
     t = time.perf_counter()
-    denoise_meta = {**shape_meta, "settings": describe(settings),
+    denoise_meta = {**shape_meta, "settings": dataclasses.asdict(settings),
                     "causal": None if causal is None else dataclasses.asdict(causal)}
     latents = reusable(latents_path, "latents", denoise_meta)
     if latents is None:

@@ -67,17 +67,23 @@ def expert_for(t: float, boundary_ratio: float | None, num_experts: int, num_tra
     return 0 if t >= boundary_ratio * num_train_timesteps else 1
 
 
+def keep_first_frame(latents: jax.Array, inputs: DenoiseInputs) -> jax.Array:
+    """TI2V: latent frame 0 is the image's clean latent, the rest the sample; other models: unchanged."""
+    if inputs.first_latent is None:
+        return latents
+    return (1 - inputs.keep) * inputs.first_latent + inputs.keep * latents
+
+
 def model_input(latents: jax.Array, inputs: DenoiseInputs, t: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
     """(DiT input, timestep) for the current latents: I2V concat, TI2V first-frame replacement, or T2V."""
     b = latents.shape[0]
     if inputs.condition is not None:
         x = jnp.concatenate([latents, inputs.condition.astype(latents.dtype)], axis=-1)
-        timestep = jnp.full((b,), t, F32)
-    elif inputs.first_latent is not None:
-        x = (1 - inputs.keep) * inputs.first_latent + inputs.keep * latents
+    else:
+        x = keep_first_frame(latents, inputs)
+    if inputs.token_keep is not None:  # TI2V: the first frame's tokens at timestep 0
         timestep = jnp.broadcast_to(inputs.token_keep * t, (b, inputs.token_keep.shape[0]))
     else:
-        x = latents
         timestep = jnp.full((b,), t, F32)
     return x.astype(dtype), timestep
 
@@ -159,10 +165,7 @@ def sample(
         if on_step is not None:
             on_step(dict(i=i, t=t, expert=expert, guided=guided, latents=state.sample, v=v,
                          v_cond=v_cond, v_uncond=v_uncond))
-    latents = state.sample
-    if inputs.first_latent is not None:  # TI2V: the first frame is the image's latent, not a sample
-        latents = (1 - inputs.keep) * inputs.first_latent + inputs.keep * latents
-    return latents
+    return keep_first_frame(state.sample, inputs)
 
 
 def offload(model: nnx.Module) -> nnx.Module:

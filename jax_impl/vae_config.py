@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from jax_impl.config import ConfigError, JsonConfig, _check_keys
+from jax_impl.config import ConfigError, JsonConfig
 
 WAN21_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -122,11 +122,7 @@ class VaeConfig(JsonConfig):
     # --- diffusers config.json -------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "VaeConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        fields = _check_keys(cls.__name__, raw, known, source)
-        cls_name = raw.get("_class_name", cls.DIFFUSERS_CLASS)
-        if cls_name != cls.DIFFUSERS_CLASS:
-            raise ConfigError(f"{source}: _class_name is {cls_name!r}, expected {cls.DIFFUSERS_CLASS!r}")
+        fields = cls._diffusers_fields(raw, source)
         try:
             return cls(**fields)
         except ConfigError as e:
