@@ -38,6 +38,7 @@ def make_inputs(
     height: int = 8,
     width: int = 8,
     text_len: int | None = None,
+    prompt_len: int | None = None,
     image_len: int = 257,
     per_token_timesteps: bool | None = None,
     seed: int = 0,
@@ -45,7 +46,9 @@ def make_inputs(
     """Deterministic random inputs for a DiT config. Latent sizes are in latent units.
 
     Wan2.1 I2V needs 512 text tokens: diffusers splits image from text tokens by assuming 512.
-    TI2V models get per-token timesteps with the first latent frame at t=0, as the pipeline does.
+    `prompt_len` zeroes the text rows past it, as the pipelines do for a prompt shorter than the tokenizer's
+    512-token padding. TI2V models get per-token timesteps with the first latent frame at t=0, as the
+    pipeline does.
     """
     rng = np.random.default_rng(seed)
     if text_len is None:
@@ -63,6 +66,8 @@ def make_inputs(
         tok[:, 0] = 0.0  # first latent frame is the clean conditioning image
         t = tok.reshape(batch, -1)
     text = rng.standard_normal((batch, text_len, cfg.text_dim), dtype=np.float32)
+    if prompt_len is not None:
+        text[:, prompt_len:] = 0.0
     image = rng.standard_normal((batch, image_len, cfg.image_dim), dtype=np.float32) if cfg.has_image_tokens else None
     return DitInputs(latents, t, text, image)
 
