@@ -55,6 +55,8 @@ def make_inputs(
         text_len = 512 if cfg.has_image_tokens else 16
     if cfg.has_image_tokens and text_len != 512:
         raise ValueError("Wan2.1 I2V parity needs text_len=512 (diffusers assumes 512 text tokens)")
+    if prompt_len is not None and not 1 <= prompt_len <= text_len:
+        raise ValueError(f"prompt_len={prompt_len} must be between 1 and the text length {text_len}")
     latents = rng.standard_normal((batch, frames, height, width, cfg.in_channels), dtype=np.float32)
     if per_token_timesteps is None:
         per_token_timesteps = cfg.in_channels == 48
