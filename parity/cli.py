@@ -22,6 +22,8 @@ def _parity(args: argparse.Namespace) -> int:
             report = vae.vae_parity(args.checkpoint, dtype=args.dtype, seed=args.seed, **shape)
     else:
         from parity.dit import dit_parity, preset_parity
+        if args.prompt_len is not None and (args.prompt_len < 1 or (args.text_len and args.prompt_len > args.text_len)):
+            raise ValueError(f"--prompt-len {args.prompt_len} must be between 1 and the text length (--text-len)")
 
         shape = dict(batch=args.batch, frames=args.frames or 2, height=args.height or 8, width=args.width or 8,
                      text_len=args.text_len, prompt_len=args.prompt_len)
