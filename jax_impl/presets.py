@@ -38,10 +38,15 @@ _WAN_5B = DitConfig(
 _TINY = dict(num_attention_heads=2, attention_head_dim=16, ffn_dim=64, num_layers=2, text_dim=32, freq_dim=32)
 
 
-def _tiny(cfg: DitConfig) -> DitConfig:
-    changes = dict(_TINY)
+# Tiny at Wan's real head width: 2 heads of 128 (rotary split 44/42/42; at 16 a wrong split can equal the
+# right one), the rest as small as `_TINY`. The parity tests run these on odd, non-square token grids.
+_TINY_HD128 = dict(_TINY, attention_head_dim=128)
+
+
+def _tiny(cfg: DitConfig, sizes: dict = _TINY) -> DitConfig:
+    changes = dict(sizes)
     if cfg.has_image_tokens:
-        changes.update(image_dim=24, added_kv_proj_dim=_TINY["num_attention_heads"] * _TINY["attention_head_dim"])
+        changes.update(image_dim=24, added_kv_proj_dim=sizes["num_attention_heads"] * sizes["attention_head_dim"])
     return cfg.replace(**changes)
 
 
@@ -76,6 +81,14 @@ for _p in _FULL:
         name="tiny-" + _p.name,
         transformer=_tiny(_p.transformer),
         description="tiny " + _p.description,
+        vae="tiny-" + _p.vae,
+    )
+for _p in _FULL:
+    PRESETS["tiny-hd128-" + _p.name] = dataclasses.replace(
+        _p,
+        name="tiny-hd128-" + _p.name,
+        transformer=_tiny(_p.transformer, _TINY_HD128),
+        description="tiny, 2 heads of the real width 128: " + _p.description,
         vae="tiny-" + _p.vae,
     )
 

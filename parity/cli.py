@@ -22,9 +22,11 @@ def _parity(args: argparse.Namespace) -> int:
             report = vae.vae_parity(args.checkpoint, dtype=args.dtype, seed=args.seed, **shape)
     else:
         from parity.dit import dit_parity, preset_parity
+        if args.prompt_len is not None and (args.prompt_len < 1 or (args.text_len and args.prompt_len > args.text_len)):
+            raise ValueError(f"--prompt-len {args.prompt_len} must be between 1 and the text length (--text-len)")
 
         shape = dict(batch=args.batch, frames=args.frames or 2, height=args.height or 8, width=args.width or 8,
-                     text_len=args.text_len)
+                     text_len=args.text_len, prompt_len=args.prompt_len)
         common = dict(dtype=args.dtype, attention_backend=args.attention)
         if args.preset:
             report = preset_parity(args.preset, seed=args.seed, **common, **shape)
@@ -51,6 +53,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
         epilog=(
             "examples:\n  wanport parity --model dit --preset tiny-wan2.1-i2v-14b\n"
             "  wanport parity --model dit --checkpoint ckpt/transformer --dtype bfloat16 --json report.json\n"
+            "  wanport parity --preset tiny-hd128-wan2.1-i2v-14b --batch 2 --frames 3 --height 10 --width 14 --prompt-len 9\n"
             "  wanport parity --model vae --preset tiny-wan2.2 --frames 9"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -70,6 +73,10 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frames", type=int, default=None, help="dit: latent frames (default 2); vae: video frames, 4k+1 (default 5)")
     p.add_argument("--height", type=int, default=None, help="dit: latent height (default 8); vae: pixels (default 2 latents)")
     p.add_argument("--width", type=int, default=None, help="dit: latent width (default 8); vae: pixels (default 2 latents)")
-    p.add_argument("--text-len", type=int, default=None, help="text tokens (default 16; 512 for Wan2.1 I2V)")
+    p.add_argument("--text-len", type=int, default=None, help="dit: text tokens (default 16; 512 for Wan2.1 I2V)")
+    p.add_argument(
+        "--prompt-len", type=int, default=None,
+        help="dit: zero the text rows past this many tokens, as the pipelines pad a short prompt (default: none zeroed)",
+    )
     p.set_defaults(func=_parity)
 

@@ -38,6 +38,7 @@ def make_inputs(
     height: int = 8,
     width: int = 8,
     text_len: int | None = None,
+    prompt_len: int | None = None,
     image_len: int = 257,
     per_token_timesteps: bool | None = None,
     seed: int = 0,
@@ -45,13 +46,17 @@ def make_inputs(
     """Deterministic random inputs for a DiT config. Latent sizes are in latent units.
 
     Wan2.1 I2V needs 512 text tokens: diffusers splits image from text tokens by assuming 512.
-    TI2V models get per-token timesteps with the first latent frame at t=0, as the pipeline does.
+    `prompt_len` zeroes the text rows past it, as the pipelines do for a prompt shorter than the tokenizer's
+    512-token padding. TI2V models get per-token timesteps with the first latent frame at t=0, as the
+    pipeline does.
     """
     rng = np.random.default_rng(seed)
     if text_len is None:
         text_len = 512 if cfg.has_image_tokens else 16
     if cfg.has_image_tokens and text_len != 512:
         raise ValueError("Wan2.1 I2V parity needs text_len=512 (diffusers assumes 512 text tokens)")
+    if prompt_len is not None and not 1 <= prompt_len <= text_len:
+        raise ValueError(f"prompt_len={prompt_len} must be between 1 and the text length {text_len}")
     latents = rng.standard_normal((batch, frames, height, width, cfg.in_channels), dtype=np.float32)
     if per_token_timesteps is None:
         per_token_timesteps = cfg.in_channels == 48
@@ -63,6 +68,8 @@ def make_inputs(
         tok[:, 0] = 0.0  # first latent frame is the clean conditioning image
         t = tok.reshape(batch, -1)
     text = rng.standard_normal((batch, text_len, cfg.text_dim), dtype=np.float32)
+    if prompt_len is not None:
+        text[:, prompt_len:] = 0.0
     image = rng.standard_normal((batch, image_len, cfg.image_dim), dtype=np.float32) if cfg.has_image_tokens else None
     return DitInputs(latents, t, text, image)
 

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from jax_impl.config import ConfigError
+from jax_impl.presets import PRESETS
 from jax_impl.vae import VaeInputError, WanVAE
 from jax_impl.vae_config import TINY_WAN21_VAE, TINY_WAN22_VAE, VaeConfig
 from torch_ref.vae import write_vae_folder
@@ -99,9 +100,9 @@ def test_weights_loaded_bit_exact(tmp_path):
     assert load_vae(folder, dtype=jnp.bfloat16).decoder.conv_in.kernel.get_value().dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("name", ["wan2.1", "wan2.2"])
+@pytest.mark.parametrize("name", sorted({p.vae for n, p in PRESETS.items() if not n.startswith("tiny-")}))
 def test_map_covers_real_configs(name):
-    """The full-size presets: every diffusers tensor and every Flax parameter is mapped, shapes agree."""
+    """The full-size presets' VAEs: every diffusers tensor and every Flax parameter is mapped, shapes agree."""
     import torch
     from diffusers import AutoencoderKLWan
 

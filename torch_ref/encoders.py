@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from torch_ref.perturb import perturb_constant_parameters
+
 MAX_TEXT_TOKENS = 512
 
 
@@ -115,7 +117,8 @@ def write_tiny_encoders(tmp: Path, *, text_dim: int, image_dim: int | None, seed
     """Write tokenizer/, text_encoder/ (and image_processor/, image_encoder/ when `image_dim`) into `tmp`.
 
     Returns the component names written. Widths match the tiny DiT: UMT5 d_model = text_dim, CLIP hidden
-    size = image_dim (a 32 px ViT with 16 px patches: 5 image tokens instead of 257).
+    size = image_dim (a 32 px ViT with 16 px patches: 5 image tokens instead of 257). Norm gains and the
+    biases transformers initialises to constants get seeded noise (`torch_ref.perturb`).
     """
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
@@ -131,6 +134,7 @@ def write_tiny_encoders(tmp: Path, *, text_dim: int, image_dim: int | None, seed
                 feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
             )
         )
+        perturb_constant_parameters(t5)
         t5.save_pretrained(tmp / "text_encoder", safe_serialization=True)
         if image_dim:
             clip = CLIPVisionModel(
@@ -139,6 +143,7 @@ def write_tiny_encoders(tmp: Path, *, text_dim: int, image_dim: int | None, seed
                     num_attention_heads=2, image_size=32, patch_size=16, projection_dim=image_dim,
                 )
             )
+            perturb_constant_parameters(clip)
             clip.save_pretrained(tmp / "image_encoder", safe_serialization=True)
             CLIPImageProcessor(
                 size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}

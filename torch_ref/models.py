@@ -8,15 +8,26 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from jax_impl.config import DitConfig
+from torch_ref.perturb import perturb_constant_parameters
+
+
+def diffusers_kwargs(cfg: DitConfig) -> dict:
+    """`WanTransformer3DModel(**diffusers_kwargs(cfg))` builds the model `cfg` describes."""
+    kwargs = {k: v for k, v in cfg.to_dict().items() if not k.startswith("_")}
+    kwargs["patch_size"] = tuple(kwargs["patch_size"])
+    return kwargs
 
 
 def build_transformer(cfg: DitConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> WanTransformer3DModel:
-    """A diffusers WanTransformer3DModel with deterministic random weights drawn from `seed`."""
-    kwargs = {k: v for k, v in cfg.to_dict().items() if not k.startswith("_")}
-    kwargs["patch_size"] = tuple(kwargs["patch_size"])
+    """A diffusers WanTransformer3DModel with deterministic random weights drawn from `seed`.
+
+    diffusers' init leaves the q/k norms, the cross-attention norm and the image-embedder norms at
+    identity; they get seeded noise too (`torch_ref.perturb`), so every weight is seen by the parity tests.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = WanTransformer3DModel(**kwargs)
+        model = WanTransformer3DModel(**diffusers_kwargs(cfg))
+        perturb_constant_parameters(model)
     return (model if dtype == torch.float32 else model.to(dtype)).eval()
 
 

@@ -16,23 +16,21 @@ from diffusers import AutoencoderKLWan
 
 from jax_impl.vae_config import VaeConfig
 from torch_ref.capture import to_numpy
+from torch_ref.perturb import perturb_constant_parameters
 from weights.atomic import atomic_folder
 
 
 def build_vae(cfg: VaeConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> AutoencoderKLWan:
     """A diffusers AutoencoderKLWan with deterministic random weights from `seed`.
 
-    diffusers zero-initialises nothing here, but its default init gives near-identity norm gains (ones);
-    we perturb the gains too so that a swapped or mis-shaped gain cannot hide.
+    diffusers' init leaves the RMS-norm gains at one; they get seeded noise (`torch_ref.perturb`) so that
+    a swapped or mis-shaped gain cannot hide.
     """
     kwargs = {k: v for k, v in cfg.to_dict().items() if not k.startswith("_")}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoencoderKLWan(**kwargs)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("gamma"):
-                    p.add_(0.1 * torch.randn_like(p))
+        perturb_constant_parameters(model)
     return (model if dtype == torch.float32 else model.to(dtype)).eval()
 
 

@@ -87,7 +87,8 @@ def _norm(entries: list[Entry], d: str, w: str, f: str, dim: int, bias: bool) ->
 
 
 def dit_entries(cfg: DitConfig) -> list[Entry]:
-    """Every tensor of a Wan DiT with this config, in diffusers' state-dict order."""
+    """Every tensor of a Wan DiT with this config, in module order (diffusers' state dict lists each
+    module's own `scale_shift_table` before its sub-modules; here it comes last)."""
     d, e = cfg.inner_dim, []
     pt, ph, pw = cfg.patch_size
     e.append(Entry("patch_embedding.weight", "patch_embedding.weight", "patch_kernel", (d, cfg.in_channels, pt, ph, pw), "conv3d"))
