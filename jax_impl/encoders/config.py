@@ -27,14 +27,15 @@ def _get(raw: dict[str, Any], key: str, default: Any, source: str, kind=int) -> 
 
 @dataclasses.dataclass(frozen=True)
 class Umt5Config(JsonConfig):
-    """The UMT5 encoder stack (transformers' UMT5EncoderModel); defaults are UMT5-XXL as Wan uses it."""
+    """The UMT5 encoder stack (transformers' UMT5EncoderModel). Defaults are transformers' (so a config.json
+    lacking a key means what it means there); `umt5_xxl()` is the size Wan uses."""
 
-    vocab_size: int = 256384
-    d_model: int = 4096
+    vocab_size: int = 250112
+    d_model: int = 512
     d_kv: int = 64
-    d_ff: int = 10240
-    num_layers: int = 24
-    num_heads: int = 64
+    d_ff: int = 1024
+    num_layers: int = 8
+    num_heads: int = 6
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
@@ -45,6 +46,11 @@ class Umt5Config(JsonConfig):
             raise ConfigError(f"dense_act_fn={self.dense_act_fn!r} is not supported; known: {', '.join(ACTIVATIONS)}")
         if self.relative_attention_num_buckets < 4:
             raise ConfigError("relative_attention_num_buckets must be at least 4 (half per direction, half of those exact)")
+
+    @classmethod
+    def umt5_xxl(cls) -> "Umt5Config":
+        """google/umt5-xxl's encoder with Wan's vocabulary (256384 embeddings)."""
+        return cls(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)
 
     @property
     def inner_dim(self) -> int:
@@ -87,17 +93,23 @@ class Umt5Config(JsonConfig):
 
 @dataclasses.dataclass(frozen=True)
 class ClipVisionConfig(JsonConfig):
-    """The CLIP vision tower (transformers' CLIPVisionModel); defaults are ViT-H/14 at 224 px as Wan uses it."""
+    """The CLIP vision tower (transformers' CLIPVisionModel). Defaults are transformers'; `vit_h14()` is Wan's."""
 
-    hidden_size: int = 1280
-    intermediate_size: int = 5120
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 16
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
     num_channels: int = 3
     image_size: int = 224
-    patch_size: int = 14
-    hidden_act: str = "gelu"
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+
+    @classmethod
+    def vit_h14(cls) -> "ClipVisionConfig":
+        """The open-clip ViT-H/14 vision tower of Wan2.1 I2V (257 tokens of 1280 at 224 px)."""
+        return cls(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                   patch_size=14, hidden_act="gelu")
 
     def __post_init__(self) -> None:
         if self.hidden_act not in ACTIVATIONS:
