@@ -291,6 +291,7 @@ assert not loaded, loaded
 """
 
 
+@pytest.mark.slow
 def test_jax_encoders_run_without_torch(folders, tmp_path):
     from torch_ref.encoders import ImageEncoder, TextEncoder
 
