@@ -3,61 +3,72 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 
 import jax  # importing starts no backend: safe in the parent process of the bench scripts
 import jax.numpy as jnp
+from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def random_dit(cfg, *, dtype="bfloat16", attention_backend: str = "auto", seed: int = 0, device=None):
-    """A WanTransformer with N(0, 0.02) weights made one parameter at a time, directly in `dtype`.
-
-    Building the model inside one jit would make every float32 random tensor at once (about 2x the model
-    in float32 for a 14B expert). Filling an abstract model leaf by leaf, and the stacked block leaves one
-    layer at a time into a buffer that is updated in place, keeps the transient at one layer's float32
-    draw: measured device peaks are then the model's own, not the initialisation's (a whole stacked
-    [40, 5120, 13824] leaf drawn at once cost ~22 GiB of float32 bits and normals on top of the weights).
-    Norm scales are 1, as in a real checkpoint.
-    """
-    from flax import nnx
-
+    """A WanTransformer with N(0, 0.02) weights made directly in `dtype` (see `random_module`)."""
     from jax_impl.dit import WanTransformer
 
     dtype = jnp.dtype(dtype)
-    abstract = nnx.eval_shape(lambda: WanTransformer(cfg, dtype=dtype, attention_backend=attention_backend,
-                                                      rngs=nnx.Rngs(0)))
+    return random_module(lambda: WanTransformer(cfg, dtype=dtype, attention_backend=attention_backend,
+                                                rngs=nnx.Rngs(0)), seed=seed, device=device)
+
+
+def random_module(factory, *, seed: int = 0, std: float = 0.02, device=None, slice_bytes: int = 1 << 28):
+    """The NNX module `factory()` builds, with N(0, std) weights made one parameter at a time in its own dtype.
+
+    Building the model inside one jit would make every float32 random tensor at once (about 2x the model in
+    float32 for a 14B expert); filling an abstract model leaf by leaf, and a leaf whose float32 draw exceeds
+    `slice_bytes` a slice of its first axis at a time into a donated buffer, keeps the peak at the model's
+    size plus one slice (drawing a whole stacked [40, 5120, 13824] leaf at once cost ~22 GiB of float32 bits
+    and normals on an H100, which inflated the measured device peak of the forward). Norm gains ("scale",
+    "*_norm") are 1, as in a real checkpoint.
+    """
+    abstract = nnx.eval_shape(factory)
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
     device = device or jax.devices()[0]
     key = jax.random.key(seed)
-    for i, (path, var) in enumerate(flat):
-        shape, dt = var.value.shape, var.value.dtype
-        name = str(path[-1])
-        with jax.default_device(device):
-            if name == "scale":
-                value = jnp.ones(shape, dt)
-            elif path[0] == "blocks":  # stacked [layers, ...]: one layer's draw at a time
-                value = jnp.zeros(shape, dt)
-                for layer in range(shape[0]):
-                    value = _set_layer(value, layer, _normal(jax.random.fold_in(jax.random.fold_in(key, i), layer),
-                                                             shape[1:], dt))
+    with jax.default_device(device):
+        for i, (path, var) in enumerate(flat):
+            shape, dt = var.value.shape, var.value.dtype
+            name = str(path[-1])
+            if name == "scale" or name.endswith("norm"):
+                var.value = jnp.ones(shape, dt)
             else:
-                value = _normal(jax.random.fold_in(key, i), shape, dt)
-        var.value = value
+                var.value = _sliced_normal(jax.random.fold_in(key, i), shape, dt, std, slice_bytes)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _normal(key, shape, dtype):
-    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+def _sliced_normal(key, shape: tuple[int, ...], dtype, std: float, slice_bytes: int):
+    row_bytes = 4 * math.prod(shape[1:]) if shape else 4
+    if not shape or shape[0] * row_bytes <= slice_bytes or shape[0] == 1:
+        return _normal(key, shape, dtype, std)
+    rows = max(1, slice_bytes // row_bytes)
+    out = jnp.zeros(shape, dtype)
+    for start in range(0, shape[0], rows):
+        n = min(rows, shape[0] - start)
+        out = _put_rows(out, _normal(jax.random.fold_in(key, start), (n, *shape[1:]), dtype, std), jnp.int32(start))
+    return out
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _set_layer(stack, layer, value):
-    return jax.lax.dynamic_update_index_in_dim(stack, value, layer, 0)
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _normal(key, shape, dtype, std):
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _put_rows(buf, rows, start):
+    return jax.lax.dynamic_update_slice_in_dim(buf, rows, start, axis=0)
 
 
 def peak_bytes(device=None) -> int | None:

@@ -15,8 +15,8 @@ from flax import nnx
 F32 = jnp.float32
 
 
-def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """x @ kernel + bias in the kernel's dtype; the matmul accumulates in float32 either way.
+def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """x @ kernel (+ bias) in the kernel's dtype; the matmul accumulates in float32 either way.
 
     float32 kernels: float32 all through. Half-precision kernels: the matmul writes half-precision output
     (cuBLAS accumulates in float32 inside) and the bias is added to it. Asking XLA for a float32 output
@@ -26,8 +26,9 @@ def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """
     if kernel.dtype == F32:
         y = jnp.einsum("...i,io->...o", x.astype(F32), kernel, preferred_element_type=F32)
-        return y + bias.astype(F32)
-    return jnp.einsum("...i,io->...o", x.astype(kernel.dtype), kernel) + bias.astype(kernel.dtype)
+        return y if bias is None else y + bias.astype(F32)
+    y = jnp.einsum("...i,io->...o", x.astype(kernel.dtype), kernel)
+    return y if bias is None else y + bias.astype(kernel.dtype)
 
 
 def fused_dense(x: jax.Array, layers: "list[Dense]") -> list[jax.Array]:
@@ -90,3 +91,20 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
 
 def gelu_exact(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=False)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP was trained with."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+# transformers' activation names (config.json `hidden_act` / `dense_act_fn`) -> the function they compute.
+# gelu_new and gelu_pytorch_tanh are the same tanh approximation (written differently in torch).
+ACTIVATIONS = {
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu": gelu_exact,
+    "quick_gelu": quick_gelu,
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}

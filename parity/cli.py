@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-MODELS = ("dit", "vae")
+MODELS = ("dit", "vae", "text-encoder", "image-encoder")
 
 
 def _parity(args: argparse.Namespace) -> int:
@@ -12,7 +12,15 @@ def _parity(args: argparse.Namespace) -> int:
         raise ValueError(f"--model {args.model} is not available; choose from {', '.join(MODELS)}")
     if (args.preset is None) == (args.checkpoint is None):
         raise ValueError("give exactly one of --preset (a fresh tiny checkpoint) or --checkpoint DIR")
-    if args.model == "vae":
+    if args.model in ("text-encoder", "image-encoder"):
+        from parity import encoders
+
+        common = dict(dtype=args.dtype, seed=args.seed, batch=args.batch, text_len=args.text_len)
+        if args.preset:
+            report = encoders.preset_parity(args.model, args.preset, **common)
+        else:
+            report = encoders.model_parity(args.model, args.checkpoint, **common)
+    elif args.model == "vae":
         from parity import vae
 
         shape = dict(batch=args.batch, frames=args.frames or 5, height=args.height, width=args.width)
@@ -54,17 +62,22 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
             "examples:\n  wanport parity --model dit --preset tiny-wan2.1-i2v-14b\n"
             "  wanport parity --model dit --checkpoint ckpt/transformer --dtype bfloat16 --json report.json\n"
             "  wanport parity --preset tiny-hd128-wan2.1-i2v-14b --batch 2 --frames 3 --height 10 --width 14 --prompt-len 9\n"
-            "  wanport parity --model vae --preset tiny-wan2.2 --frames 9"
+            "  wanport parity --model vae --preset tiny-wan2.2 --frames 9\n"
+            "  wanport parity --model text-encoder --preset odd --batch 2 --text-len 300\n"
+            "  wanport parity --model image-encoder --checkpoint Wan2.1-I2V-14B-480P-Diffusers --dtype bfloat16"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default="dit", choices=MODELS, help="the transformer (dit, default) or the VAE (vae)")
+    p.add_argument("--model", default="dit", choices=MODELS,
+                   help="the transformer (dit, default), the VAE (vae), UMT5 (text-encoder) or CLIP (image-encoder)")
     p.add_argument(
         "--preset",
         help="write a random-weight checkpoint of this preset to a temp folder and use it "
-        "(dit: see `wanport presets`; vae: tiny-wan2.1, tiny-wan2.2, wan2.1, wan2.2)",
+        "(dit: see `wanport presets`; vae: tiny-wan2.1, tiny-wan2.2, wan2.1, wan2.2; text-encoder, image-encoder: "
+        "tiny, odd)",
     )
-    p.add_argument("--checkpoint", help="a model folder (config.json + safetensors), e.g. ckpt/transformer or ckpt/vae")
+    p.add_argument("--checkpoint", help="a model folder (config.json + safetensors), e.g. ckpt/transformer or ckpt/vae; "
+                   "for the encoders also a pipeline folder (its text_encoder/ or image_encoder/ is used)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--attention", default="xla", help="attention back-end of our model (default xla)")
     p.add_argument("--json", help="also write the report as JSON here")
@@ -73,7 +86,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frames", type=int, default=None, help="dit: latent frames (default 2); vae: video frames, 4k+1 (default 5)")
     p.add_argument("--height", type=int, default=None, help="dit: latent height (default 8); vae: pixels (default 2 latents)")
     p.add_argument("--width", type=int, default=None, help="dit: latent width (default 8); vae: pixels (default 2 latents)")
-    p.add_argument("--text-len", type=int, default=None, help="dit: text tokens (default 16; 512 for Wan2.1 I2V)")
+    p.add_argument("--text-len", type=int, default=None, help="text tokens (dit: default 16, 512 for Wan2.1 I2V; text-encoder: 64)")
     p.add_argument(
         "--prompt-len", type=int, default=None,
         help="dit: zero the text rows past this many tokens, as the pipelines pad a short prompt (default: none zeroed)",

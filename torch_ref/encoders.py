@@ -9,9 +9,7 @@ a tokenizer and an image processor in the folder layout the diffusers pipelines 
 
 from __future__ import annotations
 
-import html
 import os
-import re
 import string
 from pathlib import Path
 
@@ -19,21 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from jax_impl.encoders.prompt import MAX_TEXT_TOKENS, clean_prompt
 from torch_ref.perturb import perturb_constant_parameters
-
-MAX_TEXT_TOKENS = 512
-
-
-def clean_prompt(text: str) -> str:
-    """Fix mojibake (ftfy), undo HTML escaping twice, collapse whitespace: what the Wan pipelines feed UMT5."""
-    try:
-        import ftfy
-
-        text = ftfy.fix_text(text)
-    except ImportError:  # ftfy is a dependency; without it only mojibake repair is skipped
-        pass
-    text = html.unescape(html.unescape(text)).strip()
-    return re.sub(r"\s+", " ", text).strip()
 
 
 class TextEncoder:
