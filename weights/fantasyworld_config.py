@@ -61,6 +61,12 @@ class FantasyWorldConfig:
     guidance: float = 5.0
     shift: float = 5.0
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def replace(self, **changes: Any) -> "FantasyWorldConfig":
+        return dataclasses.replace(self, **changes)
+
     # ---------------------------------------------------------------- derived sizes
     @property
     def joint_layers(self) -> int:
@@ -101,7 +107,7 @@ class FantasyWorldConfig:
         return range(min(self.adapter_blocks, self.wan.num_layers))
 
     def validate(self) -> "FantasyWorldConfig":
-        """Raise ConfigError naming the inconsistent field; returns self so presets can chain it."""
+        """Raise ConfigError naming the inconsistent field (run on every construction)."""
         problems = []
         if not 0 < self.branch_start < self.wan.num_layers:
             problems.append(f"branch_start={self.branch_start} must lie in 1..{self.wan.num_layers - 1}")
@@ -129,7 +135,7 @@ class FantasyWorldConfig:
     @classmethod
     def full(cls) -> "FantasyWorldConfig":
         """The released FantasyWorld-Wan2.1-I2V-14B-480P."""
-        return cls(wan=get_preset("wan2.1-i2v-14b").transformer).validate()
+        return cls(wan=get_preset("wan2.1-i2v-14b").transformer)
 
     @classmethod
     def tiny(cls) -> "FantasyWorldConfig":
@@ -144,7 +150,7 @@ class FantasyWorldConfig:
             head_trunk_depth=2, head_heads=2, head_iterations=4,
             dpt_features=16, dpt_channels=(8, 16, 24, 24), dpt_layers=(1, 1, 0, 0), dpt_hidden=8,
             height=48, width=64, frames=9, steps=2,
-        ).validate()
+        )
 
     # ---------------------------------------------------------------- JSON
     def to_dict(self) -> dict[str, Any]:
@@ -165,7 +171,10 @@ class FantasyWorldConfig:
         for k in ("dpt_channels", "dpt_layers"):
             if k in kw:
                 kw[k] = tuple(kw[k])
-        return cls(wan=DitConfig.from_dict(raw["wan"], source=f"{source} (wan)"), **kw).validate()
+        try:
+            return cls(wan=DitConfig.from_dict(raw["wan"], source=f"{source} (wan)"), **kw)
+        except TypeError as e:  # a wrongly typed field
+            raise ConfigError(f"{source}: {e}") from None
 
     def to_json(self, path: str | os.PathLike) -> None:
         text = json.dumps(self.to_dict(), indent=2) + "\n"
