@@ -41,8 +41,9 @@ class MemoryEstimate:
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
-        return (f"{self.peak_bytes / GIB:.2f} GiB ({'tiled' if self.tiled else 'whole frames'}: step "
-                f"{self.step_bytes / GIB:.2f}, result {self.result_bytes / GIB:.2f}, tiles {self.tile_bytes / GIB:.2f})")
+        kind = "tiled" if self.tiled else "whole frames"
+        return (f"{self.peak_bytes / GIB:.2f} GiB ({kind}: step {self.step_bytes / GIB:.2f}, result "
+                f"{self.result_bytes / GIB:.2f}, tiles {self.tile_bytes / GIB:.2f})")
 
 
 def _nbytes(aval) -> int:

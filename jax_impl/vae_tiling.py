@@ -83,7 +83,8 @@ def plan(cfg: VaeConfig, kind: str, height: int, width: int, tiling: Tiling) -> 
             r = s // p
             axes.append(AxisTiles(tuple(range(0, length, stride * p)), tile * p, stride // r, tile // r - stride // r))
         else:
-            axes.append(AxisTiles(tuple(range(0, length, stride // s)), tile // s, stride // p, tile // p - stride // p))
+            axes.append(AxisTiles(tuple(range(0, length, stride // s)), tile // s, stride // p,
+                                  tile // p - stride // p))
     return axes[0], axes[1]
 
 
@@ -186,5 +187,6 @@ def tiled_decode(model, z, tiling: Tiling | None = None) -> jax.Array:
 def tile_shapes(cfg: VaeConfig, kind: str, shape: tuple[int, ...], tiling: Tiling) -> list[tuple[int, ...]]:
     """The distinct input shapes of the tiles of an encode/decode of `shape` (for compiling and estimates)."""
     rows, cols = plan(cfg, kind, shape[2], shape[3], tiling)
-    return sorted({(shape[0], shape[1], th, tw, shape[4]) for th in rows.sizes(shape[2]) for tw in cols.sizes(shape[3])})
+    b, f, h, w, c = shape
+    return sorted({(b, f, th, tw, c) for th in rows.sizes(h) for tw in cols.sizes(w)})
 
