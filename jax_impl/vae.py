@@ -517,20 +517,21 @@ class WanVAE(nnx.Module):
     def _chunks(self, kind: str, x) -> list:
         return [x[:, a:b] for a, b in chunk_bounds(kind, x.shape[1])]
 
-    def stream(self, kind: str, x, *, raw: bool = False) -> jax.Array:
+    def stream(self, kind: str, x, *, raw: bool = False, split=None) -> jax.Array:
         """Every time chunk of `x` (a video to encode, or latents to decode) through the compiled chunk step.
 
         Encode returns the moments (mean and log-variance), decode the clipped video (`raw`: the decoder's
         output before unpatchify and clipping). The conv caches are donated from step to step and every
         chunk's output is written into one preallocated buffer, so the device holds the caches once and
-        the result once, whatever the length.
+        the result once, whatever the length. `split`: `nnx.split(self)`, when the caller has it already
+        (tiles split once per video, not once per tile).
         """
-        graphdef, state = nnx.split(self)
+        graphdef, state = split or nnx.split(self)
+        steps = step_table(graphdef, kind, raw)
         caches, buf, t = None, None, 0
         for a, b in chunk_bounds(kind, x.shape[1]):
             xc = jnp.asarray(x[:, a:b])
-            step = compiled_step(graphdef, state, kind, raw, xc, caches)
-            y, caches = step(state, xc, caches)
+            y, caches = steps.get(state, xc, caches)(state, xc, caches)
             if buf is None:
                 buf = jnp.zeros((y.shape[0], self.out_frames(kind, x.shape[1]), *y.shape[2:]), y.dtype)
             buf = put_block(buf, y, (0, t, 0, 0, 0))
@@ -563,32 +564,39 @@ def _signature(tree) -> tuple:
     return str(treedef), tuple((tuple(a.shape), jnp.dtype(a.dtype).name) for a in leaves)
 
 
-_JITS: dict = {}
-_COMPILED: dict = {}
+class StepTable:
+    """The chunk step (state, x, caches) -> (y, caches) of one graph structure and kind, compiled ahead of time
+    per argument shapes. The caches argument is donated: a step's new caches reuse the old ones' memory."""
+
+    def __init__(self, graphdef, kind: str, raw: bool):
+        def step(state, x, caches):
+            m = nnx.merge(graphdef, state)
+            y, new, _ = m.encode_chunk(x, caches) if kind == "encode" else m.decode_chunk(x, caches, raw=raw)
+            return y, new
+
+        self.jitted = jax.jit(step, donate_argnums=2)
+        self.compiled: dict = {}
+
+    def get(self, state, x, caches):
+        """The executable for these shapes (`x`, `caches`: arrays or `jax.ShapeDtypeStruct`s), compiled once."""
+        key = (_signature(x), _signature(caches))
+        c = self.compiled.get(key)
+        if c is None:
+            c = self.compiled[key] = self.jitted.lower(state, x, caches).compile()
+        return c
 
 
-def compiled_step(graphdef, state, kind: str, raw: bool, x, caches):
-    """The chunk step (state, x, caches) -> (y, caches), compiled ahead of time for these shapes and cached.
+_TABLES: dict = {}
 
-    Keyed by graph structure (config, dtype, conv settings) and argument shapes, so every model of the same
-    structure shares it, and `vae_memory` reads XLA's memory analysis of the executable that runs. `x` and
-    `caches` may be arrays or `jax.ShapeDtypeStruct`s. The caches argument is donated: a step's new caches
-    reuse the memory of the ones it was given.
-    """
-    key = (graphdef, kind, raw, _signature(x), _signature(caches))
-    compiled = _COMPILED.get(key)
-    if compiled is None:
-        jitted = _JITS.get((graphdef, kind, raw))
-        if jitted is None:
 
-            def step(state, x, caches):
-                m = nnx.merge(graphdef, state)
-                y, new, _ = m.encode_chunk(x, caches) if kind == "encode" else m.decode_chunk(x, caches, raw=raw)
-                return y, new
-
-            jitted = _JITS[(graphdef, kind, raw)] = jax.jit(step, donate_argnums=2)
-        compiled = _COMPILED[key] = jitted.lower(state, x, caches).compile()
-    return compiled
+def step_table(graphdef, kind: str, raw: bool) -> StepTable:
+    """Keyed by graph structure (config, dtype, conv settings): every model of the same structure shares it.
+    (Hashing a graph costs milliseconds, so callers look the table up once per video, not per chunk.)"""
+    key = (graphdef, kind, raw)
+    table = _TABLES.get(key)
+    if table is None:
+        table = _TABLES[key] = StepTable(graphdef, kind, raw)
+    return table
 
 
 _STEPS: dict = {}

@@ -1,6 +1,6 @@
 """Peak device memory of a VAE encode or decode, estimated before it runs, and the `tile="auto"` decision.
 
-The estimate compiles the chunk steps the run will use (`vae.compiled_step`: the run reuses them, so
+The estimate compiles the chunk steps the run will use (`vae.StepTable`: the run reuses them, so
 nothing is compiled twice) and reads XLA's memory analysis of each: the arguments besides the weights
 (the chunk and the conv caches), the outputs and the temporaries, minus what donation aliases. To the
 largest step it adds what lives across steps: the result buffer and, when tiled, the rows of tiles that
@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jax_impl.vae import chunk_bounds, compiled_step
+from jax_impl.vae import step_table, chunk_bounds
 from jax_impl.vae_tiling import Tiling, applies, plan, tile_shapes
 
 AUTO_FRACTION = 0.9  # headroom for allocator fragmentation and whatever else runs beside the VAE
@@ -67,11 +67,12 @@ def estimate(model, kind: str, shape: tuple[int, ...], *, dtype=None, tile: bool
     frames = shape[1]
     out_frames = model.out_frames(kind, frames)
     step_max, n_steps, tile_out = 0, 0, {}
+    steps = step_table(graphdef, kind, raw)
     for shp in (tile_shapes(model.cfg, kind, shape, tiling) if tiled else [tuple(shape)]):
         caches = None
         for a, b in chunk_bounds(kind, frames)[:2]:  # the first chunk and the steady-state chunk
             x = jax.ShapeDtypeStruct((shp[0], b - a, *shp[2:]), dtype)
-            compiled = compiled_step(graphdef, state, kind, raw, x, caches)
+            compiled = steps.get(state, x, caches)
             ma = compiled.memory_analysis()
             if ma is None:
                 return None

@@ -24,6 +24,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jax_impl.layers import F32
 from jax_impl.vae import VaeInputError, put_block, unpatchify
@@ -101,9 +102,11 @@ def use_tiles(model, kind: str, x, tile: str, tiling: Tiling | None) -> bool:
     """Resolve `tile` ("auto" / "on" / "off") for one encode or decode of `x` (an array: shape and dtype)."""
     if tile not in TILE_MODES:
         raise ValueError(f"tile must be one of {TILE_MODES}, got {tile!r}")
+    if tile == "off":
+        return False
     tiling = tiling or Tiling()
     tiling.check(model.cfg)
-    if tile == "off" or not applies(model.cfg, kind, x.shape, tiling):
+    if not applies(model.cfg, kind, x.shape, tiling):
         return False
     if tile == "on":
         return True
@@ -165,7 +168,9 @@ def tiled_encode(model, video, tiling: Tiling | None = None) -> jax.Array:
     rows, cols = plan(cfg, "encode", h, w, tiling)
     s = cfg.spatial_factor
     out_shape = (b, model.out_frames("encode", f), h // s, w // s, 2 * cfg.z_dim)
-    return run_tiles(video, rows, cols, lambda t: model.stream("encode", t), out_shape, dtype=model.dtype)
+    split = nnx.split(model)
+    return run_tiles(video, rows, cols, lambda t: model.stream("encode", t, split=split), out_shape,
+                     dtype=model.dtype)
 
 
 def tiled_decode(model, z, tiling: Tiling | None = None) -> jax.Array:
@@ -180,8 +185,9 @@ def tiled_decode(model, z, tiling: Tiling | None = None) -> jax.Array:
     def finish(t: jax.Array) -> jax.Array:
         return jnp.clip(unpatchify(t, p), -1.0, 1.0)
 
-    return run_tiles(z, rows, cols, lambda t: model.stream("decode", t, raw=True), out_shape, finish, scale=p,
-                     dtype=model.dtype)
+    split = nnx.split(model)
+    return run_tiles(z, rows, cols, lambda t: model.stream("decode", t, raw=True, split=split), out_shape, finish,
+                     scale=p, dtype=model.dtype)
 
 
 def tile_shapes(cfg: VaeConfig, kind: str, shape: tuple[int, ...], tiling: Tiling) -> list[tuple[int, ...]]:
