@@ -10,6 +10,11 @@ The cache starts as two zero frames, which is exactly the causal zero padding; t
 the first chunk and take a static `first` flag: the temporal downsampler passes its first frame through
 (no time conv), and the temporal upsampler does not double its first frame (and its time conv then
 starts from zeros). Parameter names follow diffusers' module paths (see `weights.vae_map`).
+
+How the convolutions run (3D, or time taps folded into channels of a 2D conv; float32 precision) is
+`ConvSettings`. `WanVAE.stream` is the production path: ahead-of-time compiled chunk steps with the caches
+donated from step to step; `encode` / `decode` add spatial tiling (`jax_impl.vae_tiling`) and
+`tile="auto"` (`jax_impl.vae_memory`). `capture=True` records every layer for the parity tests.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
