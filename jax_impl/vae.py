@@ -539,8 +539,12 @@ class WanVAE(nnx.Module):
             y, caches = steps.get(state, xc, caches)(state, xc, caches)
             if buf is None:
                 buf = jnp.zeros((y.shape[0], self.out_frames(kind, x.shape[1]), *y.shape[2:]), y.dtype)
+            if t + y.shape[1] > buf.shape[1]:  # dynamic_update_slice would clamp and overwrite silently
+                raise AssertionError(f"{kind}: chunk output overruns the {buf.shape[1]}-frame buffer at frame {t}")
             buf = put_block(buf, y, (0, t, 0, 0, 0))
             t += y.shape[1]
+        if t != buf.shape[1]:
+            raise AssertionError(f"{kind}: {t} frames produced, {buf.shape[1]} expected")
         return buf
 
 

@@ -144,18 +144,22 @@ def test_memory_estimate_and_auto(model21, monkeypatch):
 
 
 @pytest.mark.slow
-def test_whole_frame_fast_path_matches_diffusers(folders, model21):
+@pytest.mark.parametrize("variant", list(CASES))
+def test_whole_frame_fast_path_matches_diffusers(folders, variant):
     """`stream` (compiled steps, donated caches, one output buffer) is what users run without tiles; the layer
-    parity tests record taps through a separate jit, so check this path end to end as well."""
+    parity tests record taps through a separate jit, so check this path end to end as well (5 frames)."""
     from parity.metrics import rel_l2
     from parity.vae import make_video
     from torch_ref.vae import load_vae_torch, run_vae
 
-    _, _, h, w, frames = CASES["tiny-wan2.1"]
-    video = make_video(TINY_WAN21_VAE, frames=frames, height=h, width=w, seed=5)
-    z = np.asarray(np.random.default_rng(1).standard_normal((1, 2, h // 8, w // 8, 16)), np.float32)
-    rmean, rdec, _ = run_vae(load_vae_torch(folders["tiny-wan2.1"]), video, latents=z)
-    mean = model21.encode(video, tile="off")
-    assert rel_l2(np.asarray(mean), rmean) <= FP32_TOL
-    assert rel_l2(np.asarray(model21.decode(z, tile="off")), rdec) <= FP32_TOL
-    assert model21.encode(video, tile="off", return_moments=True).shape == (1, 2, h // 8, w // 8, 32)
+    cfg, _, h, w, _ = CASES[variant]
+    s = cfg.spatial_factor
+    model = load_vae(folders[variant])
+    video = make_video(cfg, frames=5, height=h, width=w, seed=5)
+    z = np.asarray(np.random.default_rng(1).standard_normal((1, 2, h // s, w // s, cfg.z_dim)), np.float32)
+    rmean, rdec, _ = run_vae(load_vae_torch(folders[variant]), video, latents=z)
+    mean = model.encode(video, tile="off")
+    assert mean.shape == rmean.shape and rel_l2(np.asarray(mean), rmean) <= FP32_TOL
+    dec = model.decode(z, tile="off")
+    assert dec.shape == rdec.shape == (1, 5, h, w, 3) and rel_l2(np.asarray(dec), rdec) <= FP32_TOL
+    assert model.encode(video, tile="off", return_moments=True).shape[-1] == 2 * cfg.z_dim
