@@ -11,13 +11,13 @@ only its row, and the JSON is rewritten after every configuration:
      filling a persistent compilation cache in the work dir, so that the measuring process below loads its
      executables instead of compiling: XLA's autotuner allocates scratch buffers that would otherwise count
      in the measured peak. Also records compile time and the memory estimate (jax_impl.vae_memory).
-  2. ours, measure (one process per configuration): decode, then encode; `peak decode` is the peak after the
-     decode, `peak` the peak of the whole process (so the encode's when larger).
+  2. ours, measure (one process per configuration): decode, then encode; `decode_peak_bytes` is the peak
+     after the decode, `encode_peak_bytes` the peak of the whole process (the encode's, when larger).
   3. diffusers (one process per configuration): decode, then encode, peak reset before each; tiled rows use
      enable_tiling with the same tile sizes.
 Peaks include the weights and the input on the device, for both implementations.
 
-  python bench/vae.py --quick --json vae.json        # ~5 min on an H100: Wan2.1, 480x832, bf16+fp32, whole frames
+  python bench/vae.py --quick --json vae.json        # Wan2.1, 480x832, bf16+fp32, whole frames (~5 min expected)
   python bench/vae.py --variants wan2.1 --sizes 720x1280 --tiling off,on --dtypes bfloat16 --json a.json --append
   python bench/vae.py --tiny                         # CPU smoke run of the whole flow (CI)
 """
