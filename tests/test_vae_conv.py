@@ -69,7 +69,7 @@ def test_strict_fp32_is_the_one_switch():
 
 
 def test_set_conv_settings_reaches_every_conv_and_attention():
-    m = WanVAE(TINY_WAN21_VAE, rngs=nnx.Rngs(0))
+    m = nnx.eval_shape(lambda: WanVAE(TINY_WAN21_VAE, rngs=nnx.Rngs(0)))
     s = ConvSettings(time_taps="conv3d", strict_fp32=True)
     m.set_conv_settings(s)
     convs = [mod for _, mod in m.iter_modules() if isinstance(mod, Conv)]
