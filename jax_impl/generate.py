@@ -106,13 +106,14 @@ def default_dtype(name: str | None) -> str:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from jax_impl.latents import VaeOptions
     from jax_impl.pipeline import generate
 
     result = generate(
         args.checkpoint, args.out, prompt=args.prompt, image_path=args.image, settings=settings_from_args(args),
         negative_prompt=args.negative_prompt, last_image_path=args.last_image, embeddings_path=args.embeddings,
         work_dir=args.work_dir, resume=args.resume, dtype=default_dtype(args.dtype), attention_backend=args.backend,
-        causal=causal_from_args(args),
+        causal=causal_from_args(args), vae_options=VaeOptions(tile=args.vae_tile),
     )
     t = result["timings"]
     print(f"wrote {result['video']} ({result['frames']} frames); load {t['load']:.1f} s, encode {t['encode']:.1f} s, "
@@ -127,6 +128,10 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="MP4", help="output video path")
     p.add_argument("--work-dir", metavar="DIR", help="where stage files go (default: OUT without .mp4 + '.stages')")
     p.add_argument("--resume", action="store_true", help="reuse stage files made with the same settings")
+    p.add_argument("--vae-tile", choices=["auto", "on", "off"], default="auto",
+                   help="VAE encode/decode in overlapping spatial tiles (diffusers' enable_tiling: 256-pixel tiles "
+                        "every 192), so large frames fit a fixed memory budget; auto (default) tiles only when "
+                        "the estimated memory of whole frames exceeds the free GPU memory")
     c = p.add_argument_group("block-causal (streaming) generation")
     c.add_argument("--causal", action="store_true", help="generate block by block with a KV cache")
     c.add_argument("--frames-per-block", type=int, default=None, metavar="N",

@@ -89,7 +89,7 @@ class Pipeline:
     """Loaded components of one pipeline folder; the DiT(s) and VAE in JAX, the encoders in torch."""
 
     def __init__(self, folder: str | os.PathLike, *, dtype=None, attention_backend: str = "auto",
-                 load_encoders: bool = True):
+                 load_encoders: bool = True, vae_options=None):
         import jax.numpy as jnp
 
         from weights.dit_io import load_dit
@@ -114,7 +114,10 @@ class Pipeline:
         self.dtype = jnp.dtype(dtype or jnp.float32)
         self.experts = [load_dit(self.folder / n, dtype=self.dtype, attention_backend=attention_backend) for n in names]
         self.dit_config = self.experts[0].cfg
-        self.vae = load_vae(self.folder / "vae", dtype=jnp.float32)
+        from jax_impl.latents import VaeOptions
+
+        self.vae_options = vae_options or VaeOptions()  # VAE dtype and spatial tiling
+        self.vae = load_vae(self.folder / "vae", dtype=jnp.dtype(self.vae_options.dtype))
         self.vae_config: VaeConfig = self.vae.cfg
         self.scheduler_config = schedulers.SchedulerConfig.from_json(self.folder / "scheduler" / "scheduler_config.json")
         if self.dit_config.in_channels == self.vae_config.z_dim + 4 + self.vae_config.z_dim:
@@ -212,7 +215,8 @@ class Pipeline:
         if self.conditioning != "none" and image is not None:
             pixels = image_to_array(image, settings.height, settings.width)
             last = None if last_image is None else image_to_array(last_image, settings.height, settings.width)
-            c = cond.encode_condition(self.vae, self.conditioning, pixels, settings.frames, batch=b, last_image=last)
+            c = cond.encode_condition(self.vae_options.bind(self.vae), self.conditioning, pixels, settings.frames,
+                                      batch=b, last_image=last)
             out["condition" if c.kind == "concat" else "first_latent"] = c.tensor
         return out
 
@@ -274,7 +278,8 @@ class Pipeline:
 
         from jax_impl.latents import decode_latents
 
-        return np.asarray(decode_latents(self.vae, jnp.asarray(latents, jnp.float32)), np.float32)
+        video = decode_latents(self.vae_options.bind(self.vae), jnp.asarray(latents, jnp.float32))
+        return np.asarray(video, np.float32)
 
 
 def generate(
@@ -293,6 +298,7 @@ def generate(
     attention_backend: str = "auto",
     causal=None,
     log=print,
+    vae_options=None,
 ) -> dict[str, Any]:
     """Run encode -> denoise -> decode, writing each stage's file under `work_dir` and the mp4 at `out`.
 
@@ -312,7 +318,7 @@ def generate(
     embeddings = load_tensors(embeddings_path)[0] if embeddings_path is not None else None
     t0 = time.perf_counter()
     pipe = Pipeline(checkpoint, dtype=dtype, attention_backend=attention_backend,
-                    load_encoders=embeddings is None)
+                    load_encoders=embeddings is None, vae_options=vae_options)
     pipe.check_settings(settings, image is not None)
     if causal is not None:  # validate the block layout before any stage runs
         causal.num_blocks(pipe.latent_shape(settings)[1])

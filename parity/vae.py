@@ -9,6 +9,7 @@ The decoded video's PSNR against diffusers is in `meta["decode_psnr_db"]`.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -75,7 +76,8 @@ def layer_order(cfg, n_enc_chunks: int, n_dec_chunks: int, enc_blocks: int, dec_
 
 
 def run_jax(folder, video: np.ndarray, dtype: str):
-    """Our VAE: (mean, decoded, taps) as float32 numpy, decoding our own mean."""
+    """Our VAE: (mean, decoded, taps) as float32 numpy, decoding our own mean (the recording run; the
+    production path, `WanVAE.stream`, is checked against diffusers in tests/test_vae_tiling.py)."""
     import jax.numpy as jnp
 
     from weights.vae_io import load_vae
@@ -154,3 +156,43 @@ def preset_parity(preset: str = "tiny-wan2.1", *, dtype: str = "float32", seed: 
         report = vae_parity(folder, dtype=dtype, seed=seed, **video_kwargs)
     report.meta["preset"] = preset
     return report
+
+
+def tiled_parity(folder: str | Path, tiling, *, frames: int = 5, height: int, width: int, seed: int = 0,
+                 conv=None, kinds: tuple[str, ...] = ("encode", "decode")) -> Report:
+    """Spatially tiled encode and decode (fp32) against diffusers' `enable_tiling` path on the same weights.
+
+    Rows (those of `kinds`): `tiled.encode.mean` (both encode `video` in tiles) and `tiled.decode.video`
+    (both decode the same latents, diffusers' tiled mean, in tiles). `tiling` is a `jax_impl.vae_tiling.Tiling`,
+    `conv` optional `jax_impl.vae.ConvSettings`. meta records the tile layout, so a test can check that the
+    tiles overlap in both directions.
+    """
+    import jax.numpy as jnp
+
+    from jax_impl.vae_tiling import plan
+    from torch_ref.vae import load_vae_torch, run_vae_tiled
+    from weights.vae_io import VaeCheckpoint, load_vae
+
+    cfg = VaeCheckpoint(folder).config
+    video = make_video(cfg, frames=frames, height=height, width=width, seed=seed)
+    torch_model = load_vae_torch(folder)
+    rmean, _ = run_vae_tiled(torch_model, tiling, video=video)
+    model = load_vae(folder, dtype=jnp.float32)
+    if conv is not None:
+        model.set_conv_settings(conv)
+    ours, ref = {}, {}
+    if "encode" in kinds:
+        ours["tiled.encode.mean"] = np.asarray(model.encode(video, tile="on", tiling=tiling), np.float32)
+        ref["tiled.encode.mean"] = rmean
+    if "decode" in kinds:
+        ours["tiled.decode.video"] = np.asarray(model.decode(rmean, tile="on", tiling=tiling), np.float32)
+        ref["tiled.decode.video"] = run_vae_tiled(torch_model, tiling, latents=rmean)[1]
+    layout = {}
+    for kind, (h, w) in (("encode", (height, width)), ("decode", rmean.shape[2:4])):
+        rows, cols = plan(cfg, kind, h, w, tiling)
+        layout[kind] = {"rows": len(rows.starts), "cols": len(cols.starts), "blend": [rows.blend, cols.blend]}
+    meta = {"model": "vae", "checkpoint": str(folder), "dtype": "float32", "video_shape": list(video.shape),
+            "tiling": dataclasses.asdict(tiling), "tiles": layout, "tolerance": f"rel_l2 <= {FP32_TOL}"}
+    if "decode" in kinds:
+        meta["decode_psnr_db"] = psnr(ours["tiled.decode.video"], ref["tiled.decode.video"])
+    return Report(compare_layers(ours, ref, FP32_TOL, list(ours)), meta)

@@ -20,7 +20,7 @@ from weights.vae_io import VaeCheckpoint, load_vae
 
 @pytest.fixture(scope="module")
 def vae21():
-    return WanVAE(TINY_WAN21_VAE, rngs=nnx.Rngs(0))
+    return nnx.eval_shape(lambda: WanVAE(TINY_WAN21_VAE, rngs=nnx.Rngs(0)))  # inputs are checked before any compute
 
 
 @pytest.mark.parametrize("frames", [2, 4, 6, 8, 16])
@@ -32,7 +32,7 @@ def test_frames_not_4k_plus_1(vae21, frames):
 def test_size_not_divisible(vae21):
     with pytest.raises(VaeInputError, match="multiples of 8.*12x16"):
         vae21.encode(jnp.zeros((1, 5, 12, 16, 3)))
-    m22 = WanVAE(TINY_WAN22_VAE, rngs=nnx.Rngs(0))
+    m22 = nnx.eval_shape(lambda: WanVAE(TINY_WAN22_VAE, rngs=nnx.Rngs(0)))
     with pytest.raises(VaeInputError, match="multiples of 16"):
         m22.encode(jnp.zeros((1, 1, 24, 32, 3)))
 

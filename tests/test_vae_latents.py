@@ -79,3 +79,59 @@ def test_pipeline_helpers_use_the_vae_config():
     # no hard-coded statistics in the module
     src = inspect.getsource(latents)
     assert "0.7571" not in src and "0.2289" not in src
+
+
+def test_vae_options_validated_and_bound():
+    from jax_impl.latents import VaeOptions
+
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        VaeOptions(dtype="float16")
+    with pytest.raises(ValueError, match="tile must be one of"):
+        VaeOptions(tile="always")
+
+    class RecordingVae:
+        cfg = TINY_WAN21_VAE
+
+        def __init__(self):
+            self.calls = []
+
+        def encode(self, video, **kw):
+            self.calls.append(("encode", kw))
+            return np.zeros((1, 1, 1, 1, 16), np.float32)
+
+        def decode(self, z, **kw):
+            self.calls.append(("decode", kw))
+            return z
+
+    vae = RecordingVae()
+    opts = VaeOptions(tile="on", tiling="T")
+    bound = opts.bind(vae)
+    assert bound.cfg is TINY_WAN21_VAE
+    encode_video(bound, None)
+    decode_latents(bound, np.zeros((1, 1, 1, 1, 16), np.float32))
+    assert vae.calls == [("encode", {"tile": "on", "tiling": "T"}), ("decode", {"tile": "on", "tiling": "T"})]
+
+
+def test_pipeline_and_cli_pass_vae_options(tiny_ckpt, monkeypatch, tmp_path):
+    """`wanport generate --vae-tile on` reaches the pipeline; the pipeline loads the VAE in the options' dtype
+    and decodes with their tile mode."""
+    import jax_impl.pipeline as pipeline
+    from jax_impl.cli import main
+    from jax_impl.latents import VaeOptions
+    from jax_impl.vae import WanVAE
+
+    seen = {}
+    monkeypatch.setattr(pipeline, "generate", lambda *a, **kw: seen.update(kw) or {
+        "video": "x.mp4", "frames": 1, "timings": dict.fromkeys(("load", "encode", "denoise", "decode"), 0.0)})
+    assert main(["generate", "--checkpoint", "c", "--prompt", "p", "--out", str(tmp_path / "x.mp4"),
+                 "--vae-tile", "on"]) == 0
+    assert seen["vae_options"] == VaeOptions(tile="on")
+
+    pipe = pipeline.Pipeline(tiny_ckpt("tiny-wan2.1-t2v-1.3b"), load_encoders=False,
+                             vae_options=VaeOptions(dtype="bfloat16", tile="off"))
+    assert pipe.vae.dtype == jnp.bfloat16 and pipe.vae.decoder.conv_in.kernel.get_value().dtype == jnp.bfloat16
+    calls = []
+    monkeypatch.setattr(WanVAE, "decode", lambda self, z, **kw: calls.append(kw) or jnp.zeros((1, 1, 8, 8, 3)))
+    pipe.decode(np.zeros((1, 1, 1, 1, 16), np.float32))
+    assert calls == [{"tile": "off", "tiling": None}]
+    assert pipeline.Pipeline(tiny_ckpt("tiny-wan2.1-t2v-1.3b"), load_encoders=False).vae.dtype == jnp.float32

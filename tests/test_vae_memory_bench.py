@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 _DECODE = textwrap.dedent(
@@ -48,13 +50,45 @@ def test_decode_peak_memory_flat_in_frames():
     assert g81 - g17 < output_kib + 16 * 1024, (g17, g81)
 
 
-def test_bench_tiny_runs_on_cpu(tmp_path):
+def _bench(tmp_path, *flags: str):
     out = tmp_path / "b.json"
-    r = subprocess.run([sys.executable, "bench/vae.py", "--tiny", "--dtypes", "float32", "--json", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "jax/torch" in r.stdout
-    data = json.loads(out.read_text())
-    row = data["rows"][0]
-    assert data["tiny"] is True and row["dtype"] == "float32"
-    assert row["jax_decode_s"] > 0 and row["torch_decode_s"] > 0 and row["decode_ratio"] > 0
+    r = subprocess.run([sys.executable, "bench/vae.py", "--tiny", "--variants", "wan2.1", "--frames", "1",
+                        "--json", str(out), *flags], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return r, (json.loads(out.read_text()) if out.is_file() else None)
+
+
+@pytest.mark.slow
+def test_bench_tiny_runs_on_cpu(tmp_path):
+    """The whole GPU flow on a CPU: a compile process, then one process per implementation and configuration,
+    the table, the JSON and the bf16-vs-fp32 quality rows."""
+    r, data = _bench(tmp_path, "--dtypes", "float32,bfloat16", "--tiling", "off", "--precompile", "on")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "ours/diff" in r.stdout and "bf16 vs fp32" in r.stdout
+    assert data["tiny"] is True and [row["dtype"] for row in data["rows"]] == ["float32", "bfloat16"]
+    for row in data["rows"]:
+        for op in ("encode", "decode"):
+            assert row["ours"][f"{op}_s"] > 0 and row["diffusers"][f"{op}_s"] > 0 and row[f"{op}_ratio"] > 0
+            est = row["ours"][f"{op}_estimate"]
+            assert est["total_bytes"] > est["peak_bytes"] > 0 and est["tiled"] is False
+        assert row["ours"]["precompiled"] is True
+    (compile_run,) = data["compile"]
+    assert set(compile_run["configs"]) == {row["key"] for row in data["rows"]}
+    q = {x["what"]: x for x in data["quality"]}
+    assert 20 < q["ours bf16 vs fp32 (whole)"]["psnr_db"] < 90  # bf16 differs from fp32, but not wildly
+    assert 20 < q["diffusers bf16 vs fp32 (whole)"]["psnr_db"] < 90
+    assert q["ours vs diffusers float32 (whole)"]["psnr_db"] > 100  # same weights, same latents: parity
+    assert 0 < q["ours bf16 vs fp32 (whole)"]["ssim"] <= 1
+
+
+@pytest.mark.slow
+def test_bench_failure_keeps_the_other_rows(tmp_path):
+    """A configuration that fails in one implementation is reported with its error; the other rows and the
+    other implementation still run, the JSON is written and the exit status says something failed.
+    (Tiles of 100 pixels are no whole number of latents: ours refuses them; diffusers runs the 48x64 frames
+    untiled, as they are smaller than one tile.)"""
+    r, data = _bench(tmp_path, "--dtypes", "float32", "--tiling", "off,on", "--tile", "100,20")
+    assert r.returncode == 1
+    whole, tiled = data["rows"]
+    assert "multiples of 8" in tiled["ours"]["error"] and tiled["diffusers"]["decode_s"] > 0
+    assert whole["ours"]["decode_s"] > 0 and whole["diffusers"]["decode_s"] > 0
+    assert "multiples of 8" in r.stdout

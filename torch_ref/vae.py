@@ -103,3 +103,27 @@ def run_vae(model: AutoencoderKLWan, video: np.ndarray, latents: np.ndarray | No
     taps: dict = {k: np.concatenate(v, axis=1) for k, v in chunks.items()}
     taps.update(caches)
     return mean, dec, taps
+
+
+@torch.no_grad()
+def run_vae_tiled(model: AutoencoderKLWan, tiling, video: np.ndarray | None = None,
+                  latents: np.ndarray | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """diffusers' tiled path: (posterior mean of `video`, decoded `latents`), channels-last float32 numpy.
+
+    `tiling` has tile_height/tile_width/stride_height/stride_width in pixels (a `jax_impl.vae_tiling.Tiling`),
+    passed to `enable_tiling` as tile_sample_min_* and tile_sample_stride_*; tiling is switched off after.
+    """
+    dtype, dev = model.encoder.conv_in.weight.dtype, model.encoder.conv_in.weight.device
+    model.enable_tiling(tile_sample_min_height=tiling.tile_height, tile_sample_min_width=tiling.tile_width,
+                        tile_sample_stride_height=tiling.stride_height, tile_sample_stride_width=tiling.stride_width)
+    try:
+        mean = dec = None
+        if video is not None:
+            x = torch.from_numpy(np.ascontiguousarray(video.transpose(0, 4, 1, 2, 3))).to(dev, dtype)
+            mean = _cl(model.encode(x).latent_dist.mode())
+        if latents is not None:
+            z = torch.from_numpy(np.ascontiguousarray(latents.transpose(0, 4, 1, 2, 3))).to(dev, dtype)
+            dec = _cl(model.decode(z).sample)
+    finally:
+        model.disable_tiling()
+    return mean, dec

@@ -1,0 +1,198 @@
+"""Spatial tiling of the Wan VAE: encode and decode in overlapping tiles, blended as diffusers does.
+
+Same tiles, order and blending as diffusers' `AutoencoderKLWan.enable_tiling` (`tiled_encode` /
+`tiled_decode`), so the result matches diffusers' tiled path; here channels-last and one row of tiles at
+a time. Each tile runs the whole video length through `WanVAE.stream` with its own conv caches (time is
+still chunked inside a tile), so memory is bounded by the tile size, not the frame size.
+
+Layout of one axis (height or width), in diffusers' units:
+- decode: tiles of `tile // s` latents every `stride // s` latents (s = pixels per latent); each decoded tile
+  is blended with the tile above and the one to its left over `(tile - stride) / p` output pixels and cut
+  to `stride / p` pixels (p = the patch size: outputs are blended before unpatchify, as diffusers does).
+- encode: tiles of `tile` x `stride` in pixels of the *patchified* video (Wan2.2: 2 pixels each), giving
+  latent tiles of `tile // (s / p)` every `stride // (s / p)`, blended over the difference.
+Blending is linear: row y of the overlap is `above[-e + y] * (1 - y / e) + this[y] * (y / e)`, always
+against the neighbours as already blended (diffusers blends in place, left to right, top to bottom).
+Tiling is used only when the frames are larger than one tile (diffusers' condition).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jax_impl.layers import F32
+from jax_impl.vae import VaeInputError, put_block, unpatchify
+from jax_impl.vae_config import VaeConfig
+
+TILE_MODES = ("auto", "on", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """Tile size and stride in pixels, as diffusers' `enable_tiling(tile_sample_min_height=..., ...)` takes
+    them; the defaults are diffusers' (256-pixel tiles every 192 pixels: 64 pixels of overlap)."""
+
+    tile_height: int = 256
+    tile_width: int = 256
+    stride_height: int = 192
+    stride_width: int = 192
+
+    def __post_init__(self) -> None:
+        for tile, stride, axis in ((self.tile_height, self.stride_height, "height"),
+                                   (self.tile_width, self.stride_width, "width")):
+            if not 0 < stride <= tile:
+                raise ValueError(f"tile {axis} {tile} and stride {stride}: need 0 < stride <= tile "
+                                 "(the overlap tile - stride is what gets blended)")
+
+    def check(self, cfg: VaeConfig) -> None:
+        """Sizes must be whole latents of this VAE, or encode and decode tiles would not line up."""
+        s = cfg.spatial_factor
+        bad = {k: v for k, v in dataclasses.asdict(self).items() if v % s}
+        if bad:
+            raise VaeInputError(f"tile sizes and strides must be multiples of {s} pixels for this VAE, got "
+                                + ", ".join(f"{k}={v}" for k, v in bad.items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisTiles:
+    """Tiles along one axis: input starts and size; output stride (what each tile keeps) and blend width."""
+
+    starts: tuple[int, ...]
+    size: int
+    out_stride: int
+    blend: int
+
+    def sizes(self, length: int) -> list[int]:
+        return [min(self.size, length - a) for a in self.starts]
+
+
+def plan(cfg: VaeConfig, kind: str, height: int, width: int, tiling: Tiling) -> tuple[AxisTiles, AxisTiles]:
+    """(rows, columns) of tiles for an encode of a `height` x `width` video or a decode of `height` x `width`
+    latents. Input units: video pixels (encode) or latents (decode); output units: latents (encode) or
+    patchified output pixels (decode, before unpatchify)."""
+    s, p = cfg.spatial_factor, cfg.patch
+    axes = []
+    for length, tile, stride in ((height, tiling.tile_height, tiling.stride_height),
+                                 (width, tiling.tile_width, tiling.stride_width)):
+        if kind == "encode":  # diffusers counts in patchified pixels; slicing the raw video is the same thing
+            r = s // p
+            axes.append(AxisTiles(tuple(range(0, length, stride * p)), tile * p, stride // r, tile // r - stride // r))
+        else:
+            axes.append(AxisTiles(tuple(range(0, length, stride // s)), tile // s, stride // p,
+                                  tile // p - stride // p))
+    return axes[0], axes[1]
+
+
+def applies(cfg: VaeConfig, kind: str, shape: tuple[int, ...], tiling: Tiling) -> bool:
+    """Whether tiling changes anything: the frames are larger than one tile (diffusers' condition)."""
+    h, w = shape[2], shape[3]
+    if kind == "encode":
+        return w > tiling.tile_width or h > tiling.tile_height
+    s = cfg.spatial_factor
+    return w > tiling.tile_width // s or h > tiling.tile_height // s
+
+
+def use_tiles(model, kind: str, x, tile: str, tiling: Tiling | None) -> bool:
+    """Resolve `tile` ("auto" / "on" / "off") for one encode or decode of `x` (an array: shape and dtype)."""
+    if tile not in TILE_MODES:
+        raise ValueError(f"tile must be one of {TILE_MODES}, got {tile!r}")
+    if tile == "off":
+        return False
+    tiling = tiling or Tiling()
+    tiling.check(model.cfg)
+    if not applies(model.cfg, kind, x.shape, tiling):
+        return False
+    if tile == "on":
+        return True
+    from jax_impl.vae_memory import needs_tiles
+
+    return needs_tiles(model, kind, x, tiling)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def blend(prev: jax.Array, cur: jax.Array, extent: int, axis: int) -> jax.Array:
+    """`cur` with its first `e` rows along `axis` faded in from the last `e` of `prev` (diffusers'
+    blend_v / blend_h), e = min(extent, both lengths); computed in float32."""
+    e = min(prev.shape[axis], cur.shape[axis], extent)
+    if e == 0:
+        return cur
+    shape = [1] * cur.ndim
+    shape[axis] = e
+    w = (jnp.arange(e, dtype=F32) / e).reshape(shape)
+    tail = jax.lax.slice_in_dim(prev, prev.shape[axis] - e, prev.shape[axis], axis=axis).astype(F32)
+    head = jax.lax.slice_in_dim(cur, 0, e, axis=axis).astype(F32)
+    mixed = (tail * (1 - w) + head * w).astype(cur.dtype)
+    return jnp.concatenate([mixed, jax.lax.slice_in_dim(cur, e, cur.shape[axis], axis=axis)], axis=axis)
+
+
+def run_tiles(x, rows: AxisTiles, cols: AxisTiles, run_tile: Callable[[object], jax.Array],
+              out_shape: tuple[int, ...], finish: Callable[[jax.Array], jax.Array] = lambda t: t,
+              scale: int = 1, dtype=None) -> jax.Array:
+    """Run `run_tile` on every tile of `x` ([B, T, H, W, C]), blend, keep each tile's `out_stride` part,
+    `finish` it and write it into an `out_shape` buffer at (row, column) x out_stride x `scale`.
+
+    Only the previous row of (blended, uncut) tiles is kept; the result is written in place.
+    """
+    buf = None
+    above: list[jax.Array] = []
+    for r, i in enumerate(rows.starts):
+        row: list[jax.Array] = []
+        for c, j in enumerate(cols.starts):
+            t = run_tile(x[:, :, i:i + rows.size, j:j + cols.size])
+            if above:
+                t = blend(above[c], t, rows.blend, 2)
+            if row:
+                t = blend(row[-1], t, cols.blend, 3)
+            row.append(t)
+            piece = finish(t[:, :, :rows.out_stride, :cols.out_stride])
+            top, left = r * rows.out_stride * scale, c * cols.out_stride * scale
+            piece = piece[:, :, :out_shape[2] - top, :out_shape[3] - left]
+            if buf is None:
+                buf = jnp.zeros(out_shape, dtype or piece.dtype)
+            buf = put_block(buf, piece, (0, 0, top, left, 0))
+        above = row
+    return buf
+
+
+def tiled_encode(model, video, tiling: Tiling | None = None) -> jax.Array:
+    """Moments [B, F', H/s, W/s, 2 z_dim] of `video` encoded in blended tiles (see the module docstring)."""
+    cfg = model.cfg
+    tiling = tiling or Tiling()
+    b, f, h, w, _ = video.shape
+    rows, cols = plan(cfg, "encode", h, w, tiling)
+    s = cfg.spatial_factor
+    out_shape = (b, model.out_frames("encode", f), h // s, w // s, 2 * cfg.z_dim)
+    split = nnx.split(model)
+    return run_tiles(video, rows, cols, lambda t: model.stream("encode", t, split=split), out_shape,
+                     dtype=model.dtype)
+
+
+def tiled_decode(model, z, tiling: Tiling | None = None) -> jax.Array:
+    """Video [B, F, H, W, C] in [-1, 1] decoded from latents `z` in blended tiles (see the module docstring)."""
+    cfg = model.cfg
+    tiling = tiling or Tiling()
+    b, f, h, w, _ = z.shape
+    rows, cols = plan(cfg, "decode", h, w, tiling)
+    s, p = cfg.spatial_factor, cfg.patch
+    out_shape = (b, model.out_frames("decode", f), h * s, w * s, cfg.out_channels // (p * p))
+
+    def finish(t: jax.Array) -> jax.Array:
+        return jnp.clip(unpatchify(t, p), -1.0, 1.0)
+
+    split = nnx.split(model)
+    return run_tiles(z, rows, cols, lambda t: model.stream("decode", t, raw=True, split=split), out_shape, finish,
+                     scale=p, dtype=model.dtype)
+
+
+def tile_shapes(cfg: VaeConfig, kind: str, shape: tuple[int, ...], tiling: Tiling) -> list[tuple[int, ...]]:
+    """The distinct input shapes of the tiles of an encode/decode of `shape` (for compiling and estimates)."""
+    rows, cols = plan(cfg, kind, shape[2], shape[3], tiling)
+    b, f, h, w, c = shape
+    return sorted({(b, f, th, tw, c) for th in rows.sizes(h) for tw in cols.sizes(w)})
+
