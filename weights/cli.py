@@ -62,7 +62,7 @@ def run_convert(args: argparse.Namespace) -> int:
     try:
         if args.verify:
             if args.src or args.dst:
-                print("error: --verify takes only the folder to check", file=sys.stderr)
+                print("wanport convert: error: --verify takes only the folder to check", file=sys.stderr)
                 return 2
             problems = verify(args.verify)
             for line in problems:
@@ -73,7 +73,7 @@ def run_convert(args: argparse.Namespace) -> int:
             print(f"{args.verify}: OK, every file and tensor matches the manifest")
             return 0
         if not (args.src and args.dst and args.to):
-            print("error: convert needs SRC, DST and --to (or --verify DIR); see --help", file=sys.stderr)
+            print("wanport convert: error: convert needs SRC, DST and --to (or --verify DIR); see --help", file=sys.stderr)
             return 2
         out = convert(
             args.src,
@@ -88,8 +88,9 @@ def run_convert(args: argparse.Namespace) -> int:
         print(f"wrote {out} ({args.to} layout)")
         return 0
     except (CheckpointError, FileExistsError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        # Bad input or an unusable destination: one line naming it, exit 2 (1 is --verify finding damage).
+        print(f"wanport convert: error: {e}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
