@@ -221,22 +221,22 @@ class Pipeline:
         if dit.pos_embed_seq_len:
             raise PipelineError(f"{where}: a first-last-frame (FLF2V) transformer (pos_embed_seq_len="
                                 f"{dit.pos_embed_seq_len}); FLF2V checkpoints are not supported yet")
+        if dit.in_channels not in (z, 2 * z + 4):
+            raise PipelineError(
+                f"{where}: in_channels={dit.in_channels} does not fit vae/ (z_dim={z}): with this VAE a DiT takes {z} "
+                f"(text-to-video, TI2V) or {2 * z + 4} (image-to-video: {z} latents + 4 mask + {z} image condition) "
+                "channels; the transformer and the VAE come from different models"
+            )
         if dit.out_channels != z:
             raise PipelineError(f"{where}: out_channels={dit.out_channels} does not fit vae/ (z_dim={z}): the DiT must "
                                 "predict the VAE's latent channels; the transformer and the VAE come from different models")
-        if dit.in_channels == 2 * z + 4:
-            if expand:
-                raise PipelineError(f"{self.folder / 'model_index.json'}: expand_timesteps (TI2V first-frame "
-                                    f"conditioning) is set, but {where} takes in_channels={dit.in_channels} = latents + "
-                                    "4 mask + image condition (I2V concat conditioning); remove expand_timesteps")
-            return "concat"
         if dit.in_channels == z:
             return "first_frame" if expand else "none"
-        raise PipelineError(
-            f"{where}: in_channels={dit.in_channels} does not fit vae/ (z_dim={z}): with this VAE a DiT takes {z} "
-            f"(text-to-video, TI2V) or {2 * z + 4} (image-to-video: {z} latents + 4 mask + {z} image condition) "
-            "channels; the transformer and the VAE come from different models"
-        )
+        if expand:
+            raise PipelineError(f"{self.folder / 'model_index.json'}: expand_timesteps (TI2V first-frame "
+                                f"conditioning) is set, but {where} takes in_channels={dit.in_channels} = latents + "
+                                "4 mask + image condition (I2V concat conditioning); remove expand_timesteps")
+        return "concat"
 
     def encoders_needed(self, embedding_names: Collection[str]) -> set[str]:
         """The encoder groups ("text", "image") that precomputed `embedding_names` do not replace."""

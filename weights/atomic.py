@@ -63,11 +63,11 @@ def check_output_path(path: str | os.PathLike, *, flag: str, folder: bool = Fals
     existing file, a parent below a regular file, and a first existing ancestor that is not writable.
     """
     path = Path(path)
-    if suffix is not None and path.suffix.lower() != suffix:
-        raise ValueError(f"{flag} {path}: the name must end in {suffix}")
     if not folder and path.is_dir():
         example = path / ("video" + (suffix or ""))
         raise ValueError(f"{flag} {path} is a folder; give a file path inside it, e.g. {example}")
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise ValueError(f"{flag} {path}: the name must end in {suffix}")
     if folder and (path.exists() or path.is_symlink()) and not path.is_dir():
         raise ValueError(f"{flag} {path} exists and is not a folder; choose another path")
     anc = (path if folder else path.parent).absolute()
