@@ -197,7 +197,11 @@ def staged_output(dst: str | os.PathLike, *, force: bool = False) -> Iterator[Pa
             if force and (dst.exists() or dst.is_symlink()):
                 old = dst.parent / f".{dst.name}{_OLD_TAG}{os.getpid()}-{secrets.token_hex(4)}"
                 os.replace(dst, old)
-                os.replace(tmp, dst)
+                try:
+                    os.replace(tmp, dst)
+                except BaseException:
+                    os.replace(old, dst)  # put the old output back
+                    raise
                 if old.is_dir() and not old.is_symlink():
                     shutil.rmtree(old, ignore_errors=True)
                 else:
@@ -307,7 +311,7 @@ def convert(
         raise ValueError(f"destination {dst} overlaps the source {src}; choose a folder outside it")
     if (dst.exists() or dst.is_symlink()) and not force:
         raise FileExistsError(f"{dst} already exists; pass --force (force=True) to replace it")
-    if not force:
+    if not (force and (dst.exists() or dst.is_symlink())):  # --force may replace an existing DST of any kind
         check_output_path(dst, flag="DST", folder=True)
 
     # Open and validate every model before creating anything.
