@@ -27,8 +27,11 @@ examples:
   wanport convert --verify wan22-flax
 
 The output is written to a temporary folder next to DST and renamed into place only when complete;
-the source is never modified and an existing DST is kept unless --force. Without --dtype every tensor
-keeps its dtype, so converting back reproduces the original tensors bit for bit.
+the source is never modified and an existing DST is kept unless --force. Every file of the source is
+checked first (safetensors headers and sizes, JSON), so a damaged component is refused, not copied. Two
+conversions to one DST exclude each other (a lock file .DST.wanport-lock next to it; delete it if no
+conversion is running). Without --dtype every tensor keeps its dtype, so converting back reproduces the
+original tensors bit for bit. Exit codes: 0 done, 1 --verify found differences, 2 bad input, 130 Ctrl-C.
 """
 
 
