@@ -28,7 +28,7 @@ import numpy as np
 
 from jax_impl import conditioning as cond
 from jax_impl import sampling, schedulers
-from jax_impl.config import ConfigError, check_field_types
+from jax_impl.config import _read_json, check_field_types
 from jax_impl.vae_config import VaeConfig
 
 EXPERT_DIRS = (("transformer", "transformer_2"), ("high_noise_model", "low_noise_model"))
@@ -122,14 +122,13 @@ def _read_index(folder: Path) -> dict[str, Any]:
     check_field_types(index, {"boundary_ratio": float | None, "expand_timesteps": bool | None}, str(index_path))
     ratio = index.get("boundary_ratio")
     if ratio is not None and not 0 < ratio < 1:
-        raise PipelineError(f"{index_path}: boundary_ratio must lie in (0, 1) (Wan2.2 A14B uses 0.875/0.9), got {ratio}")
+        raise PipelineError(f"{index_path}: boundary_ratio must lie in (0, 1) (Wan2.2 A14B uses 0.875/0.9), "
+                            f"got {ratio}")
     return index
 
 
 def _read_config(path: Path, types: dict[str, Any]) -> dict[str, Any]:
     """A component's config.json, with the fields in `types` present and of those types."""
-    from jax_impl.config import _read_json
-
     raw = _read_json(path)
     missing = [k for k in types if k not in raw]
     if missing:
@@ -194,7 +193,8 @@ class Pipeline:
         configs = [DitCheckpoint(self.folder / n).config for n in names]
         self.dit_config = configs[0]
         self.vae_config: VaeConfig = VaeCheckpoint(self.folder / "vae").config
-        self.scheduler_config = schedulers.SchedulerConfig.from_json(self.folder / "scheduler" / "scheduler_config.json")
+        scheduler_json = self.folder / "scheduler" / "scheduler_config.json"
+        self.scheduler_config = schedulers.SchedulerConfig.from_json(scheduler_json)
         self._check_experts_agree(configs)
         self.conditioning = self._check_fit()
         self._experts: list | None = None
@@ -229,7 +229,8 @@ class Pipeline:
             )
         if dit.out_channels != z:
             raise PipelineError(f"{where}: out_channels={dit.out_channels} does not fit vae/ (z_dim={z}): the DiT must "
-                                "predict the VAE's latent channels; the transformer and the VAE come from different models")
+                                "predict the VAE's latent channels; the transformer and the VAE come from different "
+                                "models")
         if dit.in_channels == z:
             return "first_frame" if expand else "none"
         if expand:

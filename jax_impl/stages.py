@@ -114,7 +114,8 @@ def reuse_stage(path: str | os.PathLike, stage: str, inputs: dict[str, Any],
         log(f"[resume] {stage} stage {path} unreadable ({e}); recomputing")
         return None
     if header.get("key") != stage_key(inputs):
-        changed = changed_inputs(header.get("inputs"), inputs) or ["its key"]
+        as_stored = json.loads(json.dumps(inputs, default=str))  # tuples as lists, as in the file
+        changed = changed_inputs(header.get("inputs"), as_stored) or ["its key"]
         log(f"[resume] {stage} stage is stale: {', '.join(changed)} changed; recomputing")
         return None
     log(f"[resume] reusing {stage} stage {path}")

@@ -148,7 +148,8 @@ def test_convert_options_end_in_a_verified_folder_or_a_one_line_error(conv_env, 
     shard, shard_bad = _pick(data, [None, "20KB"], ["0", "-5", "abc", "1XB"], 0.1, "shard-size")
     force = data.draw(st.booleans(), label="force")
     exists_without_force = dst == "existing" and not force
-    if not (src_bad or dst_bad or shard_bad or exists_without_force) and conv_env["full_runs"] >= MAX_FULL_RUNS["convert"]:
+    valid = not (src_bad or dst_bad or shard_bad or exists_without_force)
+    if valid and conv_env["full_runs"] >= MAX_FULL_RUNS["convert"]:
         shard = "0"
     src_path = conv_env["srcs"][src]
     dst_path = src_path / "inside" if dst == "src-inside" else ex / dst

@@ -115,7 +115,8 @@ def test_non_finite_latents_stop_with_step_and_expert_and_write_nothing(tiny_ckp
     assert main(argv) == 2
     line = _error(capsys, after_work=True)
     # 4 UniPC steps with shift 5: t = 999, 937 (high-noise expert), 833, 625 (low-noise expert)
-    assert re.search(r"non-finite latents .* at step 2 of 4 \(t=833\), expert 1 \(transformer_2/, low-noise\)", line), line
+    want = r"non-finite latents .* at step 2 of 4 \(t=833\), expert 1 \(transformer_2/, low-noise\)"
+    assert re.search(want, line), line
     assert not out.exists() and not (tmp_path / "out" / "v.stages" / "latents.safetensors").exists()
 
 
@@ -164,7 +165,8 @@ def test_generate_on_truncated_encoder_is_a_clear_error(tiny_ckpt, image, tmp_pa
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_ckpt(I2V), ckpt)
     _truncate(ckpt / part)
-    argv = ["generate", "--checkpoint", str(ckpt), "--image", str(image), *SMALL, "--out", str(tmp_path / "o" / "v.mp4")]
+    argv = ["generate", "--checkpoint", str(ckpt), "--image", str(image), *SMALL,
+            "--out", str(tmp_path / "o" / "v.mp4")]
     _refused(argv, capsys, tmp_path / "o", str(ckpt / part), "truncated")
 
 
@@ -299,7 +301,8 @@ def test_config_field_types_are_checked_with_file_and_field(tiny_ckpt, image, tm
     raw = json.loads((ckpt / part).read_text())
     raw[field] = value
     (ckpt / part).write_text(json.dumps(raw))
-    argv = ["generate", "--checkpoint", str(ckpt), "--image", str(image), *SMALL, "--out", str(tmp_path / "o" / "v.mp4")]
+    argv = ["generate", "--checkpoint", str(ckpt), "--image", str(image), *SMALL,
+            "--out", str(tmp_path / "o" / "v.mp4")]
     _refused(argv, capsys, tmp_path / "o", str(ckpt / part), repr(field), expected)
 
 
@@ -389,7 +392,8 @@ def test_components_that_do_not_fit_are_named_when_opened(tiny_ckpt, image, tmp_
             _set(ckpt / "image_encoder" / "config.json", hidden_size=16)
         else:
             _set(ckpt / "model_index.json", expand_timesteps=True)
-    argv = ["generate", "--checkpoint", str(ckpt), "--image", str(image), *SMALL, "--out", str(tmp_path / "o" / "v.mp4")]
+    argv = ["generate", "--checkpoint", str(ckpt), "--image", str(image), *SMALL,
+            "--out", str(tmp_path / "o" / "v.mp4")]
     _refused(argv, capsys, tmp_path / "o", needle)
 
 

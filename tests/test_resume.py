@@ -37,7 +37,8 @@ def env(tiny_ckpt, tmp_path_factory):
     shutil.copy(root / "a.png", root / "copy" / "a.png")  # same bytes, another path
     ckpt = tiny_ckpt(PRESET)
     text_dim = get_preset(PRESET).transformer.text_dim
-    e1 = {k: rng.standard_normal((1, 8, text_dim)).astype(np.float32) for k in ("prompt_embeds", "negative_prompt_embeds")}
+    e1 = {k: rng.standard_normal((1, 8, text_dim)).astype(np.float32)
+          for k in ("prompt_embeds", "negative_prompt_embeds")}
     save_tensors(root / "e1.safetensors", e1)
     save_tensors(root / "e2.safetensors", {k: v + 0.5 for k, v in e1.items()})
     return {"root": root, "ckpt": ckpt, "bases": {}}
