@@ -94,8 +94,8 @@ def test_generate_options_end_in_a_video_or_a_one_line_error(gen_env, capsys, da
             argv += [f"--{key.replace('_', '-')}", str(root / value[key])]
     for key in ("prompt", "frames", "height", "width", "steps", "guidance", "guidance_2", "shift", "scheduler",
                 "seed", "fps", "batch", "dtype"):
-        if value[key] is not None:
-            argv += [f"--{key.replace('_', '-')}", value[key]]
+        if value[key] is not None:  # --flag=value: argparse takes "-inf" after a bare flag for another option
+            argv += [f"--{key.replace('_', '-')}={value[key]}"]
     if value["causal"] is not None:
         argv += ["--causal", "--frames-per-block", value["causal"]]
     argv += ["--out", str(ex / value["out"])]
