@@ -90,14 +90,20 @@ class CausalConfig:
     shift: float = 1.0
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Types and ranges of every field (timesteps and shift finite), normalised in place; in one place,
+        run when the config is made, so before any stage."""
         fpb = self.frames_per_block
         if isinstance(fpb, bool) or not isinstance(fpb, (int, np.integer)) or fpb < 1:
-            raise ValueError(f"frames_per_block must be a positive integer (latent frames), got {fpb!r}")
+            raise ValueError(f"frames_per_block (--frames-per-block) must be a positive integer (latent frames), "
+                             f"got {fpb!r}")
         object.__setattr__(self, "frames_per_block", int(fpb))
         w = self.window
         if w is not None:
             if isinstance(w, bool) or not isinstance(w, (int, np.integer)):
-                raise ValueError(f"window must be an integer number of latent frames or None, got {w!r}")
+                raise ValueError(f"window (--window) must be an integer number of latent frames or None, got {w!r}")
             if w < fpb or w % fpb:
                 up = max(fpb, -(-int(w) // fpb) * fpb)
                 raise ValueError(
@@ -105,16 +111,20 @@ class CausalConfig:
                     f"(it counts whole blocks, the current one included); use --window {up}"
                 )
             object.__setattr__(self, "window", int(w))
-        ts = tuple(float(t) for t in self.timesteps)
+        try:
+            ts = tuple(float(t) for t in self.timesteps)
+        except (TypeError, ValueError):
+            raise ValueError(f"timesteps (--causal-steps) must be numbers, got {self.timesteps!r}") from None
         if not ts:
-            raise ValueError("timesteps must list at least one denoising step, e.g. (1000, 750, 500, 250)")
+            raise ValueError("timesteps (--causal-steps) must list at least one denoising step, e.g. 1000,750,500,250")
         if any(not (0.0 < t <= NUM_TRAIN_TIMESTEPS) for t in ts):
-            raise ValueError(f"timesteps must lie in (0, {NUM_TRAIN_TIMESTEPS:g}], got {ts}")
+            raise ValueError(f"timesteps (--causal-steps) must lie in (0, {NUM_TRAIN_TIMESTEPS:g}], got {ts}")
         if any(b >= a for a, b in zip(ts, ts[1:])):
-            raise ValueError(f"timesteps must be strictly decreasing (noisy to clean), got {ts}")
+            raise ValueError(f"timesteps (--causal-steps) must be strictly decreasing (noisy to clean), got {ts}")
         object.__setattr__(self, "timesteps", ts)
-        if not (self.shift > 0 and math.isfinite(self.shift)):
-            raise ValueError(f"shift must be a positive number, got {self.shift!r}")
+        if isinstance(self.shift, bool) or not isinstance(self.shift, (int, float, np.integer, np.floating)) \
+                or not (self.shift > 0 and math.isfinite(self.shift)):
+            raise ValueError(f"shift (--causal-shift) must be a finite number > 0, got {self.shift!r}")
 
     @property
     def window_blocks(self) -> int | None:

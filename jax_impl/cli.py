@@ -72,10 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, KeyError, FileExistsError, FileNotFoundError) as e:
-        # Bad input: the message already names the problem and the fix; no traceback.
+    except KeyboardInterrupt:
+        # Ctrl-C: every writer has removed its temporary files on the way out (they clean up on any
+        # exception, KeyboardInterrupt included); one line, and the conventional exit code 128 + SIGINT.
+        print(f"wanport {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, OSError) as e:
+        # Bad input (or an unusable file): the message names the problem and the fix; no traceback.
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"wanport {args.command}: error: {msg}", file=sys.stderr)
+        print(f"wanport {args.command}: error: {' '.join(str(msg).split())}", file=sys.stderr)
         return 2
 
 

@@ -27,12 +27,16 @@ def check_video_size(frames: int, height: int, width: int, vae: VaeConfig, patch
             f"frames={frames} is not {t}k+1: the causal VAE compresses 1 + {t}k frames into 1 + k latent frames; "
             f"use {lo} or {lo + t}"
         )
-    multiple = vae.spatial_factor * patch[1]
-    for name, n in (("height", height), ("width", width)):
+    latent_frames = 1 + (frames - 1) // t
+    if latent_frames % patch[0]:
+        raise ValueError(f"frames={frames} gives {latent_frames} latent frames, not a multiple of the DiT's temporal "
+                         f"patch {patch[0]}")
+    for name, n, p in (("height", height, patch[1]), ("width", width, patch[2])):
+        multiple = vae.spatial_factor * p
         if n < multiple or n % multiple:
             lo = max(multiple, n // multiple * multiple)
             raise ValueError(
-                f"{name}={n} is not a multiple of {multiple} (VAE {vae.spatial_factor}x times patch {patch[1]}); "
+                f"{name}={n} is not a multiple of {multiple} (VAE {vae.spatial_factor}x times patch {p}); "
                 f"use {lo} or {lo + multiple}"
             )
 

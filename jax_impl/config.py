@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import types
+import typing
 from typing import Any
 
 from weights.atomic import atomic_write
@@ -33,6 +36,59 @@ def _check_keys(cls_name: str, raw: dict[str, Any], known: set[str], source: str
     return fields
 
 
+def _type_name(tp: Any) -> str:
+    """How a JSON value of type `tp` is described to a person: 'int', 'number or null', 'list of 3 int'."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if typing.get_origin(tp) is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list of {_type_name(args[0])}"
+        return f"list of {len(args)} {_type_name(args[0])}"
+    return {int: "int", float: "number", bool: "true/false", str: "string", type(None): "null"}.get(tp, str(tp))
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if tp is type(None):
+        return value is None
+    return isinstance(value, tp)
+
+
+def check_field_types(values: dict[str, Any], types_: dict[str, Any], source: str) -> None:
+    """Raise ConfigError naming the file, the field and the expected type for the first value of `values`
+    whose key is in `types_` and whose value does not have that type (JSON lists stand for tuples; a
+    number must be finite; true/false is not a number)."""
+    for key, value in values.items():
+        if key in types_ and not _matches(value, types_[key]):
+            raise ConfigError(
+                f"{source}: field {key!r} is {json.dumps(value, default=str)[:80]} ({type(value).__name__}); "
+                f"expected {_type_name(types_[key])}"
+            )
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """The declared types of a config dataclass's fields (resolved from their annotations)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
 class JsonConfig:
     """File and copy helpers shared by the config dataclasses (each defines from_dict/to_dict)."""
 
@@ -50,10 +106,19 @@ class JsonConfig:
     def _diffusers_fields(cls, raw: dict[str, Any], source: str) -> dict[str, Any]:
         """The dataclass fields of a diffusers config.json, after checking its keys and `_class_name`."""
         fields = _check_keys(cls.__name__, raw, {f.name for f in dataclasses.fields(cls)}, source)
+        check_field_types(fields, field_types(cls), source)
         cls_name = raw.get("_class_name", cls.DIFFUSERS_CLASS)
         if cls_name != cls.DIFFUSERS_CLASS:
             raise ConfigError(f"{source}: _class_name is {cls_name!r}, expected {cls.DIFFUSERS_CLASS!r}")
         return fields
+
+
+# Types of the original Wan repository's config.json keys that `DitConfig.from_wan_dict` reads.
+_WAN_FIELD_TYPES: dict[str, Any] = {
+    "dim": int, "num_heads": int, "in_dim": int, "out_dim": int, "text_dim": int, "freq_dim": int, "ffn_dim": int,
+    "num_layers": int, "cross_attn_norm": bool, "eps": float, "image_dim": int, "patch_size": tuple[int, ...],
+    "model_type": str,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +154,15 @@ class DitConfig(JsonConfig):
             raise ConfigError("image_dim and added_kv_proj_dim must be set together (Wan2.1 I2V) or both be None")
         if self.attention_head_dim % 2:
             raise ConfigError(f"attention_head_dim must be even for rotary embeddings, got {self.attention_head_dim}")
+        sizes = ("num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim", "freq_dim",
+                 "ffn_dim", "num_layers", "rope_max_seq_len", "image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
+        for name in sizes:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if min(self.patch_size) < 1:
+            raise ConfigError(f"patch_size entries must be >= 1, got {list(self.patch_size)}")
+        if not self.eps > 0:
+            raise ConfigError(f"eps must be > 0, got {self.eps}")
 
     @property
     def inner_dim(self) -> int:
@@ -131,7 +205,10 @@ class DitConfig(JsonConfig):
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "DitConfig":
         fields = cls._diffusers_fields(raw, source)
-        return cls(**fields)
+        try:
+            return cls(**fields)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -143,6 +220,7 @@ class DitConfig(JsonConfig):
     def from_wan_dict(cls, raw: dict[str, Any], has_image_branch: bool, source: str = "config") -> "DitConfig":
         """Translate the original repository's config. Whether the CLIP image branch exists is read from
         the weights (`img_emb.*` keys): Wan2.1 I2V has it, Wan2.2 A14B (also model_type "i2v") does not."""
+        check_field_types(raw, _WAN_FIELD_TYPES, source)
         try:
             dim, heads = int(raw["dim"]), int(raw["num_heads"])
             cfg = cls(
@@ -163,6 +241,8 @@ class DitConfig(JsonConfig):
             )
         except KeyError as e:
             raise ConfigError(f"{source}: original-Wan config lacks the key {e.args[0]!r}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
         if dim % heads:
             raise ConfigError(f"{source}: dim={dim} is not divisible by num_heads={heads}")
         return cfg

@@ -5,8 +5,14 @@
   3. decode   VAE decode, mp4 at --fps
 
 Each stage writes a safetensors file under --work-dir (default: OUT's name + ".stages/"); with --resume a
-stage whose file exists and was made with the same settings is skipped, so a crashed or interrupted run
+stage whose file was computed from exactly the same inputs is reused, so a crashed or interrupted run
 continues where it stopped, and a different --steps or --guidance re-runs only the denoise and decode.
+A stage is keyed by everything that determines it: the encode stage by the prompts, the bytes of --image,
+--last-image and --embeddings, the size and batch, and the encoder/VAE weights; the denoise stage by the
+encode stage's key, every sampling option, --dtype, the attention back-end and the transformer weights.
+What changed is printed ("[resume] encoded stage is stale: image changed"). Every option, input file and
+output path is checked before the first stage runs; a run that produces NaN or inf latents stops with an
+error naming the step and writes no video. Exit codes: 0 done, 2 bad input or failed run, 130 Ctrl-C.
 
 examples:
   wanport generate --checkpoint ckpt --image cat.png --prompt "a cat walks on the beach" --out cat.mp4
@@ -33,8 +39,12 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments shared by `generate` and the analysis commands that generate."""
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="pipeline folder (model_index.json, transformer/[transformer_2/], vae/, scheduler/, encoders)")
-    p.add_argument("--image", metavar="IMG", help="first frame (PNG/JPEG); required for image-to-video checkpoints")
-    p.add_argument("--last-image", metavar="IMG", help="optional last frame (Wan2.1/2.2 I2V)")
+    p.add_argument("--image", metavar="IMG",
+                   help="first frame; required for image-to-video checkpoints. Any image PIL reads: EXIF rotation "
+                        "is applied, 16-bit and float images are scaled by their range, transparent pixels are "
+                        "composited on white")
+    p.add_argument("--last-image", metavar="IMG",
+                   help="optional last frame; Wan2.2 I2V-A14B only (Wan2.1 I2V and TI2V cannot take one)")
     p.add_argument("--prompt", help="what the video shows")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (default: empty)")
     p.add_argument("--embeddings", metavar="FILE",
@@ -49,14 +59,16 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                         "Wan2.1 I2V, 5 for 720p and Wan2.2). Applied before the timesteps are made.")
     p.add_argument("--scheduler", choices=["unipc", "euler"], default=None,
                    help="sampler (default: the checkpoint's, UniPC multistep for Wan)")
-    p.add_argument("--guidance", type=float, default=3.5, help="classifier-free guidance scale (default 3.5)")
+    p.add_argument("--guidance", type=float, default=3.5,
+                   help="classifier-free guidance scale, a finite number >= 0; <= 1 turns guidance off (default 3.5)")
     p.add_argument("--guidance-2", type=float, default=None,
                    help="guidance for the low-noise expert of Wan2.2 A14B (default: same as --guidance)")
     p.add_argument("--guidance-steps", type=int, default=None,
                    help="guidance truncation: use CFG only for the first N steps (default: all)")
     p.add_argument("--no-cfg-batch", dest="cfg_batch", action="store_false",
                    help="run conditional and unconditional predictions as two calls instead of one batch of 2")
-    p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same video (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="noise seed in 0..2^32-1; the same seed gives the same video (default 0)")
     p.add_argument("--batch", type=int, default=1, help="videos per run (default 1)")
     p.add_argument("--fps", type=int, default=16, help="frames per second of the mp4 (default 16)")
     p.add_argument("--backend", default="auto", choices=["auto", "xla", "cudnn", "splash"],
@@ -125,9 +137,11 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate a video from an image and a prompt (JAX pipeline)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_generate_arguments(p)
-    p.add_argument("--out", required=True, metavar="MP4", help="output video path")
+    p.add_argument("--out", required=True, metavar="MP4", help="output video path, ending in .mp4 (batch > 1: also "
+                                                             "OUT_1.mp4, OUT_2.mp4, ...)")
     p.add_argument("--work-dir", metavar="DIR", help="where stage files go (default: OUT without .mp4 + '.stages')")
-    p.add_argument("--resume", action="store_true", help="reuse stage files made with the same settings")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse stage files computed from the same inputs (settings, input files, weights)")
     p.add_argument("--vae-tile", choices=["auto", "on", "off"], default="auto",
                    help="VAE encode/decode in overlapping spatial tiles (diffusers' enable_tiling: 256-pixel tiles "
                         "every 192), so large frames fit a fixed memory budget; auto (default) tiles only when "

@@ -11,22 +11,65 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_FPS = 16
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as RGB, with an error that names the file when it cannot be read."""
+    """Open an image file as 8-bit RGB (see `to_rgb`), with an error that names the file when it cannot be read.
+
+    The EXIF orientation is applied (a phone photo stored sideways comes out upright); of an animated
+    image the first frame is used.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            return to_rgb(ImageOps.exif_transpose(img), source=str(path))
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {path}: {e}. Give a PNG, JPEG or WebP file.") from None
+
+
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+_WHITE_LEVEL = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+
+def to_rgb(img: Image.Image, source: str = "image") -> Image.Image:
+    """Any PIL image as 8-bit RGB, with its real range and transparency taken into account.
+
+    16-bit grayscale (I;16*) is scaled by 65535; 32-bit integer images (mode I, which is how PIL holds
+    16-bit data) must lie in 0..65535 and are scaled the same way; float images (F) must lie in [0, 1];
+    PIL's own conversion would clip all of these at 255 (a white image). Transparency (alpha, a palette or
+    tRNS transparent colour) is composited on `BACKGROUND` (white). Bilevel, palette, CMYK, YCbCr, LAB and
+    HSV images are converted by PIL. Raises ValueError for values outside the range, or a mode PIL cannot
+    convert.
+    """
+    mode = img.mode
+    if mode in _WHITE_LEVEL:
+        a = np.asarray(img).astype(np.float64)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        white = _WHITE_LEVEL[mode]
+        if not (np.isfinite(a).all() and lo >= 0 and hi <= white):
+            raise ValueError(
+                f"{source}: {mode} image values span [{lo:g}, {hi:g}]; expected 0..{white:g} "
+                f"({'float images hold 0..1' if mode == 'F' else '16-bit data'}). Save it as an 8- or 16-bit PNG."
+            )
+        gray = np.round(a * (255.0 / white)).astype(np.uint8)
+        return Image.fromarray(np.repeat(gray[..., None], 3, axis=-1), "RGB")
+    has_alpha = mode in _ALPHA_MODES or "transparency" in img.info
+    try:
+        if not has_alpha:
+            return img.convert("RGB")
+        rgba = np.asarray(img.convert("RGBA") if mode != "La" else img.convert("LA").convert("RGBA"), np.float64)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{source}: cannot convert a {mode} image to RGB ({e}); save it as an 8-bit RGB PNG") from None
+    alpha = rgba[..., 3:] / 255.0
+    rgb = rgba[..., :3] * alpha + np.asarray(BACKGROUND, np.float64) * (1.0 - alpha)
+    return Image.fromarray(np.round(rgb).astype(np.uint8), "RGB")
 
 
 def image_to_array(image: Image.Image, height: int, width: int) -> np.ndarray:

@@ -3,33 +3,64 @@
 `Pipeline(folder)` opens a pipeline folder in the diffusers layout (model_index.json, transformer/,
 transformer_2/, vae/, scheduler/, text_encoder/ + tokenizer/, image_encoder/ + image_processor/); a
 transformer folder may hold diffusers-, original-Wan- or Flax-layout weights (see `wanport convert`).
-Every component is checked before anything runs, so a missing one is named up front.
+Opening reads every config (type-checked), validates the header and size of every weight file it will
+use, parses the encoders' JSON files and checks that the parts fit each other (DiT channels against the
+VAE, text and image widths against the encoders), so a missing, damaged or mismatched part is named before
+any stage runs. The weights are loaded when a stage first needs them.
 
 Stages and their files (see `jax_impl.stages`): `encode` writes prompt/negative/image embeddings and the
-VAE-encoded image condition; `denoise` writes the final latents; `decode` turns latents into frames.
+VAE-encoded image condition; `denoise` writes the final latents; `decode` turns latents into frames. Each
+stage file is keyed by everything that determines it (`encode_inputs`, `denoise_inputs`), so `--resume`
+reuses exactly what is still valid.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
 
 from jax_impl import conditioning as cond
 from jax_impl import sampling, schedulers
+from jax_impl.config import _read_json, check_field_types
 from jax_impl.vae_config import VaeConfig
 
 EXPERT_DIRS = (("transformer", "transformer_2"), ("high_noise_model", "low_noise_model"))
+ENCODERS = {"text": ("tokenizer", "text_encoder"), "image": ("image_processor", "image_encoder")}
+EMBEDDING_NAMES = ("prompt_embeds", "negative_prompt_embeds", "image_embeds")
 DEFAULT_NEGATIVE = ""
+MAX_SEED = 2**32 - 1  # JAX's default PRNG keys hold 32 bits: larger seeds would alias smaller ones
+MAX_FPS = 1000
 
 
 class PipelineError(ValueError):
     """A pipeline folder that cannot be used as it is; the message names what is missing and the fix."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{_flag(name)} must be an integer, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+        raise ValueError(f"{_flag(name)} must be {bound}, got {value}")
+
+
+def _check_float(name: str, value: Any, lo: float, *, above: bool = False) -> None:
+    """A finite number >= lo (> lo with `above`): nan and inf are refused, never passed on to sampling."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{_flag(name)} must be a number, got {value!r}")
+    if not math.isfinite(value) or value < lo or (above and value == lo):
+        raise ValueError(f"{_flag(name)} must be a finite number {'>' if above else '>='} {lo:g}, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +82,27 @@ class GenerateSettings:
     fps: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch", "fps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.guidance_steps is not None and self.guidance_steps < 0:
-            raise ValueError(f"guidance_steps must be >= 0, got {self.guidance_steps}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Every option's type and range, in one place, before any stage runs (the checks that need the
+        checkpoint, such as 4k+1 frames, are `Pipeline.check_settings`). Floats must be finite: a nan
+        guidance would quietly switch guidance off, an infinite one make a black video."""
+        for name in ("frames", "height", "width", "steps", "batch"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("fps", self.fps, 1, MAX_FPS)
+        _check_int("seed", self.seed, 0, MAX_SEED)
+        if self.guidance_steps is not None:
+            _check_int("guidance_steps", self.guidance_steps, 0)
+        _check_float("guidance", self.guidance, 0.0)
+        if self.guidance_2 is not None:
+            _check_float("guidance_2", self.guidance_2, 0.0)
+        if self.shift is not None:
+            _check_float("shift", self.shift, 0.0, above=True)
+        if self.scheduler is not None and self.scheduler not in schedulers.KINDS:
+            raise ValueError(f"--scheduler must be one of {', '.join(schedulers.KINDS)}, got {self.scheduler!r}")
+        if not isinstance(self.cfg_batch, bool):
+            raise ValueError(f"cfg_batch must be True or False, got {self.cfg_batch!r}")
 
 
 def _read_index(folder: Path) -> dict[str, Any]:
@@ -68,11 +115,26 @@ def _read_index(folder: Path) -> dict[str, Any]:
         raise PipelineError(f"{folder}: no model_index.json, so this is not a pipeline folder.{hint}")
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (UnicodeDecodeError, ValueError) as e:
         raise PipelineError(f"{index_path}: not valid JSON ({e})") from None
     if not isinstance(index, dict):
         raise PipelineError(f"{index_path}: expected a JSON object")
+    check_field_types(index, {"boundary_ratio": float | None, "expand_timesteps": bool | None}, str(index_path))
+    ratio = index.get("boundary_ratio")
+    if ratio is not None and not 0 < ratio < 1:
+        raise PipelineError(f"{index_path}: boundary_ratio must lie in (0, 1) (Wan2.2 A14B uses 0.875/0.9), "
+                            f"got {ratio}")
     return index
+
+
+def _read_config(path: Path, types: dict[str, Any]) -> dict[str, Any]:
+    """A component's config.json, with the fields in `types` present and of those types."""
+    raw = _read_json(path)
+    missing = [k for k in types if k not in raw]
+    if missing:
+        raise PipelineError(f"{path}: no {', '.join(missing)} field; is this the right model's config?")
+    check_field_types(raw, types, str(path))
+    return raw
 
 
 def _per_sample(x: np.ndarray, batch: int) -> np.ndarray:
@@ -85,15 +147,28 @@ def _listed(index: dict[str, Any], name: str) -> bool:
     return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None
 
 
+def load_embeddings(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Precomputed embeddings (--embeddings): a safetensors file, validated like any weight file."""
+    from weights.safetensors_io import load_tensors
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"embeddings file {path} does not exist")
+    return load_tensors(path)[0]
+
+
 class Pipeline:
-    """Loaded components of one pipeline folder; the DiT(s) and VAE in JAX, the encoders in torch."""
+    """One pipeline folder: configs checked when opened; the DiT(s) and VAE in JAX and the encoders in torch,
+    each loaded when first used."""
 
     def __init__(self, folder: str | os.PathLike, *, dtype=None, attention_backend: str = "auto",
-                 load_encoders: bool = True, vae_options=None):
+                 load_encoders: bool | Collection[str] = True, vae_options=None):
+        """`load_encoders`: True checks every encoder the checkpoint needs, False none, or a collection of
+        "text" / "image" (what precomputed embeddings do not replace)."""
         import jax.numpy as jnp
 
-        from weights.dit_io import load_dit
-        from weights.vae_io import load_vae
+        from weights.dit_io import DitCheckpoint
+        from weights.vae_io import VaeCheckpoint
 
         self.folder = Path(folder)
         index = _read_index(self.folder)
@@ -105,6 +180,7 @@ class Pipeline:
         wanted = [d for d in ("transformer", "transformer_2") if _listed(index, d)]
         if expert_dirs[0] == "transformer" and len(wanted) > len(names):
             raise PipelineError(f"{self.folder}: model_index.json lists {wanted} but only {names} exist")
+        self.expert_dirs = names
         self.boundary_ratio = index.get("boundary_ratio")
         if len(names) == 2 and self.boundary_ratio is None:
             self.boundary_ratio = 0.9  # Wan2.2 A14B default: t >= 900 on the high-noise expert
@@ -112,43 +188,121 @@ class Pipeline:
             if not (self.folder / part).is_dir():
                 raise PipelineError(f"{self.folder}: missing the {part}/ folder; copy it from the original pipeline")
         self.dtype = jnp.dtype(dtype or jnp.float32)
-        self.experts = [load_dit(self.folder / n, dtype=self.dtype, attention_backend=attention_backend) for n in names]
-        self.dit_config = self.experts[0].cfg
+        self.attention_backend = attention_backend
+        # Headers and configs only (every weight file's header and size validated); weights load on first use.
+        configs = [DitCheckpoint(self.folder / n).config for n in names]
+        self.dit_config = configs[0]
+        self.vae_config: VaeConfig = VaeCheckpoint(self.folder / "vae").config
+        scheduler_json = self.folder / "scheduler" / "scheduler_config.json"
+        self.scheduler_config = schedulers.SchedulerConfig.from_json(scheduler_json)
+        self._check_experts_agree(configs)
+        self.conditioning = self._check_fit()
+        self._experts: list | None = None
+        self._vae = None
         from jax_impl.latents import VaeOptions
 
         self.vae_options = vae_options or VaeOptions()  # VAE dtype and spatial tiling
-        self.vae = load_vae(self.folder / "vae", dtype=jnp.dtype(self.vae_options.dtype))
-        self.vae_config: VaeConfig = self.vae.cfg
-        self.scheduler_config = schedulers.SchedulerConfig.from_json(self.folder / "scheduler" / "scheduler_config.json")
-        if self.dit_config.in_channels == self.vae_config.z_dim + 4 + self.vae_config.z_dim:
-            self.conditioning = "concat"
-        elif index.get("expand_timesteps"):
-            self.conditioning = "first_frame"
-        else:
-            self.conditioning = "none"
         self._text_encoder = self._image_encoder = None
+        self._checked_encoders: set[str] = set()
         if load_encoders:
-            self._check_encoders()
+            self.check_encoders(self.encoders_needed(()) if load_encoders is True else set(load_encoders))
 
-    # --- components ------------------------------------------------------------------------------------
-    def _check_encoders(self) -> None:
-        need = ["tokenizer", "text_encoder"]
-        if self.dit_config.has_image_tokens:
-            need += ["image_processor", "image_encoder"]
-        missing = [n for n in need if not (self.folder / n).is_dir()]
+    # --- opening: do the parts fit? --------------------------------------------------------------------
+    def _check_experts_agree(self, configs) -> None:
+        for name, cfg in zip(self.expert_dirs[1:], configs[1:]):
+            if cfg != configs[0]:
+                diff = [f"{f.name} {getattr(configs[0], f.name)} vs {getattr(cfg, f.name)}"
+                        for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(configs[0], f.name)]
+                raise PipelineError(f"{self.folder}: {name}/ does not fit {self.expert_dirs[0]}/ (both experts must "
+                                    f"have the same configuration): {'; '.join(diff)}")
+
+    def _check_fit(self) -> str:
+        """The conditioning kind ("concat", "first_frame" or "none"), after checking the DiT against the VAE."""
+        dit, z = self.dit_config, self.vae_config.z_dim
+        where = f"{self.folder / self.expert_dirs[0]}/config.json"
+        expand = bool(self.index.get("expand_timesteps"))
+        if dit.pos_embed_seq_len:
+            raise PipelineError(f"{where}: a first-last-frame (FLF2V) transformer (pos_embed_seq_len="
+                                f"{dit.pos_embed_seq_len}); FLF2V checkpoints are not supported yet")
+        if dit.in_channels not in (z, 2 * z + 4):
+            raise PipelineError(
+                f"{where}: in_channels={dit.in_channels} does not fit vae/ (z_dim={z}): with this VAE a DiT takes {z} "
+                f"(text-to-video, TI2V) or {2 * z + 4} (image-to-video: {z} latents + 4 mask + {z} image condition) "
+                "channels; the transformer and the VAE come from different models"
+            )
+        if dit.out_channels != z:
+            raise PipelineError(f"{where}: out_channels={dit.out_channels} does not fit vae/ (z_dim={z}): the DiT must "
+                                "predict the VAE's latent channels; the transformer and the VAE come from different "
+                                "models")
+        if dit.in_channels == z:
+            return "first_frame" if expand else "none"
+        if expand:
+            raise PipelineError(f"{self.folder / 'model_index.json'}: expand_timesteps (TI2V first-frame "
+                                f"conditioning) is set, but {where} takes in_channels={dit.in_channels} = latents + "
+                                "4 mask + image condition (I2V concat conditioning); remove expand_timesteps")
+        return "concat"
+
+    def encoders_needed(self, embedding_names: Collection[str]) -> set[str]:
+        """The encoder groups ("text", "image") that precomputed `embedding_names` do not replace."""
+        need = set() if "prompt_embeds" in embedding_names else {"text"}
+        if self.dit_config.has_image_tokens and "image_embeds" not in embedding_names:
+            need.add("image")
+        return need
+
+    def check_encoders(self, groups: Collection[str]) -> None:
+        """The encoder folders of `groups` exist, their files are intact (weights headers, JSON) and their
+        widths fit the DiT; named up front instead of failing inside transformers."""
+        from weights.safetensors_io import validate_tree
+
+        groups = set(groups) - self._checked_encoders
+        parts = [p for g in sorted(groups) for p in ENCODERS[g]]
+        missing = [p for p in parts if not (self.folder / p).is_dir()]
         if missing:
             raise PipelineError(
                 f"{self.folder}: missing {', '.join(n + '/' for n in missing)}; copy them from the original pipeline, "
                 "or pass precomputed embeddings (--embeddings FILE with prompt_embeds[, negative_prompt_embeds, "
                 "image_embeds])"
             )
+        for p in parts:
+            validate_tree(self.folder / p)
+        widths = {"text": ("text_encoder", "d_model", self.dit_config.text_dim, "text_dim"),
+                  "image": ("image_encoder", "hidden_size", self.dit_config.image_dim, "image_dim")}
+        for g in sorted(groups):
+            part, key, want, dit_key = widths[g]
+            got = _read_config(self.folder / part / "config.json", {key: int})[key]
+            if got != want:
+                raise PipelineError(f"{self.folder / part}/config.json: {key}={got} does not fit the transformer's "
+                                    f"{dit_key}={want}; the encoder comes from another model")
+        self._checked_encoders |= groups
+
+    # --- components ------------------------------------------------------------------------------------
+    @property
+    def experts(self) -> list:
+        """The DiT expert(s), loaded on first use."""
+        if self._experts is None:
+            from weights.dit_io import load_dit
+
+            self._experts = [load_dit(self.folder / n, dtype=self.dtype, attention_backend=self.attention_backend)
+                             for n in self.expert_dirs]
+        return self._experts
+
+    @property
+    def vae(self):
+        """The VAE (float32), loaded on first use."""
+        if self._vae is None:
+            import jax.numpy as jnp
+
+            from weights.vae_io import load_vae
+
+            self._vae = load_vae(self.folder / "vae", dtype=jnp.dtype(self.vae_options.dtype))
+        return self._vae
 
     @property
     def text_encoder(self):
         if self._text_encoder is None:
             from torch_ref.encoders import TextEncoder
 
-            self._check_encoders()
+            self.check_encoders({"text"})
             self._text_encoder = TextEncoder(self.folder)
         return self._text_encoder
 
@@ -157,25 +311,159 @@ class Pipeline:
         if self._image_encoder is None:
             from torch_ref.encoders import ImageEncoder
 
-            self._check_encoders()
+            self.check_encoders({"image"})
             self._image_encoder = ImageEncoder(self.folder)
         return self._image_encoder
 
-    def schedule(self, settings: GenerateSettings) -> schedulers.Schedule:
-        """The schedule for `settings`: the shift is part of the config before the timesteps are made."""
+    @property
+    def expert_labels(self) -> list[str]:
+        if len(self.expert_dirs) == 2:
+            return [f"{self.expert_dirs[0]}/, high-noise", f"{self.expert_dirs[1]}/, low-noise"]
+        return [f"{self.expert_dirs[0]}/"]
+
+    def scheduler_for(self, settings: GenerateSettings) -> schedulers.SchedulerConfig:
+        """The checkpoint's scheduler config with `settings`' scheduler kind and shift applied."""
         cfg = self.scheduler_config
         if settings.scheduler is not None and settings.scheduler != cfg.kind:
             cfg = schedulers.SchedulerConfig(kind=settings.scheduler, shift=cfg.shift,
                                              num_train_timesteps=cfg.num_train_timesteps)
         if settings.shift is not None:
             cfg = cfg.replace(shift=settings.shift)
-        return schedulers.make_schedule(cfg, settings.steps)
+        return cfg
 
-    def check_settings(self, settings: GenerateSettings, has_image: bool) -> None:
+    def schedule(self, settings: GenerateSettings) -> schedulers.Schedule:
+        """The schedule for `settings`: the shift is part of the config before the timesteps are made."""
+        return schedulers.make_schedule(self.scheduler_for(settings), settings.steps)
+
+    # --- checks before any stage -----------------------------------------------------------------------
+    def check_settings(self, settings: GenerateSettings, has_image: bool, has_last_image: bool = False,
+                       causal=None) -> None:
+        """The settings against this checkpoint: video size, steps, guidance, which images it takes, causal layout."""
+        settings.validate()
         cond.check_video_size(settings.frames, settings.height, settings.width, self.vae_config,
                               self.dit_config.patch_size)
+        if settings.steps > self.scheduler_config.num_train_timesteps:
+            raise ValueError(f"--steps {settings.steps} is more than the scheduler's "
+                             f"{self.scheduler_config.num_train_timesteps} training timesteps")
+        if settings.guidance_2 is not None and len(self.expert_dirs) == 1:
+            raise ValueError("--guidance-2 sets the low-noise expert's guidance of two-expert checkpoints (Wan2.2 "
+                             "A14B); this checkpoint has one transformer, drop --guidance-2")
+        self._check_images(has_image, has_last_image)
+        if causal is not None:
+            self._check_causal(settings, causal, has_image)
+
+    def _check_images(self, has_image: bool, has_last_image: bool) -> None:
+        if has_last_image and not has_image:
+            raise ValueError("--last-image needs --image (the first frame)")
         if self.conditioning == "concat" and not has_image:
             raise ValueError("this is an image-to-video checkpoint: give an image (--image)")
+        if self.conditioning == "none" and has_image:
+            raise ValueError("this is a text-to-video checkpoint: its DiT takes no image; drop --image "
+                             "(and --last-image) or use an image-to-video checkpoint")
+        if has_last_image and self.dit_config.has_image_tokens:
+            raise ValueError(
+                "--last-image: Wan2.1 image-to-video checkpoints cannot take a last frame (their DiT reads the CLIP "
+                "tokens of one image; diffusers' WanImageToVideoPipeline fails on it too). First-last-frame (FLF2V) "
+                "checkpoints are not supported yet; drop --last-image"
+            )
+        if has_last_image and self.conditioning == "first_frame":
+            raise ValueError("--last-image: TI2V checkpoints condition on the first frame only (diffusers ignores a "
+                             "last image there); drop --last-image")
+
+    def _check_causal(self, settings: GenerateSettings, causal, has_image: bool) -> None:
+        from jax_impl import causal as causal_mod
+
+        if len(self.expert_dirs) != 1:
+            raise ValueError("block-causal generation takes a single-expert checkpoint (Wan2.1 T2V/I2V style)")
+        if self.conditioning == "first_frame" and has_image:
+            raise ValueError("block-causal generation does not support TI2V's first-frame conditioning")
+        b, f, h, w, z = self.latent_shape(settings)
+        cfg = self.dit_config
+        causal_mod.check_causal_inputs(
+            cfg, causal, (b, f, h, w, z), (b, 1, cfg.text_dim),
+            (b, 1, cfg.image_dim) if cfg.has_image_tokens else None,
+            (b, f, h, w, cfg.in_channels - cfg.out_channels) if self.conditioning == "concat" else None,
+        )
+
+    def check_inputs(self, *, prompt: str | None, negative_prompt: str = DEFAULT_NEGATIVE,
+                     embeddings: dict[str, np.ndarray] | None = None, batch: int = 1,
+                     source: str = "--embeddings") -> None:
+        """The prompt and precomputed embeddings (names, shapes, widths, finite values), and the encoders
+        they do not replace."""
+        emb = embeddings or {}
+        unknown = sorted(set(emb) - set(EMBEDDING_NAMES))
+        if unknown:
+            raise ValueError(f"{source}: unknown arrays {unknown}; the file may hold {', '.join(EMBEDDING_NAMES)}")
+        widths = {"prompt_embeds": self.dit_config.text_dim, "negative_prompt_embeds": self.dit_config.text_dim,
+                  "image_embeds": self.dit_config.image_dim}
+        for name, a in emb.items():
+            a = np.asarray(a)
+            if name == "image_embeds" and not self.dit_config.has_image_tokens:
+                raise ValueError(f"{source}: image_embeds given, but this checkpoint's DiT takes no CLIP image tokens")
+            if a.dtype.kind != "f" or a.ndim != 3 or a.shape[0] not in (1, batch) or a.shape[2] != widths[name]:
+                raise ValueError(f"{source}: {name} is {a.dtype}{list(a.shape)}; expected floats [1 or batch={batch}, "
+                                 f"tokens, {widths[name]}]")
+            if not np.isfinite(a).all():
+                raise ValueError(f"{source}: {name} holds NaN or inf values")
+        if "negative_prompt_embeds" in emb and "prompt_embeds" not in emb:
+            raise ValueError(f"{source}: negative_prompt_embeds without prompt_embeds; give both, or neither")
+        if "prompt_embeds" in emb:
+            if prompt is not None or negative_prompt:
+                raise ValueError(f"{source} supplies prompt_embeds: drop --prompt and --negative-prompt, which would "
+                                 "be ignored (put negative_prompt_embeds in the file instead)")
+        elif prompt is None:
+            raise ValueError("give a prompt (--prompt) or precomputed prompt_embeds (--embeddings)")
+        self.check_encoders(self.encoders_needed(emb))
+
+    def check_request(self, settings: GenerateSettings, *, prompt: str | None, negative_prompt: str = DEFAULT_NEGATIVE,
+                      has_image: bool = False, has_last_image: bool = False,
+                      embeddings: dict[str, np.ndarray] | None = None, causal=None,
+                      source: str = "--embeddings") -> None:
+        """Everything about one generation that can be checked before a stage runs."""
+        self.check_settings(settings, has_image, has_last_image, causal)
+        self.check_inputs(prompt=prompt, negative_prompt=negative_prompt, embeddings=embeddings,
+                          batch=settings.batch, source=source)
+
+    # --- stage keys ------------------------------------------------------------------------------------
+    def weights_identity(self, *parts: str) -> dict[str, str | None]:
+        from weights.identity import folder_identity
+
+        return {p: folder_identity(self.folder / p) for p in parts}
+
+    def encode_inputs(self, settings: GenerateSettings, *, prompt: str | None, negative_prompt: str,
+                      files: dict[str, str | None], embedding_names: Collection[str]) -> dict[str, Any]:
+        """What the encode stage's arrays depend on. `files`: sha256 of the image, last_image and embeddings
+        files (None when not given)."""
+        groups = self.encoders_needed(embedding_names)
+        uses_vae = self.conditioning != "none" and files.get("image") is not None
+        parts = [p for g in sorted(groups) for p in ENCODERS[g]] + (["vae"] if uses_vae else [])
+        inputs: dict[str, Any] = {
+            "prompt": prompt if "text" in groups else None,
+            "negative_prompt": negative_prompt if "text" in groups else None,
+            "image": files.get("image"), "last_image": files.get("last_image"), "embeddings": files.get("embeddings"),
+            "batch": settings.batch, "conditioning": self.conditioning,
+            "image_tokens": self.dit_config.has_image_tokens, "weights": self.weights_identity(*parts),
+        }
+        if uses_vae:  # the condition is encoded at the video's size, with these VAE settings
+            inputs.update(frames=settings.frames, height=settings.height, width=settings.width,
+                          vae_dtype=str(self.vae_options.dtype), vae_tile=self.vae_options.tile)
+        return inputs
+
+    def denoise_inputs(self, settings: GenerateSettings, encoded_key: str, causal=None) -> dict[str, Any]:
+        """What the denoise stage's latents depend on, the encode stage's key included."""
+        from kernels.attention import resolve_backend
+
+        return {
+            "encoded_stage": encoded_key,
+            "frames": settings.frames, "height": settings.height, "width": settings.width, "batch": settings.batch,
+            "seed": settings.seed, "steps": settings.steps, "guidance": settings.guidance,
+            "guidance_2": settings.guidance_2, "guidance_steps": settings.guidance_steps,
+            "cfg_batch": settings.cfg_batch, "scheduler": dataclasses.asdict(self.scheduler_for(settings)),
+            "boundary_ratio": self.boundary_ratio if len(self.expert_dirs) == 2 else None,
+            "causal": None if causal is None else dataclasses.asdict(causal),
+            "dtype": self.dtype.name, "attention": resolve_backend(self.attention_backend, self.dtype),
+            "weights": self.weights_identity(*self.expert_dirs),
+        }
 
     # --- stage 1: encode -------------------------------------------------------------------------------
     def encode(self, settings: GenerateSettings, *, prompt: str | None = None, image=None, last_image=None,
@@ -188,17 +476,17 @@ class Pipeline:
         """
         from jax_impl.media import image_to_array
 
-        self.check_settings(settings, image is not None)
-        out: dict[str, np.ndarray] = {}
         emb = dict(embeddings or {})
+        negative_prompt = negative_prompt or DEFAULT_NEGATIVE
+        self.check_request(settings, prompt=prompt, negative_prompt=negative_prompt, has_image=image is not None,
+                           has_last_image=last_image is not None, embeddings=emb)
+        out: dict[str, np.ndarray] = {}
         b = settings.batch
         if "prompt_embeds" in emb:
             text = np.asarray(emb["prompt_embeds"], np.float32)
             neg = emb.get("negative_prompt_embeds")
             neg = None if neg is None else np.asarray(neg, np.float32)
         else:
-            if prompt is None:
-                raise ValueError("give a prompt (--prompt) or precomputed prompt_embeds")
             text, neg = np.split(self.text_encoder([prompt, negative_prompt]), 2)
         if text.shape[-1] != self.dit_config.text_dim:
             raise ValueError(f"prompt embeddings have width {text.shape[-1]}, the DiT takes {self.dit_config.text_dim}")
@@ -246,7 +534,8 @@ class Pipeline:
         guidance = sampling.Guidance(settings.guidance, settings.guidance_2, settings.guidance_steps,
                                      settings.cfg_batch)
         latents = sampling.sample(self.experts, self.schedule(settings), noise, inputs, guidance,
-                                  boundary_ratio=self.boundary_ratio, on_step=on_step, progress=progress)
+                                  boundary_ratio=self.boundary_ratio, on_step=on_step, progress=progress,
+                                  expert_names=self.expert_labels)
         return np.asarray(latents, np.float32)
 
     def denoise_causal(self, encoded: dict[str, np.ndarray], settings: GenerateSettings, causal,
@@ -256,20 +545,28 @@ class Pipeline:
         are distilled to run without it. Returns the latents [B, F, h, w, z] (float32)."""
         from jax_impl import causal as causal_mod
 
-        if len(self.experts) != 1:
-            raise ValueError("block-causal generation takes a single-expert checkpoint (Wan2.1 T2V/I2V style)")
-        if "first_latent" in encoded:
-            raise ValueError("block-causal generation does not support TI2V's first-frame conditioning")
+        self._check_causal(settings, causal, "first_latent" in encoded or "condition" in encoded)
         f, h, w = self.latent_shape(settings)[1:4]
         blocks = causal_mod.sample_blocks(
             self.experts[0], encoded["prompt_embeds"], config=causal, shape=(f, h, w),
             image=encoded.get("image_embeds"), condition=encoded.get("condition"), seed=settings.seed,
         )
+        n = causal.num_blocks(f)
         if progress:
             from tqdm import tqdm
 
-            blocks = tqdm(blocks, total=causal.num_blocks(f), desc="blocks", unit="block", dynamic_ncols=True)
-        return np.concatenate([np.asarray(b, np.float32) for b in blocks], axis=1)
+            blocks = tqdm(blocks, total=n, desc="blocks", unit="block", dynamic_ncols=True)
+        out = []
+        for k, block in enumerate(blocks):
+            block = np.asarray(block, np.float32)  # the block boundary: one host copy per block anyway
+            if not np.isfinite(block).all():
+                fpb = causal.frames_per_block
+                raise sampling.NonFiniteLatents(
+                    f"block-causal sampling produced non-finite latents (NaN or inf) in block {k} of {n} (latent "
+                    f"frames {k * fpb}..{(k + 1) * fpb - 1}); check the weights (`wanport convert --verify`)"
+                )
+            out.append(block)
+        return np.concatenate(out, axis=1)
 
     # --- stage 3: decode -------------------------------------------------------------------------------
     def decode(self, latents: np.ndarray) -> np.ndarray:
@@ -278,8 +575,11 @@ class Pipeline:
 
         from jax_impl.latents import decode_latents
 
-        video = decode_latents(self.vae_options.bind(self.vae), jnp.asarray(latents, jnp.float32))
-        return np.asarray(video, np.float32)
+        video = np.asarray(decode_latents(self.vae_options.bind(self.vae), jnp.asarray(latents, jnp.float32)), np.float32)
+        if not np.isfinite(video).all():
+            raise ValueError("the VAE decoded the latents to non-finite pixels (NaN or inf); check the VAE weights "
+                             "(`wanport convert --verify`) and the latents")
+        return video
 
 
 def generate(
@@ -297,65 +597,67 @@ def generate(
     dtype=None,
     attention_backend: str = "auto",
     causal=None,
-    log=print,
     vae_options=None,
+    log=print,
 ) -> dict[str, Any]:
     """Run encode -> denoise -> decode, writing each stage's file under `work_dir` and the mp4 at `out`.
 
-    With `resume`, a stage whose file exists (and matches the checkpoint and settings) is not re-run.
-    `causal` (a `jax_impl.causal.CausalConfig`) switches the denoise stage to block-causal generation.
+    Every output path, input file, option and the checkpoint are checked before the first stage runs, so
+    bad input fails fast and writes nothing. With `resume`, a stage whose file was computed from exactly
+    these inputs is reused; a stale or damaged one is recomputed with a line saying why, and so is every
+    later stage. The mp4 is always decoded afresh. `causal` (a `jax_impl.causal.CausalConfig`) switches the
+    denoise stage to block-causal generation.
     """
     from jax_impl.media import load_image, to_uint8, write_mp4
-    from jax_impl.stages import load_stage, save_stage
-    from weights.safetensors_io import load_tensors
+    from jax_impl.stages import reuse_stage, save_stage, stage_key
+    from weights.atomic import check_output_path
+    from weights.identity import file_digest
 
+    settings.validate()
     out = Path(out)
     work = Path(work_dir) if work_dir is not None else out.with_name(out.stem + ".stages")
     encoded_path, latents_path = work / "encoded.safetensors", work / "latents.safetensors"
-    # Read every input before the first stage runs, so bad input fails fast and writes nothing.
+    extra_videos = [out.with_name(f"{out.stem}_{k}{out.suffix}") for k in range(1, settings.batch)]
+    for path in (out, *extra_videos):
+        check_output_path(path, flag="--out", suffix=".mp4")
+    check_output_path(work, flag="--work-dir", folder=True)
     image = load_image(image_path) if image_path is not None else None
     last_image = load_image(last_image_path) if last_image_path is not None else None
-    embeddings = load_tensors(embeddings_path)[0] if embeddings_path is not None else None
+    embeddings = load_embeddings(embeddings_path) if embeddings_path is not None else None
+    files = {name: None if path is None else file_digest(path) for name, path in
+             (("image", image_path), ("last_image", last_image_path), ("embeddings", embeddings_path))}
     t0 = time.perf_counter()
-    pipe = Pipeline(checkpoint, dtype=dtype, attention_backend=attention_backend,
-                    load_encoders=embeddings is None, vae_options=vae_options)
-    pipe.check_settings(settings, image is not None)
-    if causal is not None:  # validate the block layout before any stage runs
-        causal.num_blocks(pipe.latent_shape(settings)[1])
-    shape_meta = {"frames": settings.frames, "height": settings.height, "width": settings.width,
-                  "batch": settings.batch, "checkpoint": str(Path(checkpoint).resolve())}
+    pipe = Pipeline(checkpoint, dtype=dtype, attention_backend=attention_backend, load_encoders=False,
+                    vae_options=vae_options)
+    pipe.check_request(settings, prompt=prompt, negative_prompt=negative_prompt, has_image=image is not None,
+                       has_last_image=last_image is not None, embeddings=embeddings, causal=causal,
+                       source=str(embeddings_path))
+    if embeddings and "prompt_embeds" in embeddings and "negative_prompt_embeds" not in embeddings \
+            and settings.guidance > 1 and causal is None:
+        log(f"note: {embeddings_path} has no negative_prompt_embeds, so classifier-free guidance is off")
+    meta = {"checkpoint": str(Path(checkpoint).resolve()), "settings": dataclasses.asdict(settings)}
     timings: dict[str, float] = {"load": time.perf_counter() - t0}
 
-    def reusable(path: Path, stage: str, expect: dict[str, Any]) -> dict[str, np.ndarray] | None:
-        if not (resume and path.is_file()):
-            return None
-        arrays, meta = load_stage(path, stage)
-        if any(meta.get(k) != v for k, v in expect.items()):
-            log(f"[resume] {path.name} was made with other settings; recomputing")
-            return None
-        log(f"[resume] reusing {path}")
-        return arrays
-
     t = time.perf_counter()
-    encode_meta = {**shape_meta, "prompt": prompt, "negative_prompt": negative_prompt}
-    encoded = reusable(encoded_path, "encoded", encode_meta)
+    encode_inputs = pipe.encode_inputs(settings, prompt=prompt, negative_prompt=negative_prompt, files=files,
+                                       embedding_names=set(embeddings or ()))
+    encoded = reuse_stage(encoded_path, "encoded", encode_inputs, log) if resume else None
     if encoded is None:
         encoded = pipe.encode(settings, prompt=prompt, image=image, last_image=last_image,
                               negative_prompt=negative_prompt, embeddings=embeddings)
-        save_stage(encoded_path, "encoded", encoded, encode_meta)
+        save_stage(encoded_path, "encoded", encoded, encode_inputs, meta)
     timings["encode"] = time.perf_counter() - t
     log(f"[1/3] encoded: {encoded_path} ({timings['encode']:.1f} s)")
 
     t = time.perf_counter()
-    denoise_meta = {**shape_meta, "settings": dataclasses.asdict(settings),
-                    "causal": None if causal is None else dataclasses.asdict(causal)}
-    latents = reusable(latents_path, "latents", denoise_meta)
+    denoise_inputs = pipe.denoise_inputs(settings, stage_key(encode_inputs), causal)
+    latents = reuse_stage(latents_path, "latents", denoise_inputs, log) if resume else None
     if latents is None:
         if causal is None:
             latents = {"latents": pipe.denoise(encoded, settings)}
         else:
             latents = {"latents": pipe.denoise_causal(encoded, settings, causal)}
-        save_stage(latents_path, "latents", latents, denoise_meta)
+        save_stage(latents_path, "latents", latents, denoise_inputs, meta)
     timings["denoise"] = time.perf_counter() - t
     log(f"[2/3] denoised: {latents_path} ({timings['denoise']:.1f} s)")
 
@@ -363,8 +665,8 @@ def generate(
     video = pipe.decode(latents["latents"])
     frames = to_uint8(video[0])
     write_mp4(out, frames, fps=settings.fps)
-    for k in range(1, video.shape[0]):
-        write_mp4(out.with_name(f"{out.stem}_{k}{out.suffix}"), to_uint8(video[k]), fps=settings.fps)
+    for k, path in enumerate(extra_videos, start=1):
+        write_mp4(path, to_uint8(video[k]), fps=settings.fps)
     timings["decode"] = time.perf_counter() - t
     log(f"[3/3] decoded {frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]}: {out} "
         f"({timings['decode']:.1f} s)")

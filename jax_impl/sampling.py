@@ -92,10 +92,24 @@ def _double(a):
     return None if a is None else jnp.concatenate([a, a], axis=0)
 
 
+class NonFiniteLatents(ValueError):
+    """Sampling produced NaN or inf latents; the message names the first step and its expert."""
+
+
+def _first_non_finite(first_bad: jax.Array, latents: jax.Array, i) -> jax.Array:
+    """`first_bad` (int32, -1 while all is well) becomes `i` at the first step whose latents are not all finite.
+
+    Kept on the device and carried from step to step, so the loop never waits for the host; `sample`
+    reads it once, after the last step.
+    """
+    return jnp.where((first_bad < 0) & ~jnp.all(jnp.isfinite(latents)), jnp.asarray(i, jnp.int32), first_bad)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "guided", "cfg_batch"))
-def denoise_step(graphdef, params, sampler: schedulers.SamplerState, i, t, inputs: DenoiseInputs, scale, *,
-                 guided: bool, cfg_batch: bool):
-    """One sampling step; returns (new sampler state, guided velocity, cond velocity, uncond velocity or cond)."""
+def denoise_step(graphdef, params, sampler: schedulers.SamplerState, i, t, inputs: DenoiseInputs, scale,
+                 first_bad=-1, *, guided: bool, cfg_batch: bool):
+    """One sampling step; returns (new sampler state, guided velocity, cond velocity, uncond velocity or cond,
+    first non-finite step so far: `first_bad` carried on, or `i` if this step's latents are not finite)."""
     model = nnx.merge(graphdef, params)
     x, timestep = model_input(sampler.sample, inputs, t, model.dtype)
     if not guided:
@@ -111,7 +125,7 @@ def denoise_step(graphdef, params, sampler: schedulers.SamplerState, i, t, input
         v_uncond = model(x, timestep, inputs.negative_text, inputs.image).astype(F32)
         v = v_uncond + scale * (v_cond - v_uncond)
     sampler, _ = schedulers.step(sampler, v, i)
-    return sampler, v, v_cond, v_uncond
+    return sampler, v, v_cond, v_uncond, _first_non_finite(first_bad, sampler.sample, i)
 
 
 StepCallback = Callable[[dict[str, Any]], None]
@@ -127,6 +141,7 @@ def sample(
     boundary_ratio: float | None = None,
     on_step: StepCallback | None = None,
     progress: bool = True,
+    expert_names: list[str] | None = None,
 ) -> jax.Array:
     """Run the whole schedule from `noise` [B, F, h, w, z] and return the final latents (float32).
 
@@ -134,6 +149,8 @@ def sample(
     schedule reaches them, so only one A14B expert occupies the device at a time.
 
     `on_step` receives a dict per step: i, t, expert, guided, latents (after the step), v, v_cond, v_uncond.
+    Raises NonFiniteLatents, naming the first such step and its expert (from `expert_names`), when the
+    latents stop being finite (checked once after the loop; the flag is carried on the device).
     """
     splits = [nnx.split(m) for m in experts]  # parameters may live on the host (offloaded experts)
     graphdef = splits[0][0]
@@ -148,6 +165,8 @@ def sample(
         steps = tqdm(steps, desc="denoise", unit="step", dynamic_ncols=True)
     device = jax.devices()[0]
     current, params = None, None
+    first_bad = jnp.int32(-1)
+    used: list[tuple[float, int]] = []
     for i in steps:
         t = float(schedule.timesteps[i])
         expert = expert_for(t, boundary_ratio, len(experts), schedule.config.num_train_timesteps)
@@ -158,13 +177,23 @@ def sample(
             params = jax.device_put(splits[expert][1], device)
             current = expert
         guided = guidance.active(i, expert, inputs.negative_text is not None)
-        state, v, v_cond, v_uncond = denoise_step(
+        state, v, v_cond, v_uncond, first_bad = denoise_step(
             graphdef, params, state, jnp.int32(i), jnp.float32(t), inputs,
-            jnp.float32(guidance.scale_for(expert)), guided=guided, cfg_batch=guidance.cfg_batch,
+            jnp.float32(guidance.scale_for(expert)), first_bad, guided=guided, cfg_batch=guidance.cfg_batch,
         )
+        used.append((t, expert))
         if on_step is not None:
             on_step(dict(i=i, t=t, expert=expert, guided=guided, latents=state.sample, v=v,
                          v_cond=v_cond, v_uncond=v_uncond))
+    bad = int(first_bad)
+    if bad >= 0:
+        t, expert = used[bad]
+        names = expert_names or (["high-noise expert", "low-noise expert"] if len(experts) == 2 else ["the model"])
+        raise NonFiniteLatents(
+            f"sampling produced non-finite latents (NaN or inf) at step {bad} of {schedule.num_steps} (t={t:g}), "
+            f"expert {expert} ({names[expert]}) with guidance {guidance.scale_for(expert):g}; lower the guidance, "
+            "or check the weights (`wanport convert --verify`)"
+        )
     return keep_first_frame(state.sample, inputs)
 
 

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_impl.config import ConfigError, JsonConfig, _check_keys
+from jax_impl.config import ConfigError, JsonConfig, _check_keys, check_field_types
 
 KINDS = ("unipc", "euler")
 _CLASS_OF_KIND = {"unipc": "UniPCMultistepScheduler", "euler": "FlowMatchEulerDiscreteScheduler"}
@@ -85,6 +85,7 @@ _INERT: dict[str, set[str]] = {
     },
     "euler": {"base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len", "time_shift_type"},
 }
+_MODELED_TYPES = {"num_train_timesteps": int, "flow_shift": float, "shift": float, "solver_order": int}
 _MODELED = {
     "unipc": {"num_train_timesteps", "flow_shift", "solver_order"},
     "euler": {"num_train_timesteps", "shift"},
@@ -147,6 +148,7 @@ class SchedulerConfig(JsonConfig):
             )
         known = _MODELED[kind] | set(_FIXED[kind]) | _INERT[kind]
         fields = _check_keys(cls_name, raw, known, source)
+        check_field_types(fields, _MODELED_TYPES, source)
         for key, (required, default) in _FIXED[kind].items():
             value = fields.get(key, default)
             if value != required:

@@ -3,8 +3,53 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from parity.report import Report
 
 MODELS = ("dit", "vae", "text-encoder", "image-encoder")
+
+
+def _check_sizes(args: argparse.Namespace) -> None:
+    """Every size option a positive integer, named by its flag (0 is refused, never replaced by a default)."""
+    for name in ("batch", "frames", "height", "width", "text_len"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.model == "vae" and args.text_len is not None:
+        raise ValueError("--text-len applies to --model dit only")
+
+
+def _model_folder(path: Path, model: str) -> Path:
+    """The model folder behind --checkpoint; a pipeline folder is refused with the subfolders to pass."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"--checkpoint {path} is not a folder")
+    if (path / "model_index.json").is_file():
+        subs = ["transformer", "transformer_2"] if model == "dit" else ["vae"]
+        found = [str(path / s) for s in subs if (path / s).is_dir()]
+        raise ValueError(f"--checkpoint {path} is a pipeline folder; pass one of its model folders: "
+                         f"{', '.join(found) or 'none found'}")
+    return path
+
+
+def _dit_checkpoint_parity(folder: Path, **kw) -> Report:
+    """DiT parity on a folder in any layout the converter writes: diffusers reads a temporary
+    diffusers-layout conversion when the folder is in the original-Wan or Flax layout; ours reads it as is."""
+    from parity.dit import dit_parity
+    from weights.convert import convert
+    from weights.dit_io import DitCheckpoint
+
+    layout = DitCheckpoint(folder).layout
+    if layout == "diffusers":
+        return dit_parity(folder, **kw)
+    with tempfile.TemporaryDirectory(prefix="wanport-parity-") as tmp:
+        ref = convert(folder, Path(tmp) / "diffusers", to="diffusers")
+        report = dit_parity(folder, reference_folder=ref, **kw)
+    report.meta["layout"] = layout
+    return report
 
 
 def _parity(args: argparse.Namespace) -> int:
@@ -12,6 +57,7 @@ def _parity(args: argparse.Namespace) -> int:
         raise ValueError(f"--model {args.model} is not available; choose from {', '.join(MODELS)}")
     if (args.preset is None) == (args.checkpoint is None):
         raise ValueError("give exactly one of --preset (a fresh tiny checkpoint) or --checkpoint DIR")
+    _check_sizes(args)
     if args.model in ("text-encoder", "image-encoder"):
         from parity import encoders
 
@@ -21,25 +67,36 @@ def _parity(args: argparse.Namespace) -> int:
         else:
             report = encoders.model_parity(args.model, args.checkpoint, **common)
     elif args.model == "vae":
+        folder = _model_folder(Path(args.checkpoint), args.model) if args.checkpoint else None
         from parity import vae
 
-        shape = dict(batch=args.batch, frames=args.frames or 5, height=args.height, width=args.width)
+        shape = dict(batch=args.batch, frames=5 if args.frames is None else args.frames, height=args.height,
+                     width=args.width)
         if args.preset:
             report = vae.preset_parity(args.preset, dtype=args.dtype, seed=args.seed, **shape)
         else:
-            report = vae.vae_parity(args.checkpoint, dtype=args.dtype, seed=args.seed, **shape)
+            from weights.vae_io import VaeCheckpoint
+
+            layout = VaeCheckpoint(folder).layout
+            if layout != "diffusers":
+                raise ValueError(f"--checkpoint {folder} holds a {layout}-layout VAE; diffusers reads only its own "
+                                 "layout (wanport convert copies VAEs unchanged: use the original vae/ folder)")
+            report = vae.vae_parity(folder, dtype=args.dtype, seed=args.seed, **shape)
     else:
-        from parity.dit import dit_parity, preset_parity
+        folder = _model_folder(Path(args.checkpoint), args.model) if args.checkpoint else None
+        from parity.dit import preset_parity
+
         if args.prompt_len is not None and (args.prompt_len < 1 or (args.text_len and args.prompt_len > args.text_len)):
             raise ValueError(f"--prompt-len {args.prompt_len} must be between 1 and the text length (--text-len)")
 
-        shape = dict(batch=args.batch, frames=args.frames or 2, height=args.height or 8, width=args.width or 8,
+        shape = dict(batch=args.batch, frames=2 if args.frames is None else args.frames,
+                     height=8 if args.height is None else args.height, width=8 if args.width is None else args.width,
                      text_len=args.text_len, prompt_len=args.prompt_len)
         common = dict(dtype=args.dtype, attention_backend=args.attention)
         if args.preset:
             report = preset_parity(args.preset, seed=args.seed, **common, **shape)
         else:
-            report = dit_parity(args.checkpoint, seed=args.seed, **common, **shape)
+            report = _dit_checkpoint_parity(folder, seed=args.seed, **common, **shape)
     print(report.table())
     if args.json:
         report.write_json(args.json)
@@ -77,7 +134,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
         "tiny, odd)",
     )
     p.add_argument("--checkpoint", help="a model folder (config.json + safetensors), e.g. ckpt/transformer or ckpt/vae; "
-                   "for the encoders also a pipeline folder (its text_encoder/ or image_encoder/ is used)")
+                   "DiT folders in any layout `wanport convert` writes (diffusers, wan, flax); for the encoders also "
+                   "a pipeline folder (its text_encoder/ or image_encoder/ is used)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--attention", default="xla", help="attention back-end of our model (default xla)")
     p.add_argument("--json", help="also write the report as JSON here")

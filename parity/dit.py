@@ -89,8 +89,12 @@ def _jitted_forward(model, latents, timestep, text, image):
     return model(latents, timestep, text, image, capture=True)
 
 
-def load_models(folder, dtype: str, attention_backend: str = "xla") -> dict:
-    """Our model in `dtype`, plus diffusers in float32 (the reference) and, for bf16, in bf16."""
+def load_models(folder, dtype: str, attention_backend: str = "xla", reference_folder=None) -> dict:
+    """Our model in `dtype`, plus diffusers in float32 (the reference) and, for bf16, in bf16.
+
+    `reference_folder`: where diffusers reads the same weights when `folder` is not in its layout (a
+    conversion of `folder` to the diffusers layout); default `folder`.
+    """
     import jax.numpy as jnp
     import torch
 
@@ -99,12 +103,13 @@ def load_models(folder, dtype: str, attention_backend: str = "xla") -> dict:
 
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    ref = reference_folder or folder
     models = {
         "jax": load_dit(folder, dtype=jnp.dtype(dtype), attention_backend=attention_backend),
-        "torch_fp32": load_transformer(folder, dtype=torch.float32),
+        "torch_fp32": load_transformer(ref, dtype=torch.float32),
     }
     if dtype == "bfloat16":
-        models["torch_bf16"] = load_transformer(folder, dtype=torch.bfloat16)
+        models["torch_bf16"] = load_transformer(ref, dtype=torch.bfloat16)
     return models
 
 
@@ -136,10 +141,12 @@ def dit_parity(
     dtype: str = "float32",
     inputs: DitInputs | None = None,
     attention_backend: str = "xla",
+    reference_folder: str | Path | None = None,
     **input_kwargs,
 ) -> Report:
-    """Compare every captured layer of our DiT with diffusers' on the checkpoint in `folder`."""
-    models = load_models(folder, dtype, attention_backend)
+    """Compare every captured layer of our DiT with diffusers' on the checkpoint in `folder` (diffusers reads
+    `reference_folder` instead when given: the same weights in its layout)."""
+    models = load_models(folder, dtype, attention_backend, reference_folder)
     if inputs is None:
         inputs = make_inputs(models["jax"].cfg, **input_kwargs)
     return compare_dit(models, inputs, dtype, {"checkpoint": str(folder), "attention": attention_backend})

@@ -381,9 +381,9 @@ def test_cli_convert_and_verify(tiny_ckpt, tmp_path, capsys):
     assert len(list((tmp_path / "o" / "transformer").glob("*-of-*.safetensors"))) > 1
     assert cli_main(["convert", "--verify", str(tmp_path / "o")]) == 0
     assert "OK" in capsys.readouterr().out
-    assert cli_main(["convert", str(tiny_ckpt("tiny-wan2.2-ti2v-5b")), str(tmp_path / "o"), "--to", "wan"]) == 1
+    assert cli_main(["convert", str(tiny_ckpt("tiny-wan2.2-ti2v-5b")), str(tmp_path / "o"), "--to", "wan"]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert cli_main(["convert", str(tmp_path / "nothing"), str(tmp_path / "p"), "--to", "flax"]) == 1
+    assert cli_main(["convert", str(tmp_path / "nothing"), str(tmp_path / "p"), "--to", "flax"]) == 2
     assert cli_main(["convert", str(tmp_path / "o")]) == 2
     with pytest.raises(SystemExit):
         cli_main(["convert", "--help"])

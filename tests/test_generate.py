@@ -64,7 +64,8 @@ def test_stage_files_carry_settings_and_refuse_wrong_stage(tiny_ckpt, image_file
     assert main(["generate", "--checkpoint", str(tiny_ckpt(PRESET)), "--image", str(image_file), *SMALL,
                  "--out", str(out), "--seed", "7"]) == 0
     arrays, meta = load_stage(tmp_path / "v.stages" / "latents.safetensors", "latents")
-    assert meta["settings"]["seed"] == 7 and meta["frames"] == 5
+    assert meta["settings"]["seed"] == 7 and meta["inputs"]["seed"] == 7 and meta["inputs"]["frames"] == 5
+    assert len(meta["key"]) == 64 and meta["inputs"]["weights"]["transformer"]
     assert arrays["latents"].shape == (1, 2, 4, 4, 16) and arrays["latents"].dtype == np.float32
     encoded, _ = load_stage(tmp_path / "v.stages" / "encoded.safetensors", "encoded")
     assert set(encoded) == {"prompt_embeds", "negative_prompt_embeds", "image_embeds", "condition"}

@@ -27,8 +27,11 @@ examples:
   wanport convert --verify wan22-flax
 
 The output is written to a temporary folder next to DST and renamed into place only when complete;
-the source is never modified and an existing DST is kept unless --force. Without --dtype every tensor
-keeps its dtype, so converting back reproduces the original tensors bit for bit.
+the source is never modified and an existing DST is kept unless --force. Every file of the source is
+checked first (safetensors headers and sizes, JSON), so a damaged component is refused, not copied. Two
+conversions to one DST exclude each other (a lock file .DST.wanport-lock next to it; delete it if no
+conversion is running). Without --dtype every tensor keeps its dtype, so converting back reproduces the
+original tensors bit for bit. Exit codes: 0 done, 1 --verify found differences, 2 bad input, 130 Ctrl-C.
 """
 
 
@@ -62,7 +65,7 @@ def run_convert(args: argparse.Namespace) -> int:
     try:
         if args.verify:
             if args.src or args.dst:
-                print("error: --verify takes only the folder to check", file=sys.stderr)
+                print("wanport convert: error: --verify takes only the folder to check", file=sys.stderr)
                 return 2
             problems = verify(args.verify)
             for line in problems:
@@ -73,7 +76,7 @@ def run_convert(args: argparse.Namespace) -> int:
             print(f"{args.verify}: OK, every file and tensor matches the manifest")
             return 0
         if not (args.src and args.dst and args.to):
-            print("error: convert needs SRC, DST and --to (or --verify DIR); see --help", file=sys.stderr)
+            print("wanport convert: error: convert needs SRC, DST and --to (or --verify DIR); see --help", file=sys.stderr)
             return 2
         out = convert(
             args.src,
@@ -88,8 +91,9 @@ def run_convert(args: argparse.Namespace) -> int:
         print(f"wrote {out} ({args.to} layout)")
         return 0
     except (CheckpointError, FileExistsError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        # Bad input or an unusable destination: one line naming it, exit 2 (1 is --verify finding damage).
+        print(f"wanport convert: error: {e}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +24,8 @@ import numpy as np
 from jax_impl.config import DitConfig
 from weights import manifest as mf
 from weights.dit_map import LAYOUTS
-from weights.safetensors_io import CheckpointError, TensorSpec, write_safetensors
+from weights.atomic import check_output_path, rename_noreplace
+from weights.safetensors_io import CheckpointError, TensorSpec, validate_tree, write_safetensors
 
 WEIGHT_STEM = {"diffusers": "diffusion_pytorch_model", "wan": "diffusion_pytorch_model", "flax": "flax_model"}
 FORMAT_KEY = "wanport_layout"
@@ -31,6 +33,7 @@ DIT_CLASSES = ("WanTransformer3DModel", "WanModel")
 DELAY_ENV = "WANPORT_CONVERT_TENSOR_DELAY"  # test hook: seconds to sleep after each tensor
 _TMP_TAG = ".wanport-tmp-"
 _OLD_TAG = ".wanport-old-"
+_LOCK_TAG = ".wanport-lock"
 
 ProgressFn = Callable[[str, int], None]
 
@@ -138,33 +141,82 @@ def clean_stale(dst: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def lock_path(dst: Path) -> Path:
+    return dst.parent / f".{dst.name}{_LOCK_TAG}"
+
+
+@contextmanager
+def output_lock(dst: Path) -> Iterator[Path]:
+    """Hold an exclusive lock on writing `dst`: a lock file next to it, created with O_CREAT|O_EXCL and
+    removed at the end. A lock left by a dead process of this host is taken over."""
+    lock = lock_path(dst)
+    host = socket.gethostname()
+    for attempt in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                pid_text, _, owner = lock.read_text(encoding="utf-8").strip().partition(" ")
+                pid = int(pid_text)
+            except (OSError, ValueError):
+                pid, owner = -1, ""
+            if attempt == 0 and owner == host and pid > 0 and not _pid_alive(pid):
+                lock.unlink(missing_ok=True)  # its conversion was killed
+                continue
+            raise FileExistsError(
+                f"{dst} is being written by another wanport convert (process {pid} on {owner or 'unknown host'}, "
+                f"lock file {lock}); wait for it to finish, or delete the lock file if no conversion is running"
+            ) from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(f"{os.getpid()} {host}\n")
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)
+
+
 @contextmanager
 def staged_output(dst: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder of `dst`; on success it is renamed to `dst`, on any failure
-    it is removed. An existing `dst` stays untouched unless `force`, and then it is replaced only
-    after the new folder is complete."""
+    (Ctrl-C included) it is removed. An existing `dst` stays untouched unless `force`, and then it is
+    replaced only after the new folder is complete. Writers of the same `dst` exclude each other by a
+    lock file, and without `force` the final rename never replaces a `dst` that appeared meanwhile."""
     dst = Path(dst)
     if (dst.exists() or dst.is_symlink()) and not force:
         raise FileExistsError(f"{dst} already exists; pass --force (force=True) to replace it")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(dst)
-    tmp = dst.parent / f".{dst.name}{_TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if dst.exists() or dst.is_symlink():
-            old = dst.parent / f".{dst.name}{_OLD_TAG}{os.getpid()}-{secrets.token_hex(4)}"
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
+    with output_lock(dst):
+        if (dst.exists() or dst.is_symlink()) and not force:
+            raise FileExistsError(f"{dst} already exists; pass --force (force=True) to replace it")
+        clean_stale(dst)
+        tmp = dst.parent / f".{dst.name}{_TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        try:
+            yield tmp
+            if force and (dst.exists() or dst.is_symlink()):
+                old = dst.parent / f".{dst.name}{_OLD_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+                os.replace(dst, old)
+                try:
+                    os.replace(tmp, dst)
+                except BaseException:
+                    os.replace(old, dst)  # put the old output back
+                    raise
+                if old.is_dir() and not old.is_symlink():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    old.unlink()
             else:
-                old.unlink()
-        else:
-            os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                try:
+                    rename_noreplace(tmp, dst)
+                except FileExistsError:
+                    raise FileExistsError(
+                        f"{dst} appeared while this conversion ran (written by another process); it was kept and "
+                        "this output discarded. Pass --force to replace it"
+                    ) from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 # --- conversion -----------------------------------------------------------------------------------
@@ -257,6 +309,10 @@ def convert(
     s, d = src.resolve(), dst.resolve()
     if s == d or s in d.parents or d in s.parents:
         raise ValueError(f"destination {dst} overlaps the source {src}; choose a folder outside it")
+    if (dst.exists() or dst.is_symlink()) and not force:
+        raise FileExistsError(f"{dst} already exists; pass --force (force=True) to replace it")
+    if not (force and (dst.exists() or dst.is_symlink())):  # --force may replace an existing DST of any kind
+        check_output_path(dst, flag="DST", folder=True)
 
     # Open and validate every model before creating anything.
     jobs: list[_Job] = []
@@ -265,7 +321,7 @@ def convert(
         jobs.append(_Job(src, "", to, cast, allow_pickle))
     elif (src / "model_index.json").is_file():
         for child in sorted(src.iterdir()):
-            if child.name == mf.MANIFEST_NAME or _TMP_TAG in child.name or _OLD_TAG in child.name:
+            if child.name == mf.MANIFEST_NAME or any(tag in child.name for tag in (_TMP_TAG, _OLD_TAG, _LOCK_TAG)):
                 continue
             if child.is_dir() and is_dit_folder(child):
                 jobs.append(_Job(child, child.name, to, cast, allow_pickle))
@@ -273,6 +329,12 @@ def convert(
                 copies.append(child)
         if not jobs:
             raise CheckpointError(f"{src}: model_index.json found but no transformer folder with a Wan DiT config.json")
+        # Everything copied through gets the transformer's checks: a damaged VAE or encoder is refused here,
+        # not copied and then vouched for by the manifest.
+        for c in copies:
+            validate_tree(c)
+        if not isinstance(json.loads((src / "model_index.json").read_text(encoding="utf-8")), dict):
+            raise CheckpointError(f"{src / 'model_index.json'}: expected a JSON object (component -> [library, class])")
     else:
         raise CheckpointError(f"{src}: neither a model folder (config.json) nor a pipeline folder (model_index.json)")
 

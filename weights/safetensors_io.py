@@ -278,6 +278,24 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
     return {k: f.get(k) for k in f.keys()}, f.metadata
 
 
+def validate_tree(path: str | os.PathLike) -> None:
+    """Check a file, or every file under a folder, before anything uses or copies it: each `.safetensors`
+    file gets the full header and size validation (`read_header`), each `.json` file must parse, and a
+    folder with a shard index must hold every shard it lists. Raises CheckpointError naming the file."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if f.name.endswith(".safetensors"):
+            read_header(f)
+        elif f.name.endswith(".json"):
+            try:
+                json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+                raise CheckpointError(f"{f}: not valid JSON ({e}); the file is damaged or truncated") from None
+        if f.name.endswith(".safetensors.index.json"):
+            CheckpointReader(f.parent)
+
+
 class CheckpointReader:
     """All tensors of one model folder: a single `*.safetensors` file, or shards listed by an index json."""
 

@@ -7,7 +7,6 @@ placed on device before the next is read; the model is built abstractly, so no r
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -30,7 +29,7 @@ class VaeCheckpoint:
                 sub = self.folder / "vae"
                 hint = f"; did you mean {sub}?" if (sub / "config.json").is_file() else ""
                 raise CheckpointError(f"{self.folder}: no config.json, so this is not a VAE folder{hint}")
-            config = VaeConfig.from_dict(json.loads(cfg_path.read_text()), source=str(cfg_path))
+            config = VaeConfig.from_json(cfg_path)
         self.config = config
         self.reader = CheckpointReader(self.folder)
         keys = self.reader.keys()
