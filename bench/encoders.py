@@ -70,16 +70,17 @@ def run_jax(model: str, cfg, batch: int, text_len: int, warmup: int, iters: int)
     from flax import nnx
 
     from bench.common import peak_bytes, random_module
+    from jax_impl.frozen_jit import frozen_jit
     from jax_impl.encoders.clip import ClipVisionEncoder
     from jax_impl.encoders.umt5 import Umt5Encoder
 
     t0 = time.perf_counter()
     if model == "umt5":
         net = random_module(lambda: Umt5Encoder(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
-        fwd = nnx.jit(lambda m, ids, mask: m(ids, mask))
+        fwd = frozen_jit(lambda m, ids, mask: m(ids, mask))
     else:
         net = random_module(lambda: ClipVisionEncoder(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
-        fwd = nnx.jit(lambda m, px: m.penultimate(px))
+        fwd = frozen_jit(lambda m, px: m.penultimate(px))
     dev = jax.devices()[0]
     stats = dev.memory_stats() or {}
     weights = stats.get("bytes_in_use")

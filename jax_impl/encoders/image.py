@@ -23,6 +23,7 @@ from flax import nnx
 from PIL import Image
 
 from jax_impl.encoders.config import ClipProcessorConfig
+from jax_impl.frozen_jit import frozen_jit
 from weights.encoder_io import load_clip_vision
 from weights.safetensors_io import CheckpointError
 
@@ -78,7 +79,7 @@ def preprocess(images: list[Image.Image], cfg: ClipProcessorConfig) -> np.ndarra
     return np.stack(out)
 
 
-@nnx.jit
+@frozen_jit
 def _penultimate(model, pixels: jax.Array) -> jax.Array:
     return model.penultimate(pixels).astype(jnp.float32)
 

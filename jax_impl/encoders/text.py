@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax_impl.frozen_jit import frozen_jit
 from jax_impl.encoders.prompt import MAX_TEXT_TOKENS, clean_prompt
 from weights.encoder_io import load_umt5
 from weights.safetensors_io import CheckpointError
@@ -50,7 +51,7 @@ def tokenize(tokenizer, prompts: list[str], max_tokens: int = MAX_TEXT_TOKENS) -
     return np.asarray(batch["input_ids"], np.int32), np.asarray(batch["attention_mask"], np.int32)
 
 
-@nnx.jit
+@frozen_jit
 def _encode(model, ids: jax.Array, mask: jax.Array) -> jax.Array:
     hidden = model(ids, mask).astype(jnp.float32)
     return hidden * mask[..., None].astype(jnp.float32)  # zero past the prompt, as the pipelines do
