@@ -1,21 +1,22 @@
 """Benchmark the Flax Wan VAE against diffusers' AutoencoderKLWan: same random weights, same inputs, one run.
 
-The whole matrix of issue 19 in ONE invocation (about 8.5 minutes wall on one H100, --budget 500 s of
-measuring after the inputs are written):
+The whole matrix of issue 19 in ONE invocation, about 8 minutes wall on one H100 (--budget 420 s for inputs,
+compiling and measuring, then up to about a minute for the quality table):
 
-  python bench/vae.py --json vae.json --workdir /tmp/vaework
+  python bench/vae.py --json bench/results/vae_h100.json --workdir /tmp/vaework 2>&1 | tee vae.log
 
 covers Wan2.1 and Wan2.2 VAE x 480x832 and 720x1280 x bf16 and fp32 x whole frames and diffusers' tiles
 (256 pixels every 192), 81 frames, ours and diffusers, encode and decode: time, peak device memory, and the
 decoded frames' quality (PSNR/SSIM of bf16 against fp32 frames of the same implementation, ours against
-diffusers, tiled against whole) over 9 evenly spaced frames.
+diffusers, tiled against whole) over 5 evenly spaced frames.
 
 Phases (each process has a deadline from the global --budget; what a deadline cuts off is recorded as
 "not measured (budget)", never dropped; the JSON is rewritten after every process):
   1. ours, compile: one process per VAE version, in parallel (--compile-jobs), each compiling its chunk steps
      in threads (--compile-threads) into a persistent compilation cache in the work dir, and recording compile
-     time and the memory estimate (jax_impl.vae_memory). The measuring processes load the executables from the
-     cache: XLA's autotuner scratch would otherwise count in their peaks.
+     time and the memory estimate (jax_impl.vae_memory), within 40% of the budget left. The measuring processes
+     load the executables from the cache (XLA's autotuner scratch would otherwise count in their peaks; a pair
+     compiled there is marked `precompiled: false`). A kept --workdir makes a second run skip compiling.
   2. ours, measure: one process per VAE version and dtype (the weights loaded once); its (configuration, op)
      pairs run in increasing order of the estimated peak, so each pair's peak (`peak_bytes_in_use` cannot be
      reset in JAX) is its own; a pair whose peak stayed below an earlier one is marked `peak_masked`.
@@ -48,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 GIB = 2**30
-QUALITY_FRAMES = 9  # quality (PSNR, SSIM) over this many evenly spaced decoded frames: saving 81 frames of 720p
+QUALITY_FRAMES = 5  # quality (PSNR, SSIM) over this many evenly spaced decoded frames: saving 81 frames of 720p
 # float32 video per run would cost seconds each, and float64 SSIM of them minutes
 
 
@@ -543,7 +544,7 @@ def parse_args(argv):
                     help="chunk steps compiled at once inside one compile process (default 4)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per process at most (default 900)")
     ap.add_argument("--budget", type=float, default=None,
-                    help="seconds for the whole run, inputs included (default 480; none with --tiny): "
+                    help="seconds for the whole run, inputs included, quality table not (default 420; none with --tiny): "
                          "each process gets a deadline from what is left, and what it cannot start in time is "
                          "recorded as 'not measured (budget)'; 0 = no budget")
     ap.add_argument("--seed", type=int, default=0)
@@ -563,7 +564,7 @@ def parse_args(argv):
     args.impls = _csv(args.impls)
     args.frames = args.frames or (5 if args.tiny else 81)
     if args.budget is None:
-        args.budget = 0 if args.tiny else 480
+        args.budget = 0 if args.tiny else 420
     bad = ([v for v in args.variants if v not in ("wan2.1", "wan2.2")] + [d for d in args.dtypes if d not in
            ("bfloat16", "float32")] + [t for t in args.tiling if t not in ("off", "on")]
            + [i for i in args.impls if i not in ("ours", "diffusers")])
