@@ -1,24 +1,31 @@
-"""Benchmark the Flax Wan VAE against diffusers' AutoencoderKLWan: same random weights, same inputs, same run.
+"""Benchmark the Flax Wan VAE against diffusers' AutoencoderKLWan: same random weights, same inputs, one run.
 
-For every configuration (VAE version x size x dtype x tiling) and implementation: encode and decode time
-(best of --repeats after one warm-up run), peak device memory, and the decoded frames' quality: PSNR/SSIM of
-bf16 frames against fp32 frames of the same implementation (what a bf16 VAE costs), ours against diffusers,
-tiled against whole frames.
+The whole matrix of issue 19 in ONE invocation, about 8 minutes wall on one H100 (--budget 420 s for inputs,
+compiling and measuring, then up to about a minute for the quality table):
 
-Every process has a timeout and its own peak memory; one failure (out of memory, a crash, a timeout) loses
-only its row, and the JSON is rewritten after every configuration:
-  1. ours, compile (one process per VAE version and size, with --precompile): runs each configuration once,
-     filling a persistent compilation cache in the work dir, so that the measuring process below loads its
-     executables instead of compiling: XLA's autotuner allocates scratch buffers that would otherwise count
-     in the measured peak. Also records compile time and the memory estimate (jax_impl.vae_memory).
-  2. ours, measure (one process per configuration): decode, then encode; `decode_peak_bytes` is the peak
-     after the decode, `encode_peak_bytes` the peak of the whole process (the encode's, when larger).
-  3. diffusers (one process per configuration): decode, then encode, peak reset before each; tiled rows use
-     enable_tiling with the same tile sizes.
-Peaks include the weights and the input on the device, for both implementations.
+  python bench/vae.py --json bench/results/vae_h100.json --workdir /tmp/vaework 2>&1 | tee vae.log
 
-  python bench/vae.py --quick --json vae.json        # Wan2.1, 480x832, bf16+fp32, whole frames (~5 min expected)
-  python bench/vae.py --variants wan2.1 --sizes 720x1280 --tiling off,on --dtypes bfloat16 --json a.json --append
+covers Wan2.1 and Wan2.2 VAE x 480x832 and 720x1280 x bf16 and fp32 x whole frames and diffusers' tiles
+(256 pixels every 192), 81 frames, ours and diffusers, encode and decode: time, peak device memory, and the
+decoded frames' quality (PSNR/SSIM of bf16 against fp32 frames of the same implementation, ours against
+diffusers, tiled against whole) over 5 evenly spaced frames.
+
+Phases (each process has a deadline from the global --budget; what a deadline cuts off is recorded as
+"not measured (budget)", never dropped; the JSON is rewritten after every process):
+  1. ours, compile: one process per VAE version, in parallel (--compile-jobs), each compiling its chunk steps
+     in threads (--compile-threads) into a persistent compilation cache in the work dir, and recording compile
+     time and the memory estimate (jax_impl.vae_memory), within 40% of the budget left. The measuring processes
+     load the executables from the cache (XLA's autotuner scratch would otherwise count in their peaks; a pair
+     compiled there is marked `precompiled: false`). A kept --workdir makes a second run skip compiling.
+  2. ours, measure: one process per VAE version and dtype (the weights loaded once); its (configuration, op)
+     pairs run in increasing order of the estimated peak, so each pair's peak (`peak_bytes_in_use` cannot be
+     reset in JAX) is its own; a pair whose peak stayed below an earlier one is marked `peak_masked`.
+  3. diffusers: one process per VAE version; peak stats reset before each op.
+Per op: one warm-up run (ours: the full video, which also compiles the small full-length programs; diffusers:
+a 5-frame clip of the same size, which meets every conv shape of the full run: diffusers has no compile
+step), then --repeats timed runs (default 1; best kept). Peaks include the weights and the input.
+
+  python bench/vae.py --variants wan2.1 --sizes 480x832 --tiling off --json a.json   # a part of it
   python bench/vae.py --tiny                         # CPU smoke run of the whole flow (CI)
 """
 
@@ -42,7 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 GIB = 2**30
-SSIM_FRAMES = 9  # SSIM over this many evenly spaced frames (float64 SSIM of 81 720p frames takes minutes)
+QUALITY_FRAMES = 5  # quality (PSNR, SSIM) over this many evenly spaced decoded frames: saving 81 frames of 720p
+# float32 video per run would cost seconds each, and float64 SSIM of them minutes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,16 +67,47 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# workers (child processes): one JSON spec in, one JSON result out
+# workers (child processes): one JSON spec in, one JSON result out, rewritten after every measured op
+
+BUDGET_SKIP = "not measured (budget)"
+COMPILE_SHARE = 0.4  # of the budget left after the inputs are written: ours' compile phase
+WARMUP_FRAMES = 5  # diffusers' warm-up clip: 5 frames = 2 latent frames meet every chunk shape of the full run
 
 
-def _best(fn, repeats: int) -> tuple[float, list[float]]:
-    times = []
+def _best(fn, repeats: int) -> tuple[float, list[float], object]:
+    """(best time, all times, the last result) of `repeats` calls."""
+    times, y = [], None
     for _ in range(repeats):
+        y = None  # the previous result is freed before the next call (it would count in the peak)
         t = time.perf_counter()
-        fn()
+        y = fn()
         times.append(time.perf_counter() - t)
-    return min(times), times
+    return min(times), times, y
+
+
+def quality_frames(frames: int) -> np.ndarray:
+    """The frame indices kept for the quality comparison (QUALITY_FRAMES evenly spaced)."""
+    return np.unique(np.linspace(0, frames - 1, min(QUALITY_FRAMES, frames)).round().astype(int))
+
+
+class Deadline:
+    """Skips work predicted to end past `at` (epoch seconds): a step may start if `at` leaves room for
+    `factor` times the longest step so far (or `first` seconds before any step has run)."""
+
+    def __init__(self, at: float | None, first: float = 5.0, factor: float = 1.5):
+        self.at, self.first, self.factor, self.longest = at, first, factor, 0.0
+
+    def allows(self) -> bool:
+        return self.at is None or time.time() + max(self.first, self.factor * self.longest) <= self.at
+
+    def took(self, seconds: float) -> None:
+        self.longest = max(self.longest, seconds)
+
+
+def _write_result(spec: dict, res: dict) -> None:
+    tmp = spec["result"] + ".tmp"
+    Path(tmp).write_text(json.dumps(res, default=str))
+    os.replace(tmp, spec["result"])
 
 
 def _tiling(spec: dict):
@@ -115,106 +154,192 @@ def _ours_call(model, op: str, x, tiled: bool, tiling):
     return jax.block_until_ready(model.decode(x, tile=tile, tiling=tiling))
 
 
-def worker_ours(spec: dict) -> dict:
-    """role "compile": run every config once (fills the compilation cache); role "measure": time one config."""
+def _host_input(c: dict, op: str, dtype) -> np.ndarray:
+    """Configuration `c`'s input for `op`, converted on the host (a float32 copy on the device would count in
+    the peak)."""
+    return np.load(c["latents" if op == "decode" else "video"]).astype(dtype)
+
+
+def worker_ours_compile(spec: dict) -> dict:
+    """Compile every chunk step of every configuration (threads: XLA compiles without the GIL) into the
+    persistent cache; record compile time and the memory estimate per (configuration, op)."""
+    import concurrent.futures as cf
+
     import jax
     import jax.numpy as jnp
 
     from jax_impl import vae_memory
-    from jax_impl.runtime import configure_xla
 
-    configure_xla()
-    _enable_compilation_cache(spec["cache_dir"])
     tiling = _tiling(spec)
-    out: dict = {"device": str(jax.devices()[0].device_kind), "configs": {}}
-    for c in spec["configs"]:
-        row: dict = {}
-        out["configs"][c["key"]] = row
+    out: dict = {"device": str(jax.devices()[0].device_kind), "configs": {c["key"]: {} for c in spec["configs"]}}
+    models = {d: _load_ours(spec, d) for d in sorted({c["dtype"] for c in spec["configs"]})}
+
+    def one(c: dict, op: str) -> None:
+        row = out["configs"][c["key"]]
+        model, row["weights_bytes"] = models[c["dtype"]]
+        if spec.get("deadline") and time.time() > spec["deadline"]:
+            row[f"{op}_compile_skipped"] = "the compile phase's share of the budget was spent"
+            return
+        t = time.perf_counter()
         try:
-            model, row["weights_bytes"] = _load_ours(spec, c["dtype"])
-            for op in ("decode", "encode"):
-                # converted on the host: a float32 copy on the device would count in the peak
-                host = np.load(spec["latents" if op == "decode" else "video"]).astype(jnp.dtype(c["dtype"]))
-                x = jax.device_put(host)
-                del host
-                t = time.perf_counter()  # the estimate compiles the chunk steps (or loads them from the cache)
-                est = vae_memory.estimate(model, op, x.shape, dtype=x.dtype, tile=c["tiled"], tiling=tiling)
-                row[f"{op}_compile_s"] = time.perf_counter() - t
-                if est is not None:
-                    row[f"{op}_estimate"] = est.as_dict() | {
-                        "total_bytes": est.peak_bytes + row["weights_bytes"] + int(x.nbytes)}
-                t = time.perf_counter()
-                _ours_call(model, op, x, c["tiled"], tiling)  # the output is dropped: it would count in the peak
-                row[f"{op}_first_s"] = time.perf_counter() - t
-                if spec["role"] == "measure":
-                    row[f"{op}_s"], row[f"{op}_times"] = _best(lambda: _ours_call(model, op, x, c["tiled"], tiling),
-                                                               spec["repeats"])
-                    row[f"{op}_peak_bytes"] = _jax_peak()
-                    if op == "decode" and spec.get("save"):  # after the peak was read; converted on the host
-                        video = np.asarray(_ours_call(model, op, x, c["tiled"], tiling))
-                        np.save(spec["save"], video.astype(np.float32))
-                        del video
-                del x
-            del model
-        except Exception as e:  # noqa: BLE001 - record and go on with the next config
+            shape = np.load(c["latents" if op == "decode" else "video"], mmap_mode="r").shape
+            est = vae_memory.estimate(model, op, shape, dtype=jnp.dtype(c["dtype"]), tile=c["tiled"], tiling=tiling)
+        except Exception as e:  # noqa: BLE001 - recorded; the measuring process reports it again
             row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+            return
+        row[f"{op}_compile_s"] = time.perf_counter() - t
+        if est is not None:
+            nbytes = int(np.prod(shape)) * jnp.dtype(c["dtype"]).itemsize
+            row[f"{op}_estimate"] = est.as_dict() | {"total_bytes": est.peak_bytes + row["weights_bytes"] + nbytes}
+
+    with cf.ThreadPoolExecutor(spec["threads"]) as pool:
+        for f in [pool.submit(one, c, op) for c in spec["configs"] for op in ("encode", "decode")]:
+            f.result()
+    return out
+
+
+def _pairs_by_estimate(configs: list[dict], estimates: dict) -> list[tuple[dict, str]]:
+    """(configuration, op) pairs in increasing estimated peak; unknown estimates first in matrix order (tiled
+    before whole, encode before decode), so that a pair's peak is most likely above every earlier one."""
+    pairs = [(c, op) for c in configs for op in ("encode", "decode")]
+
+    def key(i_pair):
+        i, (c, op) = i_pair
+        est = (estimates.get(c["key"]) or {}).get(f"{op}_estimate") or {}
+        return (est.get("total_bytes", -1), not c["tiled"], i)
+
+    return [p for _, p in sorted(enumerate(pairs), key=key)]
+
+
+def worker_ours_measure(spec: dict) -> dict:
+    """One VAE version and dtype: every (configuration, op) pair, warm-up then timed, in increasing peak."""
+    import jax
+    import jax.numpy as jnp
+
+    tiling = _tiling(spec)
+    deadline = Deadline(spec.get("deadline"))
+    out: dict = {"device": str(jax.devices()[0].device_kind), "configs": {c["key"]: {} for c in spec["configs"]}}
+    model, weights = _load_ours(spec, spec["dtype"])
+    top = 0
+    for c, op in _pairs_by_estimate(spec["configs"], spec.get("estimates", {})):
+        row = out["configs"][c["key"]]
+        row["weights_bytes"] = weights
+        if "error" in row:
+            continue
+        if not deadline.allows():
+            row[f"{op}_skipped"] = BUDGET_SKIP
+            continue
+        # compiled here, not loaded from the cache: the peak may include XLA's autotuner scratch
+        row[f"{op}_precompiled"] = f"{op}_compile_s" in (spec.get("estimates", {}).get(c["key"]) or {})
+        t0 = time.perf_counter()
+        try:
+            x = jax.device_put(_host_input(c, op, jnp.dtype(c["dtype"])))
+            t = time.perf_counter()
+            _ours_call(model, op, x, c["tiled"], tiling)  # warm-up (its output is dropped: it would count)
+            row[f"{op}_first_s"] = time.perf_counter() - t
+            row[f"{op}_s"], row[f"{op}_times"], y = _best(lambda: _ours_call(model, op, x, c["tiled"], tiling),
+                                                          spec["repeats"])
+            peak = _jax_peak()
+            row[f"{op}_peak_bytes"] = peak
+            row[f"{op}_peak_masked"] = bool(peak is not None and peak <= top)  # an earlier pair's peak
+            top = max(top, peak or 0)
+            if op == "decode" and spec.get("save"):  # after the peak was read; converted on the host
+                idx = quality_frames(y.shape[1])
+                np.save(spec["save"][c["key"]], np.asarray(y[:, idx]).astype(np.float32))
+            del x, y
+        except Exception as e:  # noqa: BLE001 - record and go on with the next pair
+            row["error"] = f"{op}: {type(e).__name__}: {str(e)[:400]}"
+        deadline.took(time.perf_counter() - t0)
+        _write_result(spec, out)
     return out
 
 
 def worker_diffusers(spec: dict) -> dict:
+    """One VAE version: every configuration in the given (priority) order, warm-up clip then timed runs."""
     import torch
 
     from torch_ref.vae import load_vae_torch
 
-    (c,) = spec["configs"]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = getattr(torch, c["dtype"])
-    model = load_vae_torch(spec["folder"], dtype).to(dev)
-    if c["tiled"]:
-        t = spec["tiling"]
-        model.enable_tiling(tile_sample_min_height=t["tile_height"], tile_sample_min_width=t["tile_width"],
-                            tile_sample_stride_height=t["stride_height"], tile_sample_stride_width=t["stride_width"])
-    row: dict = {"weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-                 "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-                 "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-                 "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32}
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    deadline = Deadline(spec.get("deadline"))
+    out: dict = {"configs": {c["key"]: {} for c in spec["configs"]}}
+    model, model_dtype = None, None
 
-    def to_torch(path):
-        a = np.load(path)
-        return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 4, 1, 2, 3))).to(dev, dtype)
+    def to_torch(c: dict, op: str, dtype, frames: int | None = None):
+        a = np.load(c["latents" if op == "decode" else "video"], mmap_mode="r")
+        if frames is not None:
+            a = a[:, :frames if op == "encode" else 1 + (frames - 1) // 4]
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(0, 4, 1, 2, 3))).to(dev, dtype)
 
     with torch.no_grad():
-        for op in ("decode", "encode"):
-            x = to_torch(spec["latents" if op == "decode" else "video"])
-            if dev == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
+        for c in spec["configs"]:
+            row = out["configs"][c["key"]]
+            dtype = getattr(torch, c["dtype"])
+            for op in ("encode", "decode"):
+                if not deadline.allows():
+                    row[f"{op}_skipped"] = BUDGET_SKIP
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    if model_dtype != dtype:
+                        model = None
+                        if dev == "cuda":
+                            torch.cuda.empty_cache()
+                        model, model_dtype = load_vae_torch(spec["folder"], dtype).to(dev), dtype
+                    if c["tiled"]:
+                        t = spec["tiling"]
+                        model.enable_tiling(tile_sample_min_height=t["tile_height"], tile_sample_min_width=t["tile_width"],
+                                            tile_sample_stride_height=t["stride_height"],
+                                            tile_sample_stride_width=t["stride_width"])
+                    else:
+                        model.disable_tiling()
+                    row.update({"weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+                                "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+                                "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+                                "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32})
 
-            def call():
-                y = model.decode(x).sample if op == "decode" else model.encode(x).latent_dist.mode()
-                sync()
-                return y
+                    def call(x):
+                        y = model.decode(x).sample if op == "decode" else model.encode(x).latent_dist.mode()
+                        sync()
+                        return y
 
-            t = time.perf_counter()
-            call()
-            row[f"{op}_first_s"] = time.perf_counter() - t
-            row[f"{op}_s"], row[f"{op}_times"] = _best(call, spec["repeats"])
-            row[f"{op}_peak_bytes"] = torch.cuda.max_memory_allocated() if dev == "cuda" else None
-            if op == "decode" and spec.get("save"):
-                y = call()
-                np.save(spec["save"], y.float().cpu().numpy().transpose(0, 2, 3, 4, 1))
-                del y
-            del x
-    return {"configs": {c["key"]: row}}
+                    warm = to_torch(c, op, dtype, WARMUP_FRAMES)
+                    t = time.perf_counter()
+                    call(warm)
+                    row[f"{op}_first_s"] = time.perf_counter() - t  # of the warm-up clip
+                    del warm
+                    x = to_torch(c, op, dtype)
+                    if dev == "cuda":
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats()
+                    row[f"{op}_s"], row[f"{op}_times"], y = _best(lambda: call(x), spec["repeats"])
+                    row[f"{op}_peak_bytes"] = torch.cuda.max_memory_allocated() if dev == "cuda" else None
+                    if op == "decode" and spec.get("save"):
+                        idx = torch.from_numpy(quality_frames(y.shape[2])).to(y.device)
+                        frames = y.index_select(2, idx).float().cpu().numpy().transpose(0, 2, 3, 4, 1)
+                        np.save(spec["save"][c["key"]], frames)
+                    del x, y
+                except Exception as e:  # noqa: BLE001 - record and go on
+                    row["error"] = f"{op}: {type(e).__name__}: {str(e)[:400]}"
+                deadline.took(time.perf_counter() - t0)
+                _write_result(spec, out)
+    return out
 
 
 def worker(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
-    res = worker_ours(spec) if spec["impl"] == "ours" else worker_diffusers(spec)
-    tmp = spec["result"] + ".tmp"
-    Path(tmp).write_text(json.dumps(res, default=str))
-    os.replace(tmp, spec["result"])
+    if spec["impl"] == "ours":
+        import jax  # noqa: F401 - before the cache settings
+
+        from jax_impl.runtime import configure_xla
+
+        configure_xla()
+        _enable_compilation_cache(spec["cache_dir"])
+        res = worker_ours_compile(spec) if spec["role"] == "compile" else worker_ours_measure(spec)
+    else:
+        res = worker_diffusers(spec)
+    _write_result(spec, res)
     return 0
 
 
@@ -223,42 +348,82 @@ def worker(spec_path: str) -> int:
 
 
 class Runner:
-    """Starts worker processes with a timeout inside an overall time budget; remembers how long each took."""
+    """Starts worker processes, each with a deadline inside the global time budget.
 
-    def __init__(self, work: Path, timeout: int, budget: float | None):
+    A worker stops starting work at its deadline and writes what it measured after every op, so a process
+    that is killed at its timeout (deadline + grace) still returns its measured part."""
+
+    GRACE = 45  # seconds past the deadline before a worker is killed (one op in flight, its writing)
+
+    def __init__(self, work: Path, timeout: int, budget: float | None, t0: float | None = None):
         self.work, self.timeout, self.budget = work, timeout, budget
-        self.t0 = time.perf_counter()
-        self.longest: dict[str, float] = {}
+        self.t0 = time.perf_counter() if t0 is None else t0
         self.n = 0
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
-    def run(self, kind: str, spec: dict) -> dict:
-        """Result JSON of one worker, or {"error": ...}."""
-        if self.budget and self.elapsed() + self.longest.get(kind, 0.0) > self.budget:
-            return {"error": f"skipped: the --budget of {self.budget:.0f} s would be exceeded"}
+    def left(self) -> float | None:
+        return None if not self.budget else self.budget - self.elapsed()
+
+    def _until(self, share: float) -> float | None:
+        """Epoch seconds at which `share` of the budget left now is spent (None: no budget)."""
+        left = self.left()
+        return None if left is None else time.time() + max(0.0, left * share)
+
+    def start(self, spec: dict, until: float | None) -> tuple[subprocess.Popen, dict, float]:
+        """Start one worker with deadline `until` (epoch seconds, or None)."""
         self.n += 1
         spec = dict(spec, result=str(self.work / f"result_{self.n}.json"))
+        timeout = self.timeout
+        if until is not None:
+            spec["deadline"] = until
+            timeout = int(min(timeout, max(0.0, until - time.time()) + self.GRACE))
+        Path(spec["result"]).unlink(missing_ok=True)
         spec_path = self.work / f"spec_{self.n}.json"
         spec_path.write_text(json.dumps(spec))
-        timeout = self.timeout
-        if self.budget:
-            timeout = max(10, min(timeout, int(self.budget - self.elapsed())))
-        t = time.perf_counter()
+        env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false") if spec.get("role") == "compile" else None
+        with open(self.work / f"log_{self.n}.txt", "w") as log:  # a file: parallel workers never block on a pipe
+            p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", str(spec_path)],
+                                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        spec["log"] = log.name
+        return p, spec, timeout
+
+    def finish(self, started: tuple[subprocess.Popen, dict, float], t_start: float) -> dict:
+        """The worker's result JSON (partial if it was killed), with "error" when it did not end cleanly."""
+        p, spec, timeout = started
         try:
-            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", str(spec_path)],
-                               capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+            p.wait(timeout=max(1.0, timeout - (time.perf_counter() - t_start)))
+            err = None if p.returncode == 0 else f"exit {p.returncode}"
         except subprocess.TimeoutExpired:
-            return {"error": f"did not finish within {timeout} s"}
-        finally:
-            self.longest[kind] = max(self.longest.get(kind, 0.0), time.perf_counter() - t)
-        if p.returncode or not Path(spec["result"]).is_file():
-            tail = [ln for ln in (p.stderr or p.stdout).strip().splitlines() if ln.strip()][-4:]
-            return {"error": f"exit {p.returncode}: " + " | ".join(tail)[-600:]}
-        res = json.loads(Path(spec["result"]).read_text())
-        res["process_s"] = time.perf_counter() - t
+            p.kill()
+            p.wait()
+            err = f"killed at its timeout of {timeout:.0f} s"
+        log = Path(spec["log"]).read_text(errors="replace")
+        res = json.loads(Path(spec["result"]).read_text()) if Path(spec["result"]).is_file() else {}
+        if err:
+            tail = [ln for ln in (log or "").strip().splitlines() if ln.strip()][-4:]
+            res["error"] = err + (": " + " | ".join(tail)[-600:] if tail else "")
+        res["process_s"] = time.perf_counter() - t_start
         return res
+
+    def run(self, spec: dict, share: float = 1.0) -> dict:
+        """One worker, with `share` of the budget left as its deadline."""
+        t = time.perf_counter()
+        return self.finish(self.start(spec, self._until(share)), t)
+
+    def run_parallel(self, specs: list[dict], jobs: int, share: float = 1.0) -> list[dict]:
+        """`specs` at most `jobs` at a time, all with one deadline: `share` of the budget left now."""
+        until = self._until(share)
+        results: list[dict | None] = [None] * len(specs)
+        pending, running = list(enumerate(specs)), []
+        while pending or running:
+            while pending and len(running) < jobs:
+                i, sp = pending.pop(0)
+                running.append((i, self.start(sp, until), time.perf_counter()))
+            i, started, t = running.pop(0)
+            results[i] = self.finish(started, t)
+        return results  # type: ignore[return-value]
 
 
 def _inputs(cfg, variant: str, frames: int, h: int, w: int, work: Path, seed: int) -> tuple[str, str]:
@@ -277,15 +442,15 @@ def _inputs(cfg, variant: str, frames: int, h: int, w: int, work: Path, seed: in
 
 
 def _quality(a_path: str, b_path: str) -> dict:
-    """PSNR over all frames, SSIM over SSIM_FRAMES evenly spaced frames, rel L2; [-1, 1] videos."""
+    """PSNR, SSIM and rel L2 of two saved sets of decoded frames (QUALITY_FRAMES of each video, in [-1, 1])."""
     from parity import metrics
 
     a, b = np.load(a_path), np.load(b_path)
-    idx = np.unique(np.linspace(0, a.shape[1] - 1, min(SSIM_FRAMES, a.shape[1])).round().astype(int))
     ssim = None
     if min(a.shape[2:4]) >= metrics.SSIM_WIN:
-        ssim = metrics.video_ssim(a[:, idx], b[:, idx], metrics.RANGE_SIGNED).mean
-    return {"psnr_db": metrics.psnr(a, b, metrics.RANGE_SIGNED), "ssim": ssim, "rel_l2": metrics.rel_l2(a, b)}
+        ssim = metrics.video_ssim(a, b, metrics.RANGE_SIGNED).mean
+    return {"psnr_db": metrics.psnr(a, b, metrics.RANGE_SIGNED), "ssim": ssim, "rel_l2": metrics.rel_l2(a, b),
+            "frames": int(a.shape[1])}
 
 
 def _quality_rows(group: list[Config], saved: dict[tuple[str, str], str]) -> list[dict]:
@@ -318,6 +483,10 @@ def _gib(b) -> str:
     return f"{b / GIB:.2f}" if isinstance(b, (int, float)) and b else "-"
 
 
+def _secs(v) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) and v else "-"
+
+
 def table(rows: list[dict]) -> str:
     head = (f"{'variant':<11} {'size':<9} {'dtype':<8} {'tiles':<5} {'op':<6} {'ours s':>7} {'diff s':>7} "
             f"{'ours/diff':>9} {'ours GiB':>9} {'est GiB':>8} {'diff GiB':>8}")
@@ -327,13 +496,15 @@ def table(rows: list[dict]) -> str:
             o, d = r.get("ours", {}), r.get("diffusers", {})
             os_, ds = o.get(f"{op}_s"), d.get(f"{op}_s")
             ratio = f"{os_ / ds:.2f}" if os_ and ds else "-"
-            peak = o.get("decode_peak_bytes") if op == "decode" else o.get("encode_peak_bytes")
+            peak = _gib(o.get(f"{op}_peak_bytes")) + ("<" if o.get(f"{op}_peak_masked") else "")
             est = (o.get(f"{op}_estimate") or {}).get("total_bytes")
             line = (f"{r['variant']:<11} {r['size']:<9} {r['dtype'][:8]:<8} {'on' if r['tiled'] else 'off':<5} "
-                    f"{op:<6} {os_ or 0:>7.3f} {ds or 0:>7.3f} {ratio:>9} {_gib(peak):>9} {_gib(est):>8} "
+                    f"{op:<6} {_secs(os_):>7} {_secs(ds):>7} {ratio:>9} {peak:>9} {_gib(est):>8} "
                     f"{_gib(d.get(f'{op}_peak_bytes')):>8}")
-            errs = [f"{k}: {v['error'][:90]}" for k, v in (("ours", o), ("diffusers", d)) if "error" in v]
-            lines.append(line + ("  " + "; ".join(errs) if errs and op == "encode" else ""))
+            notes = [f"{k}: {v[f'{op}_skipped']}" for k, v in (("ours", o), ("diffusers", d)) if f"{op}_skipped" in v]
+            notes += [f"{k}: {v['error'][:90]}" for k, v in (("ours", o), ("diffusers", d))
+                      if "error" in v and op == "encode"]
+            lines.append(line + ("  " + "; ".join(notes) if notes else ""))
     return "\n".join(lines)
 
 
@@ -353,8 +524,7 @@ def _csv(s: str) -> list[str]:
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
-                    help="Wan2.1, 480x832, bf16 and fp32, whole frames, 1 repeat, --budget 450: about 5 minutes on "
-                         "an H100 (the flags below override it)")
+                    help="Wan2.1, 480x832, bf16 and fp32, whole frames (the flags below override it)")
     ap.add_argument("--tiny", action="store_true", help="tiny VAEs and frames on the CPU: a smoke run of the flow")
     ap.add_argument("--variants", help="comma list of wan2.1, wan2.2 (default both)")
     ap.add_argument("--sizes", help="comma list of HEIGHTxWIDTH (default 480x832,720x1280)")
@@ -362,22 +532,25 @@ def parse_args(argv):
     ap.add_argument("--tiling", help="comma list of off, on (default both): on = diffusers' tiles (--tile)")
     ap.add_argument("--impls", default="ours,diffusers", help="comma list of ours, diffusers (default both)")
     ap.add_argument("--frames", type=int, default=None, help="video frames, 4k+1 (default 81; tiny 5)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed runs after the warm-up, best kept (default 2)")
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up, best kept (default 1)")
     ap.add_argument("--tile", default=None, metavar="TILE,STRIDE",
                     help="tile size and stride in pixels (default 256,192: diffusers'; tiny: 4 and 3 latents)")
     ap.add_argument("--time-taps", default="channels", choices=("channels", "conv3d"),
                     help="our conv formulation (jax_impl.vae.ConvSettings)")
     ap.add_argument("--strict-fp32", action="store_true", help="our float32 convs at HIGHEST precision (no TF32)")
-    ap.add_argument("--precompile", choices=("on", "off"), default=None,
-                    help="compile in a separate process first so measured peaks exclude the autotuner (default on; "
-                         "off with --tiny)")
-    ap.add_argument("--timeout", type=int, default=None, help="seconds per process (default 900; quick 400)")
+    ap.add_argument("--compile-jobs", type=int, default=2,
+                    help="ours' compile processes running at once (one per VAE version; default 2)")
+    ap.add_argument("--compile-threads", type=int, default=4,
+                    help="chunk steps compiled at once inside one compile process (default 4)")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per process at most (default 900)")
     ap.add_argument("--budget", type=float, default=None,
-                    help="seconds for the whole run: a process that would likely end past it is skipped (default "
-                         "none; quick 450)")
+                    help="seconds for the whole run, inputs included, quality table not (default 420; none with --tiny): "
+                         "each process gets a deadline from what is left, and what it cannot start in time is "
+                         "recorded as 'not measured (budget)'; 0 = no budget")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workdir", help="keep weights, inputs, compilation cache and videos here (default: a temp dir)")
-    ap.add_argument("--json", default="bench_vae.json", help="results (rewritten after every configuration)")
+    ap.add_argument("--workdir", help="keep weights, inputs, compilation cache and frames here (default: a temp dir;"
+                                      " a kept compilation cache makes a second run skip compiling)")
+    ap.add_argument("--json", default="bench_vae.json", help="results (rewritten after every process)")
     ap.add_argument("--append", action="store_true", help="keep the rows of an existing --json not measured now")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -385,17 +558,13 @@ def parse_args(argv):
         args.variants = args.variants or "wan2.1"
         args.sizes = args.sizes or "480x832"
         args.tiling = args.tiling or "off"
-        args.repeats = args.repeats or 1
-        args.timeout = args.timeout or 400
-        args.budget = args.budget or 450
     args.variants = _csv(args.variants or "wan2.1,wan2.2")
     args.dtypes = _csv(args.dtypes or "bfloat16,float32")
     args.tiling = _csv(args.tiling or "off,on")
     args.impls = _csv(args.impls)
     args.frames = args.frames or (5 if args.tiny else 81)
-    args.repeats = args.repeats or (1 if args.tiny else 2)
-    args.timeout = args.timeout or 900
-    args.precompile = (args.precompile or ("off" if args.tiny else "on")) == "on"
+    if args.budget is None:
+        args.budget = 0 if args.tiny else 420
     bad = ([v for v in args.variants if v not in ("wan2.1", "wan2.2")] + [d for d in args.dtypes if d not in
            ("bfloat16", "float32")] + [t for t in args.tiling if t not in ("off", "on")]
            + [i for i in args.impls if i not in ("ours", "diffusers")])
@@ -403,6 +572,8 @@ def parse_args(argv):
         ap.error(f"unknown value(s) {bad}; see --help")
     if (args.frames - 1) % 4:
         ap.error(f"--frames must be 4k+1, got {args.frames}")
+    if args.repeats < 1 or args.compile_jobs < 1 or args.compile_threads < 1:
+        ap.error("--repeats, --compile-jobs and --compile-threads must be at least 1")
     return args
 
 
@@ -429,98 +600,158 @@ def _tile_spec(args, cfg) -> dict:
     return {"tile_height": t, "tile_width": t, "stride_height": s, "stride_width": s}
 
 
+@dataclasses.dataclass
+class Variant:
+    """One VAE version's weights, per-size inputs and configurations (in priority order)."""
+
+    name: str
+    folder: Path
+    tiling: dict
+    inputs: dict[tuple[int, int], tuple[str, str]]  # (h, w) -> (video, latents)
+    configs: list[Config]
+
+
+def _prepare(args, work: Path) -> list[Variant]:
+    from jax_impl.vae_config import get_vae_preset
+    from torch_ref.vae import write_vae_folder
+
+    out = []
+    for variant in args.variants:
+        preset = ("tiny-" if args.tiny else "") + variant
+        cfg = get_vae_preset(preset)
+        folder = work / f"weights_{preset}_seed{args.seed}"
+        if not (folder / "config.json").is_file():
+            print(f"[{preset}] writing random weights to {folder}", flush=True)
+            write_vae_folder(cfg, folder, seed=args.seed, force=True)
+        sizes = _sizes(args, cfg)
+        inputs = {(h, w): _inputs(cfg, preset, args.frames, h, w, work, args.seed) for h, w in sizes}
+        # priority: whole frames before tiles, then the listed dtype and size order (a budget cuts the tail)
+        configs = [Config(preset, h, w, d, t == "on") for t in args.tiling for d in args.dtypes for h, w in sizes]
+        out.append(Variant(preset, folder, _tile_spec(args, cfg), inputs, configs))
+    return out
+
+
+def _spec(args, v: Variant, work: Path, configs: list[Config], **kw) -> dict:
+    """A worker's spec: what every worker of variant `v` needs, and `configs` with their input files."""
+    def one(c: Config) -> dict:
+        video, latents = v.inputs[(c.height, c.width)]
+        return dict(dataclasses.asdict(c), key=c.key, video=video, latents=latents)
+
+    return {"folder": str(v.folder), "tiling": v.tiling, "repeats": args.repeats,
+            "cache_dir": str(work / "jax_cache"), "time_taps": args.time_taps, "strict_fp32": args.strict_fp32,
+            "configs": [one(c) for c in configs], **kw}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker(args.worker)
 
-    from jax_impl.vae_config import get_vae_preset
-    from torch_ref.vae import write_vae_folder
-
     own_work = args.workdir is None
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_vae_"))
     work.mkdir(parents=True, exist_ok=True)
-    runner = Runner(work, args.timeout, args.budget)
     old = json.loads(Path(args.json).read_text()) if args.append and Path(args.json).is_file() else {}
     result = {"date": datetime.date.today().isoformat(), "frames": args.frames, "tiny": args.tiny,
-              "time_taps": args.time_taps, "strict_fp32": args.strict_fp32, "precompile": args.precompile,
-              "repeats": args.repeats, "versions": _versions(), "rows": [], "quality": [], "compile": []}
-    measured: set[str] = set()
+              "time_taps": args.time_taps, "strict_fp32": args.strict_fp32, "repeats": args.repeats,
+              "budget_s": args.budget or None, "versions": _versions(), "rows": [], "quality": [], "compile": []}
+    rows: dict[str, dict] = {}
+    saved: dict[tuple[str, str], str] = {}
+    t_start = time.perf_counter()
 
     def write() -> None:
-        keep_rows = [r for r in old.get("rows", []) if r["key"] not in measured]
-        keep_q = [q for q in old.get("quality", []) if q["a"].split(" ", 1)[1] not in measured]
-        data = dict(result, rows=keep_rows + result["rows"], quality=keep_q + result["quality"])
+        result["rows"] = list(rows.values())
+        keep_rows = [r for r in old.get("rows", []) if r["key"] not in rows]
+        keep_q = [q for q in old.get("quality", []) if q["a"].split(" ", 1)[1] not in rows]
+        data = dict(result, rows=keep_rows + result["rows"], quality=keep_q + result["quality"],
+                    elapsed_s=time.perf_counter() - t_start)
         tmp = Path(str(args.json) + ".tmp")
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
         os.replace(tmp, args.json)
 
+    def merge(impl: str, res: dict, configs: list[Config]) -> None:
+        for c in configs:
+            got = dict(res.get("configs", {}).get(c.key, {}))
+            if "error" in res and not any(k.endswith("_s") for k in got):
+                got["error"] = res["error"]
+            for op in ("encode", "decode"):  # a process that never got to an op: the budget or its error
+                if f"{op}_s" not in got and "error" not in got:
+                    got.setdefault(f"{op}_skipped", BUDGET_SKIP)
+            rows[c.key].setdefault(impl, {}).update(got)
+            if Path(save_path(impl, c)).is_file():
+                saved[(impl, c.key)] = save_path(impl, c)
+
+    def save_path(impl: str, c: Config) -> str:
+        return str(work / f"frames_{impl}_{c.key}.npy")
+
+    runner = None
     try:
-        for variant in args.variants:
-            preset = ("tiny-" if args.tiny else "") + variant
-            cfg = get_vae_preset(preset)
-            folder = work / f"weights_{preset}_seed{args.seed}"
-            if not (folder / "config.json").is_file():
-                print(f"[{preset}] writing random weights to {folder}", flush=True)
-                write_vae_folder(cfg, folder, seed=args.seed, force=True)
-            tiling = _tile_spec(args, cfg)
-            for h, w in _sizes(args, cfg):
-                video, latents = _inputs(cfg, preset, args.frames, h, w, work, args.seed)
-                group = [Config(preset, h, w, d, t == "on") for t in args.tiling for d in args.dtypes]
-                base = {"folder": str(folder), "video": video, "latents": latents, "tiling": tiling,
-                        "repeats": args.repeats, "cache_dir": str(work / "jax_cache"),
-                        "time_taps": args.time_taps, "strict_fp32": args.strict_fp32}
-                cfg_dicts = {c.key: dict(dataclasses.asdict(c), key=c.key) for c in group}
-                if "ours" in args.impls and args.precompile:
-                    print(f"[{preset} {h}x{w}] compiling {len(group)} configuration(s)", flush=True)
-                    res = runner.run("compile", dict(base, impl="ours", role="compile",
-                                                     configs=list(cfg_dicts.values())))
-                    result["compile"].append({"variant": preset, "size": f"{h}x{w}", **res})
-                    precompiled = {k for k, v in res.get("configs", {}).items() if "error" not in v}
-                else:
-                    precompiled = set()
-                saved: dict[tuple[str, str], str] = {}
-                for c in group:
-                    row = {"key": c.key, "variant": preset, "size": f"{h}x{w}", "dtype": c.dtype, "tiled": c.tiled,
-                           "tiling": tiling if c.tiled else None}
-                    for impl in args.impls:
-                        save = str(work / f"decoded_{impl}_{c.key}.npy")
-                        print(f"[{c.key}] {impl}", flush=True)
-                        res = runner.run(impl, dict(base, impl=impl, role="measure", configs=[cfg_dicts[c.key]],
-                                                    save=save))
-                        row[impl] = res.get("configs", {}).get(c.key, {}) if "error" not in res else res
-                        if "process_s" in res:
-                            row[impl]["process_s"] = res["process_s"]
-                        if impl == "ours":  # else the measured peak may include the autotuner's scratch
-                            row[impl]["precompiled"] = c.key in precompiled
-                        if Path(save).is_file():
-                            saved[(impl, c.key)] = save
-                    o, d = row.get("ours", {}), row.get("diffusers", {})
-                    for op in ("encode", "decode"):
-                        if o.get(f"{op}_s") and d.get(f"{op}_s"):
-                            row[f"{op}_ratio"] = o[f"{op}_s"] / d[f"{op}_s"]
-                    result["rows"].append(row)
-                    measured.add(c.key)
-                    write()
-                result["quality"] += _quality_rows(group, saved)
-                write()
-                if own_work:
-                    for p in saved.values():
-                        Path(p).unlink(missing_ok=True)
+        variants = _prepare(args, work)
+        runner = Runner(work, args.timeout, args.budget or None, t_start)
+        for v in variants:
+            for c in v.configs:
+                rows[c.key] = {"key": c.key, "variant": v.name, "size": f"{c.height}x{c.width}", "dtype": c.dtype,
+                               "tiled": c.tiled, "tiling": v.tiling if c.tiled else None}
+                for p in (save_path("ours", c), save_path("diffusers", c)):
+                    Path(p).unlink(missing_ok=True)
+        write()
+        groups = [(v, v.configs) for v in variants]
+        if "ours" in args.impls:
+            print(f"compiling ours: {sum(len(g) for _, g in groups)} configuration(s), {args.compile_jobs} process(es)"
+                  f" x {args.compile_threads} thread(s)", flush=True)
+            specs = [_spec(args, v, work, g, impl="ours", role="compile", threads=args.compile_threads) for v, g in groups]
+            for (v, g), res in zip(groups, runner.run_parallel(specs, args.compile_jobs, COMPILE_SHARE)):
+                result["compile"].append({"variant": v.name, "configs": res.get("configs", {}),
+                                          "process_s": res.get("process_s"), "error": res.get("error")})
+                for c in g:
+                    rows[c.key].setdefault("ours", {}).update(res.get("configs", {}).get(c.key, {}))
+            write()
+            print(f"  compile phase done at {runner.elapsed():.0f} s", flush=True)
+        # measuring processes, ours then diffusers; each gets a share of what is left of the budget
+        jobs = []
+        if "ours" in args.impls:
+            jobs += [("ours", v, [c for c in g if c.dtype == d]) for v, g in groups for d in args.dtypes]
+        if "diffusers" in args.impls:
+            jobs += [("diffusers", v, g) for v, g in groups]
+        jobs = [j for j in jobs if j[2]]
+        weight = {"ours": 1.0, "diffusers": 2.5}  # diffusers takes about 2.5x our time (bench/results)
+        for i, (impl, v, configs) in enumerate(jobs):
+            share = weight[impl] / sum(weight[j[0]] for j in jobs[i:])
+            left = runner.left()
+            print(f"[{v.name}] {impl}{' ' + configs[0].dtype if impl == 'ours' else ''}: {len(configs)} "
+                  f"configuration(s)" + (f", deadline in {share * left:.0f} s" if left is not None else ""), flush=True)
+            extra = {"save": {c.key: save_path(impl, c) for c in configs}}
+            if impl == "ours":
+                extra |= {"role": "measure", "dtype": configs[0].dtype,
+                          "estimates": {c.key: rows[c.key].get("ours", {}) for c in configs}}
+            res = runner.run(_spec(args, v, work, configs, impl=impl, **extra), share)
+            merge(impl, res, configs)
+            write()
+        for v in variants:
+            for hw in v.inputs:
+                result["quality"] += _quality_rows([c for c in v.configs if (c.height, c.width) == hw], saved)
+        for r in rows.values():
+            o, d = r.get("ours", {}), r.get("diffusers", {})
+            for op in ("encode", "decode"):
+                if o.get(f"{op}_s") and d.get(f"{op}_s"):
+                    r[f"{op}_ratio"] = o[f"{op}_s"] / d[f"{op}_s"]
     finally:
-        rows = result["rows"]
-        print(f"\nWan VAE, {args.frames} frames, elapsed {runner.elapsed():.0f} s")
-        print(table(rows))
-        print("ours GiB: peak after the decode (decode rows), of the whole process (encode rows: the larger of "
-              "both); est GiB: jax_impl.vae_memory's estimate plus weights and input")
+        print(f"\nWan VAE, {args.frames} frames, elapsed {time.perf_counter() - t_start:.0f} s"
+              + (f" (budget {args.budget:.0f} s after the inputs)" if args.budget else ""))
+        print(table(list(rows.values())))
+        print("ours GiB: peak of the op (weights and input included); '<' = below an earlier op's peak in the same "
+              "process, so only an upper bound; est GiB: jax_impl.vae_memory's estimate plus weights and input")
         if result["quality"]:
-            print("\ndecoded-frame quality (same latents, same weights)")
+            print(f"\ndecoded-frame quality (same latents, same weights; {QUALITY_FRAMES} evenly spaced frames)")
             print(quality_table(result["quality"]))
         write()
+        skipped = sum(f"{op}_skipped" in r.get(i, {}) for r in rows.values() for i in args.impls
+                      for op in ("encode", "decode"))
+        if skipped:
+            print(f"{skipped} op(s) not measured (budget): raise --budget or measure fewer configurations")
         print(f"wrote {args.json}")
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
-    failed = [r["key"] for r in result["rows"] if any("error" in r.get(i, {}) for i in args.impls)]
+    failed = [r["key"] for r in rows.values() if any("error" in r.get(i, {}) for i in args.impls)]
     return 1 if failed else 0
 
 

@@ -42,13 +42,44 @@ class VaeInputError(ValueError):
     """A video or latent whose shape the VAE cannot process; the message says what is expected."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Valid:
+    """The valid top-left `height` x `width` region (traced int32 scalars) of a chunk whose spatial size is
+    `full` (static): spatial tiles are padded to one shape so that one compiled step serves every tile, and
+    this says which part is real at every resolution the network reaches (sizes scale by powers of two)."""
+
+    height: jax.Array
+    width: jax.Array
+    full: tuple[int, int]
+
+    def mask(self, h: int, w: int) -> jax.Array:
+        """[h, w] bool: inside the valid region of a feature map of spatial size h x w."""
+        def scaled(v, n, full):
+            return v * (n // full) if n >= full else v // (full // n)
+
+        rows = jnp.arange(h) < scaled(self.height, h, self.full[0])
+        cols = jnp.arange(w) < scaled(self.width, w, self.full[1])
+        return rows[:, None] & cols[None, :]
+
+
 class Cursor:
     """Threads the conv caches through one chunk in call order and collects taps (trace-time only)."""
 
-    def __init__(self, caches: Caches | None, capture: bool):
+    def __init__(self, caches: Caches | None, capture: bool, valid: "Valid | None" = None):
         self.inp, self.i, self.out = caches, 0, []
         self.capture = capture
         self.taps: dict[str, jax.Array] = {}
+        self.valid = valid
+
+    def mask(self, x: jax.Array) -> jax.Array:
+        """`x` with the pixels outside the valid region zeroed (padded tiles; a no-op for whole frames).
+
+        Called on the input of every spatial conv, so a padded tile computes exactly what the smaller tile
+        would: the conv sees zeros past the valid edge, as its zero padding would give it.
+        """
+        if self.valid is None:
+            return x
+        return jnp.where(self.valid.mask(x.shape[2], x.shape[3])[None, None, :, :, None], x, jnp.zeros((), x.dtype))
 
     @property
     def first(self) -> bool:
@@ -164,6 +195,7 @@ class CausalConv(Conv):
 
     def step(self, x: jax.Array, cur: Cursor) -> jax.Array:
         cache = cur.take()
+        x = cur.mask(x)
         if cache is None:
             cache = jnp.zeros((x.shape[0], CACHE_T, *x.shape[2:]), x.dtype)
         full = jnp.concatenate([cache.astype(x.dtype), x], axis=1)
@@ -218,6 +250,8 @@ class AttnBlock(nnx.Module):
         q, k, v = jnp.split(qkv, 3, axis=-1)
         prec = self.proj.settings.precision(v.dtype)
         logits = jnp.einsum("bqc,bkc->bqk", q, k, precision=prec, preferred_element_type=F32) / math.sqrt(c)
+        if cur.valid is not None:  # a padded tile: its padding is no key (queries there are cropped later)
+            logits = jnp.where(cur.valid.mask(h, w).reshape(1, 1, h * w), logits, -jnp.inf)
         p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         o = jnp.einsum("bqk,bkc->bqc", p, v, precision=prec)
         return self.proj(o.reshape(b, t, h, w, c)) + x
@@ -265,7 +299,7 @@ class Resample(nnx.Module):
                 x = y.reshape(b, t, h, w, 2, c2 // 2).transpose(0, 1, 4, 2, 3, 5).reshape(b, 2 * t, h, w, c2 // 2)
         if self.mode.startswith("upsample"):
             x = _up2(x)
-        x = self.resample(x)
+        x = self.resample(cur.mask(x))
         if self.mode == "downsample3d":
             cache = cur.take()
             cur.put(x[:, -1:])
@@ -437,15 +471,18 @@ class WanVAE(nnx.Module):
         return self
 
     # --- one chunk (traced under jit by the drivers below) ---------------------------------------
-    def encode_chunk(self, x: jax.Array, caches: Caches | None, capture: bool = False):
-        cur = Cursor(caches, capture)
+    def encode_chunk(self, x: jax.Array, caches: Caches | None, capture: bool = False, valid: Valid | None = None):
+        """`valid`: the real part of a padded tile (see `Valid`); None for whole frames."""
+        cur = Cursor(caches, capture, valid)
         moments = self.quant_conv(self.encoder(patchify(x.astype(self.dtype), self.cfg.patch), cur))
         cur.tap("quant_conv", moments)
         return moments, cur.out, cur.taps
 
-    def decode_chunk(self, z: jax.Array, caches: Caches | None, capture: bool = False, raw: bool = False):
-        """`raw`: the decoder's output before unpatchify and clipping (what spatial tiles are blended on)."""
-        cur = Cursor(caches, capture)
+    def decode_chunk(self, z: jax.Array, caches: Caches | None, capture: bool = False, raw: bool = False,
+                     valid: Valid | None = None):
+        """`raw`: the decoder's output before unpatchify and clipping (what spatial tiles are blended on);
+        `valid`: the real part of a padded tile (see `Valid`)."""
+        cur = Cursor(caches, capture, valid)
         x = self.post_quant_conv(z.astype(self.dtype))
         cur.tap("post_quant_conv", x)
         x = self.decoder(x, cur)
@@ -522,21 +559,24 @@ class WanVAE(nnx.Module):
     def _chunks(self, kind: str, x) -> list:
         return [x[:, a:b] for a, b in chunk_bounds(kind, x.shape[1])]
 
-    def stream(self, kind: str, x, *, raw: bool = False, split=None) -> jax.Array:
+    def stream(self, kind: str, x, *, raw: bool = False, split=None, valid: tuple[int, int] | None = None) -> jax.Array:
         """Every time chunk of `x` (a video to encode, or latents to decode) through the compiled chunk step.
 
         Encode returns the moments (mean and log-variance), decode the clipped video (`raw`: the decoder's
         output before unpatchify and clipping). The conv caches are donated from step to step and every
         chunk's output is written into one preallocated buffer, so the device holds the caches once and
         the result once, whatever the length. `split`: `nnx.split(self)`, when the caller has it already
-        (tiles split once per video, not once per tile).
+        (tiles split once per video, not once per tile). `valid`: `x` is a tile padded with zeros past its valid
+        (height, width); every tile size then runs the same executables (the padding's outputs are garbage the
+        caller crops).
         """
         graphdef, state = split or nnx.split(self)
-        steps = step_table(graphdef, kind, raw)
+        steps = step_table(graphdef, kind, raw, masked=valid is not None)
+        extra = () if valid is None else (jnp.asarray(valid, jnp.int32),)
         caches, buf, t = None, None, 0
         for a, b in chunk_bounds(kind, x.shape[1]):
             xc = jnp.asarray(x[:, a:b])
-            y, caches = steps.get(state, xc, caches)(state, xc, caches)
+            y, caches = steps.get(state, xc, caches)(state, xc, caches, *extra)
             if buf is None:
                 buf = jnp.zeros((y.shape[0], self.out_frames(kind, x.shape[1]), *y.shape[2:]), y.dtype)
             if t + y.shape[1] > buf.shape[1]:  # dynamic_update_slice would clamp and overwrite silently
@@ -577,12 +617,17 @@ class StepTable:
     """The chunk step (state, x, caches) -> (y, caches) of one graph structure and kind, compiled ahead of time
     per argument shapes. The caches argument is donated: a step's new caches reuse the old ones' memory."""
 
-    def __init__(self, graphdef, kind: str, raw: bool):
-        def step(state, x, caches):
+    def __init__(self, graphdef, kind: str, raw: bool, masked: bool = False):
+        """`masked`: the step takes a fourth argument, int32[2], the valid (height, width) of a padded tile (see
+        `Valid`): one executable then serves tiles of every size."""
+        def step(state, x, caches, valid=None):
             m = nnx.merge(graphdef, state)
-            y, new, _ = m.encode_chunk(x, caches) if kind == "encode" else m.decode_chunk(x, caches, raw=raw)
+            v = None if valid is None else Valid(valid[0], valid[1], tuple(x.shape[2:4]))
+            y, new, _ = (m.encode_chunk(x, caches, valid=v) if kind == "encode"
+                         else m.decode_chunk(x, caches, raw=raw, valid=v))
             return y, new
 
+        self.masked = masked
         self.jitted = jax.jit(step, donate_argnums=2)
         self.compiled: dict = {}
 
@@ -591,20 +636,21 @@ class StepTable:
         key = (_signature(x), _signature(caches))
         c = self.compiled.get(key)
         if c is None:
-            c = self.compiled[key] = self.jitted.lower(state, x, caches).compile()
+            extra = (jax.ShapeDtypeStruct((2,), jnp.int32),) if self.masked else ()
+            c = self.compiled[key] = self.jitted.lower(state, x, caches, *extra).compile()
         return c
 
 
 _TABLES: dict = {}
 
 
-def step_table(graphdef, kind: str, raw: bool) -> StepTable:
+def step_table(graphdef, kind: str, raw: bool, masked: bool = False) -> StepTable:
     """Keyed by graph structure (config, dtype, conv settings): every model of the same structure shares it.
     (Hashing a graph costs milliseconds, so callers look the table up once per video, not per chunk.)"""
-    key = (graphdef, kind, raw)
+    key = (graphdef, kind, raw, masked)
     table = _TABLES.get(key)
     if table is None:
-        table = _TABLES[key] = StepTable(graphdef, kind, raw)
+        table = _TABLES[key] = StepTable(graphdef, kind, raw, masked)
     return table
 
 

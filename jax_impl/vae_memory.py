@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jax_impl.vae import step_table, chunk_bounds
-from jax_impl.vae_tiling import Tiling, applies, plan, tile_shapes
+from jax_impl.vae_tiling import Tiling, applies, plan, tile_shape
 
 AUTO_FRACTION = 0.9  # headroom for allocator fragmentation and whatever else runs beside the VAE
 GIB = 2**30
@@ -66,26 +66,27 @@ def estimate(model, kind: str, shape: tuple[int, ...], *, dtype=None, tile: bool
     raw = tiled and kind == "decode"
     frames = shape[1]
     out_frames = model.out_frames(kind, frames)
-    step_max, n_steps, tile_out = 0, 0, {}
-    steps = step_table(graphdef, kind, raw)
-    for shp in (tile_shapes(model.cfg, kind, shape, tiling) if tiled else [tuple(shape)]):
-        caches = None
-        for a, b in chunk_bounds(kind, frames)[:2]:  # the first chunk and the steady-state chunk
-            x = jax.ShapeDtypeStruct((shp[0], b - a, *shp[2:]), dtype)
-            compiled = steps.get(state, x, caches)
-            ma = compiled.memory_analysis()
-            if ma is None:
-                return None
-            step = (ma.argument_size_in_bytes - weights + ma.output_size_in_bytes + ma.temp_size_in_bytes
-                    - ma.alias_size_in_bytes)
-            step_max, n_steps = max(step_max, int(step)), n_steps + 1
-            y, caches = compiled.out_info
-            tile_out[shp[2:4]] = _nbytes(y) // y.shape[1] * out_frames
+    step_max, n_steps = 0, 0
+    steps = step_table(graphdef, kind, raw, masked=tiled)
+    shp = tile_shape(model.cfg, kind, shape, tiling) if tiled else tuple(shape)  # every tile is padded to it
+    caches = None
+    for a, b in chunk_bounds(kind, frames)[:2]:  # the first chunk and the steady-state chunk
+        x = jax.ShapeDtypeStruct((shp[0], b - a, *shp[2:]), dtype)
+        compiled = steps.get(state, x, caches)
+        ma = compiled.memory_analysis()
+        if ma is None:
+            return None
+        step = (ma.argument_size_in_bytes - weights + ma.output_size_in_bytes + ma.temp_size_in_bytes
+                - ma.alias_size_in_bytes)
+        step_max, n_steps = max(step_max, int(step)), n_steps + 1
+        y, caches = compiled.out_info
+        px_out = _nbytes(y) // (y.shape[1] * y.shape[2] * y.shape[3]) * out_frames  # per output pixel
+        scale = y.shape[2] / shp[2]  # output pixels per input pixel along an axis
     # the result buffer holds every output frame once; encode then slices the mean out of the moments
     b, _, h, w = shape[:4]
     cfg, itemsize = model.cfg, np.dtype(model.dtype).itemsize
     if not tiled:
-        result = tile_out[tuple(shape[2:4])]
+        result = px_out * int(h * scale) * int(w * scale)
     elif kind == "encode":
         result = b * out_frames * (h // cfg.spatial_factor) * (w // cfg.spatial_factor) * 2 * cfg.z_dim * itemsize
     else:
@@ -96,8 +97,9 @@ def estimate(model, kind: str, shape: tuple[int, ...], *, dtype=None, tile: bool
     tiles = 0
     if tiled:
         rows, cols = plan(model.cfg, kind, shape[2], shape[3], tiling)
-        row = max(sum(tile_out[(th, tw)] for tw in cols.sizes(shape[3])) for th in rows.sizes(shape[2]))
-        tiles = 2 * row + max(tile_out.values())
+        row = max(sum(px_out * int(th * scale) * int(tw * scale) for tw in cols.sizes(shape[3]))
+                  for th in rows.sizes(shape[2]))
+        tiles = 2 * row + px_out * int(shp[2] * scale) * int(shp[3] * scale)  # + one padded tile before its crop
     return MemoryEstimate(int(step_max + result + tiles), int(step_max), int(result), int(tiles), bool(tiled),
                           n_steps)
 

@@ -24,6 +24,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jax_impl.layers import F32
@@ -70,6 +71,10 @@ class AxisTiles:
 
     def sizes(self, length: int) -> list[int]:
         return [min(self.size, length - a) for a in self.starts]
+
+    def padded(self, length: int) -> int:
+        """The one size every tile is padded to (edge tiles are smaller), so one executable runs them all."""
+        return min(self.size, length)
 
 
 def plan(cfg: VaeConfig, kind: str, height: int, width: int, tiling: Tiling) -> tuple[AxisTiles, AxisTiles]:
@@ -131,20 +136,34 @@ def blend(prev: jax.Array, cur: jax.Array, extent: int, axis: int) -> jax.Array:
     return jnp.concatenate([mixed, jax.lax.slice_in_dim(cur, e, cur.shape[axis], axis=axis)], axis=axis)
 
 
-def run_tiles(x, rows: AxisTiles, cols: AxisTiles, run_tile: Callable[[object], jax.Array],
+def _pad_tile(t, height: int, width: int):
+    """Zeros appended below and right of tile `t` up to `height` x `width` (numpy stays on the host)."""
+    pad = [(0, 0), (0, 0), (0, height - t.shape[2]), (0, width - t.shape[3]), (0, 0)]
+    if not any(p[1] for p in pad):
+        return t
+    return np.pad(t, pad) if isinstance(t, np.ndarray) else jnp.pad(t, pad)
+
+
+def run_tiles(x, rows: AxisTiles, cols: AxisTiles, run_tile: Callable[[object, tuple[int, int]], jax.Array],
               out_shape: tuple[int, ...], finish: Callable[[jax.Array], jax.Array] = lambda t: t,
               scale: int = 1, dtype=None) -> jax.Array:
-    """Run `run_tile` on every tile of `x` ([B, T, H, W, C]), blend, keep each tile's `out_stride` part,
-    `finish` it and write it into an `out_shape` buffer at (row, column) x out_stride x `scale`.
+    """Run `run_tile(tile, valid)` on every tile of `x` ([B, T, H, W, C]), blend, keep each tile's `out_stride`
+    part, `finish` it and write it into an `out_shape` buffer at (row, column) x out_stride x `scale`.
 
-    Only the previous row of (blended, uncut) tiles is kept; the result is written in place.
+    Every tile is padded to one shape (`AxisTiles.padded`) and `run_tile` is told its valid (height, width), so
+    one compiled program runs every tile; its output is cropped to the valid part in proportion. Only the
+    previous row of (blended, uncut) tiles is kept; the result is written in place.
     """
     buf = None
     above: list[jax.Array] = []
+    ph, pw = rows.padded(x.shape[2]), cols.padded(x.shape[3])
     for r, i in enumerate(rows.starts):
         row: list[jax.Array] = []
         for c, j in enumerate(cols.starts):
-            t = run_tile(x[:, :, i:i + rows.size, j:j + cols.size])
+            t = x[:, :, i:i + rows.size, j:j + cols.size]
+            vh, vw = t.shape[2], t.shape[3]
+            t = run_tile(_pad_tile(t, ph, pw), (vh, vw))
+            t = t[:, :, :vh * t.shape[2] // ph, :vw * t.shape[3] // pw]
             if above:
                 t = blend(above[c], t, rows.blend, 2)
             if row:
@@ -169,7 +188,7 @@ def tiled_encode(model, video, tiling: Tiling | None = None) -> jax.Array:
     s = cfg.spatial_factor
     out_shape = (b, model.out_frames("encode", f), h // s, w // s, 2 * cfg.z_dim)
     split = nnx.split(model)
-    return run_tiles(video, rows, cols, lambda t: model.stream("encode", t, split=split), out_shape,
+    return run_tiles(video, rows, cols, lambda t, v: model.stream("encode", t, split=split, valid=v), out_shape,
                      dtype=model.dtype)
 
 
@@ -186,13 +205,14 @@ def tiled_decode(model, z, tiling: Tiling | None = None) -> jax.Array:
         return jnp.clip(unpatchify(t, p), -1.0, 1.0)
 
     split = nnx.split(model)
-    return run_tiles(z, rows, cols, lambda t: model.stream("decode", t, raw=True, split=split), out_shape, finish,
+    return run_tiles(z, rows, cols, lambda t, v: model.stream("decode", t, raw=True, split=split, valid=v), out_shape,
+                     finish,
                      scale=p, dtype=model.dtype)
 
 
-def tile_shapes(cfg: VaeConfig, kind: str, shape: tuple[int, ...], tiling: Tiling) -> list[tuple[int, ...]]:
-    """The distinct input shapes of the tiles of an encode/decode of `shape` (for compiling and estimates)."""
+def tile_shape(cfg: VaeConfig, kind: str, shape: tuple[int, ...], tiling: Tiling) -> tuple[int, ...]:
+    """The one (padded) input shape every tile of an encode/decode of `shape` runs at."""
     rows, cols = plan(cfg, kind, shape[2], shape[3], tiling)
     b, f, h, w, c = shape
-    return sorted({(b, f, th, tw, c) for th in rows.sizes(h) for tw in cols.sizes(w)})
+    return (b, f, rows.padded(h), cols.padded(w), c)
 

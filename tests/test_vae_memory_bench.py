@@ -59,9 +59,9 @@ def _bench(tmp_path, *flags: str):
 
 @pytest.mark.slow
 def test_bench_tiny_runs_on_cpu(tmp_path):
-    """The whole GPU flow on a CPU: a compile process, then one process per implementation and configuration,
-    the table, the JSON and the bf16-vs-fp32 quality rows."""
-    r, data = _bench(tmp_path, "--dtypes", "float32,bfloat16", "--tiling", "off", "--precompile", "on")
+    """The whole GPU flow on a CPU: a compile process, then measuring processes per implementation, the table,
+    the JSON and the bf16-vs-fp32 quality rows."""
+    r, data = _bench(tmp_path, "--dtypes", "float32,bfloat16", "--tiling", "off")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "ours/diff" in r.stdout and "bf16 vs fp32" in r.stdout
     assert data["tiny"] is True and [row["dtype"] for row in data["rows"]] == ["float32", "bfloat16"]
@@ -70,7 +70,7 @@ def test_bench_tiny_runs_on_cpu(tmp_path):
             assert row["ours"][f"{op}_s"] > 0 and row["diffusers"][f"{op}_s"] > 0 and row[f"{op}_ratio"] > 0
             est = row["ours"][f"{op}_estimate"]
             assert est["total_bytes"] > est["peak_bytes"] > 0 and est["tiled"] is False
-        assert row["ours"]["precompiled"] is True
+            assert row["ours"][f"{op}_precompiled"] is True  # loaded from the compile phase's cache
     (compile_run,) = data["compile"]
     assert set(compile_run["configs"]) == {row["key"] for row in data["rows"]}
     q = {x["what"]: x for x in data["quality"]}
@@ -92,3 +92,19 @@ def test_bench_failure_keeps_the_other_rows(tmp_path):
     assert "multiples of 8" in tiled["ours"]["error"] and tiled["diffusers"]["decode_s"] > 0
     assert whole["ours"]["decode_s"] > 0 and whole["diffusers"]["decode_s"] > 0
     assert "multiples of 8" in r.stdout
+
+
+@pytest.mark.slow
+def test_bench_budget_records_what_it_could_not_measure(tmp_path):
+    """A budget spent before anything ran: every row is still in the JSON and the table, each op marked
+    'not measured (budget)' for both implementations, nothing silently dropped."""
+    r, data = _bench(tmp_path, "--dtypes", "float32", "--tiling", "off,on", "--budget", "1")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert [row["tiled"] for row in data["rows"]] == [False, True]
+    for row in data["rows"]:
+        for impl in ("ours", "diffusers"):
+            for op in ("encode", "decode"):
+                assert row[impl][f"{op}_skipped"] == "not measured (budget)" and f"{op}_s" not in row[impl]
+    lines = [ln for ln in r.stdout.splitlines() if "ours: not measured (budget); diffusers: not measured" in ln]
+    assert len(lines) == 4  # one table line per (row, op)
+    assert "8 op(s) not measured (budget)" in r.stdout
