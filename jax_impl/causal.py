@@ -57,7 +57,7 @@ import numpy as np
 from flax import nnx
 
 import kernels
-from kernels.attention import resolve_backend
+from kernels.backends import resolve_backend
 from jax_impl.config import DitConfig
 from jax_impl.dit import token_grid, unstack_block_taps
 from jax_impl.layers import F32

@@ -451,7 +451,7 @@ class Pipeline:
 
     def denoise_inputs(self, settings: GenerateSettings, encoded_key: str, causal=None) -> dict[str, Any]:
         """What the denoise stage's latents depend on, the encode stage's key included."""
-        from kernels.attention import resolve_backend
+        from kernels.backends import resolve_backend
 
         return {
             "encoded_stage": encoded_key,

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernels
-from kernels.attention import resolve_backend
+from kernels.backends import resolve_backend
 from kernels.splash import _splash_padded, fit_blocks
 
 FP32_TOL = 1e-5
