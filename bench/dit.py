@@ -138,7 +138,7 @@ def run_torch(cfg, grid, text_len, warmup: int, iters: int, compile_: bool) -> d
 
 def child(args) -> None:
     """Run one implementation and print one JSON line."""
-    from jax_impl.presets import get_preset
+    from weights.configs.presets import get_preset
 
     cfg = get_preset(args.preset).transformer
     h, w = (int(v) for v in args.size.split("x"))
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
         child(args)
         return 0
 
-    from jax_impl.presets import get_preset
+    from weights.configs.presets import get_preset
 
     cfg = get_preset(args.preset).transformer
     h, w = (int(v) for v in args.size.split("x"))

@@ -79,7 +79,7 @@ def vae_part(args) -> dict:
     from flax import nnx
 
     from jax_impl.vae import WanVAE
-    from jax_impl.vae_config import get_vae_preset
+    from weights.configs.vae import get_vae_preset
 
     out: dict = {"device": str(jax.devices()[0].device_kind)}
     cfg = get_vae_preset(("tiny-" if args.tiny else "") + "wan2.1")
@@ -222,7 +222,7 @@ def dit_mem_part(args) -> dict:
     from flax import nnx
 
     from jax_impl.dit import WanTransformer
-    from jax_impl.presets import get_preset
+    from weights.configs.presets import get_preset
 
     preset = "tiny-wan2.2-i2v-a14b" if args.tiny else "wan2.2-i2v-a14b"
     cfg = get_preset(preset).transformer

@@ -84,7 +84,7 @@ def child(args) -> None:
 
     from jax_impl import sharding as S
     from jax_impl.dit import WanTransformer
-    from jax_impl.presets import get_preset
+    from weights.configs.presets import get_preset
 
     cfg = get_preset(args.preset).transformer
     h, w = (int(v) for v in args.size.split("x"))
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     if too_many:
         ap.error(f"asked for {too_many} devices but {visible} are visible; on CPU use --simulate N")
 
-    from jax_impl.presets import get_preset
+    from weights.configs.presets import get_preset
 
     cfg = get_preset(args.preset).transformer
     h, w = (int(v) for v in args.size.split("x"))

@@ -434,7 +434,7 @@ def main(argv=None) -> int:
     if args.worker:
         return worker(args.worker)
 
-    from jax_impl.vae_config import get_vae_preset
+    from weights.configs.vae import get_vae_preset
     from torch_ref.vae import write_vae_folder
 
     own_work = args.workdir is None

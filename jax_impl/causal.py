@@ -58,162 +58,16 @@ from flax import nnx
 
 import kernels
 from kernels.backends import resolve_backend
-from jax_impl.config import DitConfig
+from weights.configs.causal import CausalConfig, block_causal_mask, check_causal_inputs, condition_channels
+from weights.configs.dit import DitConfig
 from jax_impl.dit import token_grid, unstack_block_taps
 from jax_impl.layers import F32
 from jax_impl.rope import axis_tables, rope_tables
 
-NUM_TRAIN_TIMESTEPS = 1000.0
-DEFAULT_TIMESTEPS = (1000.0, 750.0, 500.0, 250.0)
 MASK_BACKENDS = ("xla", "cudnn")
 
 # Number of times each jitted entry point was traced (compiled); tests check there is no retrace per block.
 TRACE_COUNTS: collections.Counter = collections.Counter()
-
-
-# ------------------------------------------------------------------------------------------------
-# Configuration and validation (pure Python: shared with torch_ref.causal)
-# ------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class CausalConfig:
-    """How the video is generated block by block.
-
-    frames_per_block: latent frames per block. window: latent frames a block attends to besides the sink
-    (the first block), counting the block itself; None = everything before. timesteps: the few-step
-    schedule per block (model timesteps in (0, 1000], strictly decreasing). shift: flow shift applied to
-    sigma = t / 1000 (sigma' = shift * s / (1 + (shift - 1) * s)); 1.0 uses the timesteps as given.
-    """
-
-    frames_per_block: int
-    window: int | None = None
-    timesteps: tuple[float, ...] = DEFAULT_TIMESTEPS
-    shift: float = 1.0
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Types and ranges of every field (timesteps and shift finite), normalised in place; in one place,
-        run when the config is made, so before any stage."""
-        fpb = self.frames_per_block
-        if isinstance(fpb, bool) or not isinstance(fpb, (int, np.integer)) or fpb < 1:
-            raise ValueError(f"frames_per_block (--frames-per-block) must be a positive integer (latent frames), "
-                             f"got {fpb!r}")
-        object.__setattr__(self, "frames_per_block", int(fpb))
-        w = self.window
-        if w is not None:
-            if isinstance(w, bool) or not isinstance(w, (int, np.integer)):
-                raise ValueError(f"window (--window) must be an integer number of latent frames or None, got {w!r}")
-            if w < fpb or w % fpb:
-                up = max(fpb, -(-int(w) // fpb) * fpb)
-                raise ValueError(
-                    f"window={w} latent frames must be a multiple of frames_per_block={fpb} and at least {fpb} "
-                    f"(it counts whole blocks, the current one included); use --window {up}"
-                )
-            object.__setattr__(self, "window", int(w))
-        try:
-            ts = tuple(float(t) for t in self.timesteps)
-        except (TypeError, ValueError):
-            raise ValueError(f"timesteps (--causal-steps) must be numbers, got {self.timesteps!r}") from None
-        if not ts:
-            raise ValueError("timesteps (--causal-steps) must list at least one denoising step, e.g. 1000,750,500,250")
-        if any(not (0.0 < t <= NUM_TRAIN_TIMESTEPS) for t in ts):
-            raise ValueError(f"timesteps (--causal-steps) must lie in (0, {NUM_TRAIN_TIMESTEPS:g}], got {ts}")
-        if any(b >= a for a, b in zip(ts, ts[1:])):
-            raise ValueError(f"timesteps (--causal-steps) must be strictly decreasing (noisy to clean), got {ts}")
-        object.__setattr__(self, "timesteps", ts)
-        if isinstance(self.shift, bool) or not isinstance(self.shift, (int, float, np.integer, np.floating)) \
-                or not (self.shift > 0 and math.isfinite(self.shift)):
-            raise ValueError(f"shift (--causal-shift) must be a finite number > 0, got {self.shift!r}")
-
-    @property
-    def window_blocks(self) -> int | None:
-        """Blocks a block attends to besides the sink, itself included (None: all earlier blocks)."""
-        return None if self.window is None else self.window // self.frames_per_block
-
-    def num_blocks(self, num_frames: int) -> int:
-        if num_frames < 1 or num_frames % self.frames_per_block:
-            divisors = [d for d in range(1, num_frames + 1) if num_frames % d == 0]
-            raise ValueError(
-                f"frames_per_block={self.frames_per_block} does not divide the {num_frames} latent frames; "
-                f"use --frames-per-block in {divisors} or change the number of frames"
-            )
-        return num_frames // self.frames_per_block
-
-    def schedule(self) -> tuple[list[float], list[float]]:
-        """(model timesteps, sigmas) of the per-block schedule after the shift warp."""
-        sig = [t / NUM_TRAIN_TIMESTEPS for t in self.timesteps]
-        sig = [self.shift * s / (1.0 + (self.shift - 1.0) * s) for s in sig]
-        return [s * NUM_TRAIN_TIMESTEPS for s in sig], sig
-
-
-def condition_channels(cfg: DitConfig) -> int:
-    """Channels of the I2V condition concatenated after the noisy latents (4 mask + 16 latent; 0 for T2V)."""
-    return cfg.in_channels - cfg.out_channels
-
-
-def check_causal_inputs(
-    cfg: DitConfig,
-    ccfg: CausalConfig,
-    latent_shape: Sequence[int],
-    text_shape: Sequence[int],
-    image_shape: Sequence[int] | None = None,
-    condition_shape: Sequence[int] | None = None,
-) -> int:
-    """Validate shapes up front with errors naming the fix; returns the number of blocks.
-
-    latent_shape is (batch, frames, height, width[, channels]) of the generated latents.
-    """
-    b, f, h, w = (int(n) for n in latent_shape[:4])
-    if len(latent_shape) == 5 and latent_shape[4] != cfg.out_channels:
-        raise ValueError(f"noise has {latent_shape[4]} channels, the model generates {cfg.out_channels}")
-    pt, ph, pw = cfg.patch_size
-    if ccfg.frames_per_block % pt:
-        raise ValueError(f"frames_per_block={ccfg.frames_per_block} must be a multiple of the temporal patch size {pt}")
-    blocks = ccfg.num_blocks(f)
-    for name, n, p in (("height", h, ph), ("width", w, pw)):
-        if n % p:
-            raise ValueError(f"latent {name}={n} is not divisible by the patch size {p}; pad or resize the video")
-    if f // pt > cfg.rope_max_seq_len:
-        raise ValueError(
-            f"{f} latent frames exceed the model's rotary range rope_max_seq_len={cfg.rope_max_seq_len} "
-            "(positions keep counting across blocks, also with a window); generate fewer frames"
-        )
-    if len(text_shape) != 3 or text_shape[2] != cfg.text_dim:
-        raise ValueError(f"text embeddings must be [batch, tokens, {cfg.text_dim}], got {tuple(text_shape)}")
-    if text_shape[0] != b:
-        raise ValueError(f"text embeddings have batch {text_shape[0]}, the latents have batch {b}; pass one per sample")
-    if cfg.has_image_tokens and image_shape is None:
-        raise ValueError("this is an I2V model with CLIP image tokens: pass `image` [batch, 257, image_dim]")
-    if image_shape is not None:
-        if not cfg.has_image_tokens:
-            raise ValueError("this model has no image cross-attention; do not pass `image` tokens")
-        if len(image_shape) != 3 or image_shape[2] != cfg.image_dim:
-            raise ValueError(f"image tokens must be [batch, tokens, {cfg.image_dim}], got {tuple(image_shape)}")
-        if image_shape[0] != b:
-            raise ValueError(f"image tokens have batch {image_shape[0]}, the latents have batch {b}")
-    cc = condition_channels(cfg)
-    if cc and condition_shape is None:
-        raise ValueError(
-            f"this image-to-video model takes {cfg.in_channels} input channels: pass `condition` "
-            f"[batch, frames, height, width, {cc}] (4 mask + {cc - 4} first-frame latent channels, see i2v_condition)"
-        )
-    if condition_shape is not None:
-        if not cc:
-            raise ValueError("this model takes no latent condition (in_channels == out_channels); drop `condition`")
-        cs = tuple(int(n) for n in condition_shape)
-        if len(cs) != 5 or cs[4] != cc:
-            raise ValueError(f"condition must be [batch, frames, height, width, {cc}] channels-last, got {cs}")
-        if cs[0] != b:
-            raise ValueError(f"condition has batch {cs[0]}, the latents have batch {b}")
-        if cs[1] != f:
-            raise ValueError(
-                f"condition has {cs[1]} latent frames, the video has {f}: build it for the whole video "
-                "(first-frame latent, the other frames encoded zeros, mask 1 on the first frame only)"
-            )
-        if cs[2:4] != (h, w):
-            raise ValueError(f"condition is {cs[2]}x{cs[3]} latent pixels, the video is {h}x{w}")
-    return blocks
 
 
 def i2v_condition(latent_condition: Any, num_mask_frames: int = 1) -> Any:
@@ -228,17 +82,6 @@ def i2v_condition(latent_condition: Any, num_mask_frames: int = 1) -> Any:
     mask = (xp.arange(f) < num_mask_frames).astype(latent_condition.dtype)
     mask = xp.broadcast_to(mask[None, :, None, None, None], (b, f, h, w, 4))
     return xp.concatenate([mask, latent_condition], axis=-1)
-
-
-def block_causal_mask(num_blocks: int, tokens_per_block: int, window_blocks: int | None = None) -> np.ndarray:
-    """Boolean [L, L] mask (True = attend): block i sees block j <= i; with a window only the sink (block 0)
-    and the last `window_blocks` blocks (i - window_blocks < j <= i)."""
-    i = np.arange(num_blocks)[:, None]
-    j = np.arange(num_blocks)[None, :]
-    m = j <= i
-    if window_blocks is not None:
-        m &= (j == 0) | (j > i - window_blocks)
-    return np.repeat(np.repeat(m, tokens_per_block, axis=0), tokens_per_block, axis=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -492,12 +335,7 @@ def _jit_full(model, latents, timesteps, cross, frames_per_block, window_blocks,
     temb, mod, taps = model.embed_time(t)
     taps = {"patch_embedding": x, **taps}
     rope = rope_tables(grid, cfg.rope_split, cfg.rope_max_seq_len)
-    blk = jnp.arange(num_blocks * n_tok) // n_tok  # built in-graph: no [L, L] constant in the program
-    qb, kb = blk[:, None], blk[None, :]
-    mask = kb <= qb
-    if window_blocks is not None:
-        mask &= (kb == 0) | (kb > qb - window_blocks)
-    mask = mask[None, None]
+    mask = block_causal_mask(num_blocks, n_tok, window_blocks, xp=jnp)[None, None]  # in-graph, no constant
     sa = lambda attn, hh, _: _self_attention(attn, hh, rope, mask)  # noqa: E731
     x, _, block_taps = _run_blocks(model, x, mod, cross, sa, capture=capture)
     taps.update(block_taps)
@@ -644,17 +482,12 @@ def sample_causal(model, text, *, config: CausalConfig, **kwargs) -> jax.Array:
 
 
 __all__ = [
-    "CausalConfig",
     "CrossKV",
     "KVCache",
-    "DEFAULT_TIMESTEPS",
-    "block_causal_mask",
     "block_noise",
     "block_step",
     "causal_forward",
-    "check_causal_inputs",
     "commit_block",
-    "condition_channels",
     "i2v_condition",
     "init_cache",
     "prepare_context",

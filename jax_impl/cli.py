@@ -29,7 +29,7 @@ SUBCOMMAND_MODULES = (
 
 
 def _presets(args: argparse.Namespace) -> int:
-    from jax_impl.presets import PRESETS
+    from weights.configs.presets import PRESETS
 
     for name, p in PRESETS.items():
         print(f"{name:<26} {p.description}" if args.verbose else name)

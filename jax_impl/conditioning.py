@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 
 from jax_impl.latents import normalize
-from jax_impl.vae_config import VaeConfig
+from weights.configs.vae import VaeConfig
 
 
 def check_video_size(frames: int, height: int, width: int, vae: VaeConfig, patch: tuple[int, int, int]) -> None:

@@ -21,7 +21,7 @@ from flax import nnx
 
 import kernels
 from kernels.context_parallel import SequenceSplit, pad_axis
-from jax_impl.config import DitConfig
+from weights.configs.dit import DitConfig
 from jax_impl.layers import F32, Dense, LayerNorm, RMSNorm, fused_dense, gelu_exact, gelu_tanh
 from jax_impl.rope import apply_rope, rope_tables
 

@@ -84,7 +84,7 @@ def causal_from_args(args: argparse.Namespace):
             if getattr(args, flag, None) is not None:
                 raise ValueError(f"--{flag.replace('_', '-')} only applies with --causal")
         return None
-    from jax_impl.causal import DEFAULT_TIMESTEPS, CausalConfig
+    from weights.configs.causal import DEFAULT_TIMESTEPS, CausalConfig
 
     if args.frames_per_block is None:
         raise ValueError("--causal needs --frames-per-block N (latent frames per block, e.g. 3)")

@@ -28,8 +28,10 @@ import numpy as np
 
 from jax_impl import conditioning as cond
 from jax_impl import sampling, schedulers
-from jax_impl.config import _read_json, check_field_types
-from jax_impl.vae_config import VaeConfig
+from weights.configs.base import check_field_types, read_json
+from weights.configs.causal import check_causal_inputs
+from weights.configs.scheduler import KINDS as SCHEDULER_KINDS, SchedulerConfig
+from weights.configs.vae import VaeConfig
 
 EXPERT_DIRS = (("transformer", "transformer_2"), ("high_noise_model", "low_noise_model"))
 ENCODERS = {"text": ("tokenizer", "text_encoder"), "image": ("image_processor", "image_encoder")}
@@ -99,8 +101,8 @@ class GenerateSettings:
             _check_float("guidance_2", self.guidance_2, 0.0)
         if self.shift is not None:
             _check_float("shift", self.shift, 0.0, above=True)
-        if self.scheduler is not None and self.scheduler not in schedulers.KINDS:
-            raise ValueError(f"--scheduler must be one of {', '.join(schedulers.KINDS)}, got {self.scheduler!r}")
+        if self.scheduler is not None and self.scheduler not in SCHEDULER_KINDS:
+            raise ValueError(f"--scheduler must be one of {', '.join(SCHEDULER_KINDS)}, got {self.scheduler!r}")
         if not isinstance(self.cfg_batch, bool):
             raise ValueError(f"cfg_batch must be True or False, got {self.cfg_batch!r}")
 
@@ -129,7 +131,7 @@ def _read_index(folder: Path) -> dict[str, Any]:
 
 def _read_config(path: Path, types: dict[str, Any]) -> dict[str, Any]:
     """A component's config.json, with the fields in `types` present and of those types."""
-    raw = _read_json(path)
+    raw = read_json(path)
     missing = [k for k in types if k not in raw]
     if missing:
         raise PipelineError(f"{path}: no {', '.join(missing)} field; is this the right model's config?")
@@ -194,7 +196,7 @@ class Pipeline:
         self.dit_config = configs[0]
         self.vae_config: VaeConfig = VaeCheckpoint(self.folder / "vae").config
         scheduler_json = self.folder / "scheduler" / "scheduler_config.json"
-        self.scheduler_config = schedulers.SchedulerConfig.from_json(scheduler_json)
+        self.scheduler_config = SchedulerConfig.from_json(scheduler_json)
         self._check_experts_agree(configs)
         self.conditioning = self._check_fit()
         self._experts: list | None = None
@@ -321,11 +323,11 @@ class Pipeline:
             return [f"{self.expert_dirs[0]}/, high-noise", f"{self.expert_dirs[1]}/, low-noise"]
         return [f"{self.expert_dirs[0]}/"]
 
-    def scheduler_for(self, settings: GenerateSettings) -> schedulers.SchedulerConfig:
+    def scheduler_for(self, settings: GenerateSettings) -> SchedulerConfig:
         """The checkpoint's scheduler config with `settings`' scheduler kind and shift applied."""
         cfg = self.scheduler_config
         if settings.scheduler is not None and settings.scheduler != cfg.kind:
-            cfg = schedulers.SchedulerConfig(kind=settings.scheduler, shift=cfg.shift,
+            cfg = SchedulerConfig(kind=settings.scheduler, shift=cfg.shift,
                                              num_train_timesteps=cfg.num_train_timesteps)
         if settings.shift is not None:
             cfg = cfg.replace(shift=settings.shift)
@@ -371,15 +373,13 @@ class Pipeline:
                              "last image there); drop --last-image")
 
     def _check_causal(self, settings: GenerateSettings, causal, has_image: bool) -> None:
-        from jax_impl import causal as causal_mod
-
         if len(self.expert_dirs) != 1:
             raise ValueError("block-causal generation takes a single-expert checkpoint (Wan2.1 T2V/I2V style)")
         if self.conditioning == "first_frame" and has_image:
             raise ValueError("block-causal generation does not support TI2V's first-frame conditioning")
         b, f, h, w, z = self.latent_shape(settings)
         cfg = self.dit_config
-        causal_mod.check_causal_inputs(
+        check_causal_inputs(
             cfg, causal, (b, f, h, w, z), (b, 1, cfg.text_dim),
             (b, 1, cfg.image_dim) if cfg.has_image_tokens else None,
             (b, f, h, w, cfg.in_channels - cfg.out_channels) if self.conditioning == "concat" else None,

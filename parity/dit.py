@@ -154,7 +154,7 @@ def dit_parity(
 
 def preset_parity(preset: str, *, dtype: str = "float32", seed: int = 0, workdir: str | None = None, **kw) -> Report:
     """Parity on a freshly written tiny checkpoint of `preset` (every expert for two-expert models)."""
-    from jax_impl.presets import get_preset
+    from weights.configs.presets import get_preset
     from torch_ref.checkpoints import TRANSFORMER_DIRS, write_tiny_checkpoint
 
     p = get_preset(preset)

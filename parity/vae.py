@@ -146,8 +146,8 @@ def vae_parity(folder: str | Path, *, dtype: str = "float32", video: np.ndarray 
 
 def preset_parity(preset: str = "tiny-wan2.1", *, dtype: str = "float32", seed: int = 0, workdir: str | None = None,
                   **video_kwargs) -> Report:
-    """Parity on a freshly written random-weight VAE folder of a `jax_impl.vae_config` preset."""
-    from jax_impl.vae_config import get_vae_preset
+    """Parity on a freshly written random-weight VAE folder of a `weights.configs.vae` preset."""
+    from weights.configs.vae import get_vae_preset
     from torch_ref.vae import write_vae_folder
 
     cfg = get_vae_preset(preset)

@@ -12,7 +12,7 @@ def test_flop_count_matches_hand_count():
     sys.path.insert(0, str(ROOT / "bench"))
     from dit import dit_flops, latent_grid
 
-    from jax_impl.presets import get_preset
+    from weights.configs.presets import get_preset
 
     assert latent_grid(480, 832, 81) == (21, 60, 104)
     cfg = get_preset("wan2.1-t2v-1.3b").transformer

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from jax_impl import causal as C
-from jax_impl.presets import get_preset
+from weights.configs.presets import get_preset
 from jax_impl.rope import rope_tables
 from parity.causal import (
     LAYER_TOL,

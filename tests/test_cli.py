@@ -3,7 +3,7 @@ import subprocess
 import sys
 
 from jax_impl.cli import main
-from jax_impl.presets import PRESETS
+from weights.configs.presets import PRESETS
 
 
 def test_presets_one_per_line(capsys):

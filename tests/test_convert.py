@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from jax_impl.presets import PRESETS
+from weights.configs.presets import PRESETS
 from weights.cli import add_subcommands, main as cli_main
 from weights.convert import DELAY_ENV, convert, is_dit_folder, parse_size, plan_shards
 from weights.dit_io import DitCheckpoint, convert_dit

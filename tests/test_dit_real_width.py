@@ -65,7 +65,7 @@ def test_fp32_real_head_width(models, preset, expert, text_len, prompt_len):
 def test_rope_split_equals_diffusers(head_dim):
     from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
-    from jax_impl.config import DitConfig
+    from weights.configs.dit import DitConfig
 
     ref = WanRotaryPosEmbed(head_dim, (1, 2, 2), 16)
     assert DitConfig(attention_head_dim=head_dim).rope_split == (ref.t_dim, ref.h_dim, ref.w_dim)

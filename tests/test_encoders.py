@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jax_impl.config import ConfigError
-from jax_impl.encoders.config import ClipProcessorConfig, ClipVisionConfig, Umt5Config
+from weights.configs.base import ConfigError
+from weights.configs.encoders import ClipProcessorConfig, ClipVisionConfig, Umt5Config
 from parity.encoders import model_parity, pipeline_parity, write_encoder
 from weights.safetensors_io import CheckpointError, load_tensors, save_tensors
 
@@ -131,7 +131,7 @@ def test_clip_configs():
 
 
 def test_activation_tables_agree():
-    from jax_impl.encoders.config import ACTIVATIONS as NAMES
+    from weights.configs.encoders import ACTIVATIONS as NAMES
     from jax_impl.layers import ACTIVATIONS
 
     assert set(NAMES) == set(ACTIVATIONS)

@@ -23,7 +23,7 @@ from torch_ref.fantasyworld import bicross as tbi
 from torch_ref.fantasyworld import geometry as tgeo
 from torch_ref.fantasyworld.camera import plucker_rays
 from torch_ref.fantasyworld.checkpoint import build_model
-from weights.fantasyworld_config import FantasyWorldConfig
+from weights.configs.fantasyworld import FantasyWorldConfig
 from weights.fantasyworld_map import FLAX, TORCH, FwEntry, fantasyworld_entries, relayout
 from weights.safetensors_io import CheckpointError
 

@@ -11,7 +11,7 @@ import torch
 from diffusers import WanImageToVideoPipeline
 
 from jax_impl.conditioning import encode_condition, first_frame_keep
-from jax_impl.vae_config import get_vae_preset
+from weights.configs.vae import get_vae_preset
 from parity.metrics import rel_l2
 from torch_ref.vae import load_vae_torch, write_vae_folder
 from weights.vae_io import load_vae

@@ -121,7 +121,7 @@ def test_non_finite_latents_stop_with_step_and_expert_and_write_nothing(tiny_ckp
 
 
 def test_non_finite_causal_block_is_named(tiny_ckpt, tmp_path, capsys):
-    from jax_impl.presets import get_preset
+    from weights.configs.presets import get_preset
     from weights.safetensors_io import save_tensors
 
     emb = tmp_path / "huge.safetensors"  # finite, but overflows inside the model
@@ -307,7 +307,8 @@ def test_config_field_types_are_checked_with_file_and_field(tiny_ckpt, image, tm
 
 
 def test_original_wan_config_types_are_checked(tiny_ckpt, tmp_path):
-    from jax_impl.config import ConfigError, DitConfig
+    from weights.configs.base import ConfigError
+    from weights.configs.dit import DitConfig
 
     with pytest.raises(ConfigError, match=r"cfg\.json: field 'num_layers' is \"two\" \(str\); expected int"):
         DitConfig.from_wan_dict({"dim": 32, "num_heads": 2, "in_dim": 16, "out_dim": 16, "ffn_dim": 64,

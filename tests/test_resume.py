@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from jax_impl.cli import main
-from jax_impl.presets import get_preset
+from weights.configs.presets import get_preset
 from jax_impl.stages import load_stage
 
 PRESET = "tiny-wan2.2-i2v-a14b"  # image concat conditioning, two experts, takes a last image

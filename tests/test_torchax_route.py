@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from jax_impl.presets import get_preset
+from weights.configs.presets import get_preset
 from parity.dit import make_inputs
 from torch_ref.capture import run_dit
 from torch_ref.models import build_transformer

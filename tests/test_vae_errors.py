@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jax_impl.config import ConfigError
-from jax_impl.presets import PRESETS
+from weights.configs.base import ConfigError
+from weights.configs.presets import PRESETS
 from jax_impl.vae import VaeInputError, WanVAE
-from jax_impl.vae_config import TINY_WAN21_VAE, TINY_WAN22_VAE, VaeConfig
+from weights.configs.vae import TINY_WAN21_VAE, TINY_WAN22_VAE, VaeConfig
 from torch_ref.vae import write_vae_folder
 from weights.safetensors_io import CheckpointError
 from weights.vae_io import VaeCheckpoint, load_vae
@@ -106,7 +106,7 @@ def test_map_covers_real_configs(name):
     import torch
     from diffusers import AutoencoderKLWan
 
-    from jax_impl.vae_config import get_vae_preset
+    from weights.configs.vae import get_vae_preset
     from weights.vae_map import vae_entries
 
     cfg = get_vae_preset(name)

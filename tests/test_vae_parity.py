@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from jax_impl.vae_config import TINY_WAN21_VAE, TINY_WAN22_VAE
+from weights.configs.vae import TINY_WAN21_VAE, TINY_WAN22_VAE
 from parity.vae import FP32_TOL, psnr, vae_parity
 from torch_ref.vae import write_vae_folder
 

@@ -60,7 +60,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "rope-split",
         "rotary channels split head_dim // 4 per spatial axis instead of 2 * (head_dim // 6) (equal at 16, not at 128)",
-        "jax_impl/config.py",
+        "weights/configs/dit.py",
         (("hw = 2 * (self.attention_head_dim // 6)", "hw = self.attention_head_dim // 4"),),
         (REAL_WIDTH_FP32,),
     ),
@@ -84,8 +84,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "shift-formula",
         "the flow shift applied inverted: sigma / (shift - (shift - 1) sigma) instead of shift sigma / (1 + (shift - 1) sigma)",
-        "jax_impl/schedulers.py",
-        (("return shift * sigma / (1 + (shift - 1) * sigma)", "return sigma / (shift - (shift - 1) * sigma)"),),
+        "weights/configs/scheduler.py",
+        (("return scale * sigma / (one + minus_one * sigma)", "return sigma / (scale - minus_one * sigma)"),),
         ("tests/test_schedulers.py",),
     ),
     Mutation(

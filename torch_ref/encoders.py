@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from jax_impl.encoders.prompt import MAX_TEXT_TOKENS, clean_prompt
+from weights.configs.prompt import MAX_TEXT_TOKENS, clean_prompt
 from torch_ref.perturb import perturb_constant_parameters
 
 

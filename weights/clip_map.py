@@ -9,7 +9,7 @@ the `position_ids` buffer; `canonical_keys` removes both.
 
 from __future__ import annotations
 
-from jax_impl.encoders.config import ClipVisionConfig
+from weights.configs.encoders import ClipVisionConfig
 from weights.dit_map import Entry
 
 PREFIX = "vision_model."

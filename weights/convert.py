@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from jax_impl.config import DitConfig
+from weights.configs.dit import DitConfig
 from weights import manifest as mf
 from weights.dit_map import LAYOUTS
 from weights.atomic import check_output_path, rename_noreplace

@@ -13,7 +13,8 @@ from typing import Callable
 
 import numpy as np
 
-from jax_impl.config import ConfigError, DitConfig
+from weights.configs.base import ConfigError
+from weights.configs.dit import DitConfig
 from weights.dit_map import Entry, check_keys, detect_layout, dit_entries
 from weights.safetensors_io import CheckpointError, TensorSpec, open_reader
 

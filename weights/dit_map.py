@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from jax_impl.config import DitConfig
+from weights.configs.dit import DitConfig
 from weights.safetensors_io import CheckpointError
 
 LAYOUTS = ("diffusers", "wan", "flax")

@@ -16,8 +16,8 @@ from typing import Callable
 
 import numpy as np
 
-from jax_impl.config import ConfigError
-from jax_impl.encoders.config import ClipVisionConfig, Umt5Config
+from weights.configs.base import ConfigError
+from weights.configs.encoders import ClipVisionConfig, Umt5Config
 from weights import clip_map, umt5_map
 from weights.dit_io import CheckpointConfigError
 from weights.dit_map import Entry, check_keys

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from weights.dit_map import Entry, dit_entries
-from weights.fantasyworld_config import FantasyWorldConfig
+from weights.configs.fantasyworld import FantasyWorldConfig
 
 TORCH, RELEASED, FLAX = "diffusers", "wan", "flax"  # Entry field names used for our three layouts
 

@@ -11,7 +11,7 @@ The token embedding is tied: transformers stores `shared.weight`, older or hand-
 
 from __future__ import annotations
 
-from jax_impl.encoders.config import Umt5Config
+from weights.configs.encoders import Umt5Config
 from weights.dit_map import Entry
 
 EMBED = "shared.weight"

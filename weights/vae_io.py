@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from jax_impl.vae_config import VaeConfig
+from weights.configs.vae import VaeConfig
 from weights.safetensors_io import CheckpointError, CheckpointReader
 from weights.vae_map import Entry, check_keys, detect_layout, vae_entries
 

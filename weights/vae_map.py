@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from jax_impl.vae_config import VaeConfig
+from weights.configs.vae import VaeConfig
 from weights.safetensors_io import CheckpointError
 
 LAYOUTS = ("diffusers", "flax")

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from jax_impl.encoders.config import ClipProcessorConfig
+from weights.configs.encoders import ClipProcessorConfig
 from weights.encoder_io import load_clip_vision
 from weights.safetensors_io import CheckpointError
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_impl.encoders.prompt import MAX_TEXT_TOKENS, clean_prompt
+from weights.configs.prompt import MAX_TEXT_TOKENS, clean_prompt
 from weights.encoder_io import load_umt5
 from weights.safetensors_io import CheckpointError
 
