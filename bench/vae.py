@@ -98,7 +98,7 @@ def _load_ours(spec: dict, dtype: str):
     from flax import nnx
 
     from jax_impl.vae import ConvSettings
-    from weights.vae_io import load_vae
+    from jax_impl.loading import load_vae
 
     model = load_vae(spec["folder"], dtype=jnp.dtype(dtype))
     model.set_conv_settings(ConvSettings(time_taps=spec["time_taps"], strict_fp32=spec["strict_fp32"]))

@@ -28,10 +28,14 @@ import numpy as np
 
 from jax_impl import conditioning as cond
 from jax_impl import sampling, schedulers
+from jax_impl.loading import load_dit, load_vae
+from weights.checkpoint import Checkpoint, folder_identity
 from weights.configs.base import check_field_types, read_json
 from weights.configs.causal import check_causal_inputs
 from weights.configs.scheduler import KINDS as SCHEDULER_KINDS, SchedulerConfig
 from weights.configs.vae import VaeConfig
+from weights.dit_map import DIT
+from weights.vae_map import VAE
 
 EXPERT_DIRS = (("transformer", "transformer_2"), ("high_noise_model", "low_noise_model"))
 ENCODERS = {"text": ("tokenizer", "text_encoder"), "image": ("image_processor", "image_encoder")}
@@ -169,8 +173,6 @@ class Pipeline:
         "text" / "image" (what precomputed embeddings do not replace)."""
         import jax.numpy as jnp
 
-        from weights.dit_io import DitCheckpoint
-        from weights.vae_io import VaeCheckpoint
 
         self.folder = Path(folder)
         index = _read_index(self.folder)
@@ -192,9 +194,9 @@ class Pipeline:
         self.dtype = jnp.dtype(dtype or jnp.float32)
         self.attention_backend = attention_backend
         # Headers and configs only (every weight file's header and size validated); weights load on first use.
-        configs = [DitCheckpoint(self.folder / n).config for n in names]
+        configs = [Checkpoint(self.folder / n, DIT).config for n in names]
         self.dit_config = configs[0]
-        self.vae_config: VaeConfig = VaeCheckpoint(self.folder / "vae").config
+        self.vae_config: VaeConfig = Checkpoint(self.folder / "vae", VAE).config
         scheduler_json = self.folder / "scheduler" / "scheduler_config.json"
         self.scheduler_config = SchedulerConfig.from_json(scheduler_json)
         self._check_experts_agree(configs)
@@ -282,8 +284,6 @@ class Pipeline:
     def experts(self) -> list:
         """The DiT expert(s), loaded on first use."""
         if self._experts is None:
-            from weights.dit_io import load_dit
-
             self._experts = [load_dit(self.folder / n, dtype=self.dtype, attention_backend=self.attention_backend)
                              for n in self.expert_dirs]
         return self._experts
@@ -293,8 +293,6 @@ class Pipeline:
         """The VAE (float32), loaded on first use."""
         if self._vae is None:
             import jax.numpy as jnp
-
-            from weights.vae_io import load_vae
 
             self._vae = load_vae(self.folder / "vae", dtype=jnp.dtype(self.vae_options.dtype))
         return self._vae
@@ -426,8 +424,6 @@ class Pipeline:
 
     # --- stage keys ------------------------------------------------------------------------------------
     def weights_identity(self, *parts: str) -> dict[str, str | None]:
-        from weights.identity import folder_identity
-
         return {p: folder_identity(self.folder / p) for p in parts}
 
     def encode_inputs(self, settings: GenerateSettings, *, prompt: str | None, negative_prompt: str,
@@ -611,7 +607,7 @@ def generate(
     from jax_impl.media import load_image, to_uint8, write_mp4
     from jax_impl.stages import reuse_stage, save_stage, stage_key
     from weights.atomic import check_output_path
-    from weights.identity import file_digest
+    from weights.manifest import file_digest
 
     settings.validate()
     out = Path(out)

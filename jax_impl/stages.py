@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from weights.identity import digest_json
+from weights.manifest import digest_json
 from weights.safetensors_io import CheckpointError, load_tensors, save_tensors
 
 STAGES = ("encoded", "latents")

@@ -40,9 +40,10 @@ def _dit_checkpoint_parity(folder: Path, **kw) -> Report:
     diffusers-layout conversion when the folder is in the original-Wan or Flax layout; ours reads it as is."""
     from parity.dit import dit_parity
     from weights.convert import convert
-    from weights.dit_io import DitCheckpoint
+    from weights.checkpoint import Checkpoint
+    from weights.dit_map import DIT
 
-    layout = DitCheckpoint(folder).layout
+    layout = Checkpoint(folder, DIT).layout
     if layout == "diffusers":
         return dit_parity(folder, **kw)
     with tempfile.TemporaryDirectory(prefix="wanport-parity-") as tmp:
@@ -75,9 +76,10 @@ def _parity(args: argparse.Namespace) -> int:
         if args.preset:
             report = vae.preset_parity(args.preset, dtype=args.dtype, seed=args.seed, **shape)
         else:
-            from weights.vae_io import VaeCheckpoint
+            from weights.checkpoint import Checkpoint
+            from weights.vae_map import VAE
 
-            layout = VaeCheckpoint(folder).layout
+            layout = Checkpoint(folder, VAE).layout
             if layout != "diffusers":
                 raise ValueError(f"--checkpoint {folder} holds a {layout}-layout VAE; diffusers reads only its own "
                                  "layout (wanport convert copies VAEs unchanged: use the original vae/ folder)")

@@ -99,7 +99,7 @@ def load_models(folder, dtype: str, attention_backend: str = "xla", reference_fo
     import torch
 
     from torch_ref.models import load_transformer
-    from weights.dit_io import load_dit
+    from jax_impl.loading import load_dit
 
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")

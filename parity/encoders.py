@@ -103,7 +103,7 @@ def _load_torch(model: str, folder: Path, dtype: str):
 def _load_jax(model: str, folder: Path, dtype: str):
     import jax.numpy as jnp
 
-    from weights.encoder_io import load_clip_vision, load_umt5
+    from jax_impl.loading import load_clip_vision, load_umt5
 
     if model == "text-encoder":
         return load_umt5(folder, dtype=jnp.dtype(dtype))

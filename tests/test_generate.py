@@ -180,11 +180,11 @@ def test_pipeline_folder_in_converted_layouts_gives_the_same_latents(tiny_ckpt, 
     """A pipeline folder whose transformers were converted to the original-Wan or Flax layout loads as is."""
     from jax_impl.media import load_image
     from weights.convert import convert
-    from weights.dit_map import detect_layout
+    from weights.dit_map import DIT
     from weights.safetensors_io import CheckpointReader
 
     converted = convert(tiny_ckpt(PRESET), tmp_path / layout, to=layout)
-    assert detect_layout(CheckpointReader(converted / "transformer").keys()) == layout
+    assert DIT.detect_layout(CheckpointReader(converted / "transformer").keys()) == layout
     s = GenerateSettings(frames=5, height=32, width=32, steps=2, guidance=4.0)
     img = load_image(image_file)
     ours = Pipeline(converted)

@@ -14,7 +14,7 @@ from jax_impl.conditioning import encode_condition, first_frame_keep
 from weights.configs.vae import get_vae_preset
 from parity.metrics import rel_l2
 from torch_ref.vae import load_vae_torch, write_vae_folder
-from weights.vae_io import load_vae
+from jax_impl.loading import load_vae
 
 FRAMES, HEIGHT, WIDTH = 9, 32, 48  # 3 latent frames, non-square
 

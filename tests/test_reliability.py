@@ -188,7 +188,8 @@ def _wait_for(pred, timeout: float = 120.0) -> None:
 @pytest.mark.slow
 def test_concurrent_converts_to_one_destination(tiny_ckpt, tmp_path):
     """The second conversion to a DST being written is refused (lock); the first one's output is intact."""
-    from weights.convert import lock_path, verify
+    from weights.atomic import lock_path
+    from weights.convert import verify
 
     src, dst = tiny_ckpt(T2V), tmp_path / "dst"
     first = _convert_proc(src, dst)
@@ -205,11 +206,11 @@ def test_concurrent_converts_to_one_destination(tiny_ckpt, tmp_path):
 
 def test_final_rename_never_replaces_a_destination_that_appeared(tmp_path):
     """Without force, a DST that appears while the output is being written is kept, the new output dropped."""
-    from weights.convert import lock_path, staged_output
+    from weights.atomic import atomic_folder, lock_path
 
     dst = tmp_path / "dst"
     with pytest.raises(FileExistsError, match="appeared while this conversion ran"):
-        with staged_output(dst) as tmp:
+        with atomic_folder(dst) as tmp:
             (tmp / "new.txt").write_text("new")
             dst.mkdir()
             (dst / "theirs.txt").write_text("theirs")
@@ -220,17 +221,17 @@ def test_final_rename_never_replaces_a_destination_that_appeared(tmp_path):
 def test_lock_of_a_dead_process_is_taken_over_a_live_one_refused(tmp_path):
     import socket
 
-    from weights.convert import lock_path, staged_output
+    from weights.atomic import atomic_folder, lock_path
 
     dst = tmp_path / "dst"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock_path(dst).write_text(f"{int(dead.stdout)} {socket.gethostname()}\n")
-    with staged_output(dst) as tmp:
+    with atomic_folder(dst) as tmp:
         (tmp / "a").write_text("a")
     assert _files(dst) == ["a"] and not lock_path(dst).exists()
     lock_path(tmp_path / "other").write_text(f"{os.getppid()} {socket.gethostname()}\n")
     with pytest.raises(FileExistsError, match="delete the lock file if no conversion is running"):
-        with staged_output(tmp_path / "other"):
+        with atomic_folder(tmp_path / "other"):
             pass
     assert lock_path(tmp_path / "other").exists()  # someone else's lock is left alone
 
@@ -412,7 +413,7 @@ def test_experts_that_differ_are_named(tiny_ckpt, tmp_path):
 # --- case 11: Ctrl-C -------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_ctrl_c_during_convert_cleans_up_and_exits_130(tiny_ckpt, tmp_path):
-    from weights.convert import lock_path
+    from weights.atomic import lock_path
 
     dst = tmp_path / "dst"
     proc = _convert_proc(tiny_ckpt(T2V), dst, "0.2")

@@ -189,7 +189,7 @@ def test_weights_identity_manifest_and_stat(tiny_ckpt, tmp_path):
     import os
 
     from weights.convert import convert
-    from weights.identity import folder_identity
+    from weights.checkpoint import folder_identity
 
     conv = convert(tiny_ckpt("tiny-wan2.1-t2v-1.3b"), tmp_path / "flax", to="flax")
     ident = folder_identity(conv / "transformer")

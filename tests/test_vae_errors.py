@@ -15,7 +15,9 @@ from jax_impl.vae import VaeInputError, WanVAE
 from weights.configs.vae import TINY_WAN21_VAE, TINY_WAN22_VAE, VaeConfig
 from torch_ref.vae import write_vae_folder
 from weights.safetensors_io import CheckpointError
-from weights.vae_io import VaeCheckpoint, load_vae
+from jax_impl.loading import load_vae
+from weights.checkpoint import Checkpoint
+from weights.vae_map import VAE
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,7 @@ def test_config_does_not_match_weights(tmp_path):
     assert "encoder.conv_in.weight: checkpoint [8, 3, 3, 3, 3], config expects [16, 3, 3, 3, 3]" in msg
     # a Wan2.2 config on Wan2.1 weights: names missing and unexpected tensors
     with pytest.raises(CheckpointError, match="missing .*unexpected|mis-shaped"):
-        VaeCheckpoint(folder, config=TINY_WAN22_VAE)
+        Checkpoint(folder, VAE, config=TINY_WAN22_VAE)
 
 
 def test_weights_loaded_bit_exact(tmp_path):

@@ -56,7 +56,7 @@ def test_parity_detects_a_wrong_weight(folders, tmp_path):
     import jax.numpy as jnp
 
     from parity import vae as pv
-    from weights.vae_io import load_vae
+    from jax_impl.loading import load_vae
 
     real = pv.run_jax
 

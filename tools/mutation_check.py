@@ -66,12 +66,10 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "patch-kernel-hw-swap",
-        "the patch-embedding kernel's height and width axes swapped in both directions of the map (round trips stay exact)",
-        "weights/dit_map.py",
-        (
-            ("np.ascontiguousarray(x.transpose(2, 3, 4, 1, 0))", "np.ascontiguousarray(x.transpose(2, 4, 3, 1, 0))"),
-            ("np.ascontiguousarray(x.transpose(4, 3, 0, 1, 2))", "np.ascontiguousarray(x.transpose(4, 3, 0, 2, 1))"),
-        ),
+        "conv3d kernels (the DiT's patch embedding among them) with height and width axes swapped in both directions "
+        "of the map (round trips stay exact)",
+        "weights/entry.py",
+        (('"conv3d": (2, 3, 4, 1, 0),', '"conv3d": (2, 4, 3, 1, 0),'),),
         (REAL_WIDTH_FP32, "tests/test_dit_parity.py"),
     ),
     Mutation(

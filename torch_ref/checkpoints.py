@@ -59,7 +59,7 @@ def write_tiny_checkpoint(
     """
     preset = get_preset(preset) if isinstance(preset, str) else preset
     out = Path(out)
-    with atomic_folder(out, force=force) as tmp:
+    with atomic_folder(out, force=force, writer="wanport make-tiny", job="write") as tmp:
         for i in range(preset.num_experts):
             model = build_transformer(preset.transformer, seed=seed + i)
             kwargs = {"safe_serialization": True}

@@ -23,7 +23,7 @@ from flax import nnx
 from PIL import Image
 
 from weights.configs.encoders import ClipProcessorConfig
-from weights.encoder_io import load_clip_vision
+from jax_impl.loading import load_clip_vision
 from weights.safetensors_io import CheckpointError
 
 

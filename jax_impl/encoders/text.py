@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from weights.configs.prompt import MAX_TEXT_TOKENS, clean_prompt
-from weights.encoder_io import load_umt5
+from jax_impl.loading import load_umt5
 from weights.safetensors_io import CheckpointError
 
 
