@@ -49,145 +49,38 @@ import collections
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import kernels
-from kernels.backends import resolve_backend
-from weights.configs.causal import CausalConfig, block_causal_mask, check_causal_inputs, condition_channels
-from weights.configs.dit import DitConfig
-from jax_impl.dit import token_grid, unstack_block_taps
+from weights.configs.causal import (
+    CausalConfig, block_causal_mask, check_block_frames, check_causal_inputs, condition_channels,
+)
+from weights.configs.dit import check_context, check_latent_channels, check_patch_grid
+from jax_impl.dit import CrossKV, MaskedAttention, token_grid
 from jax_impl.layers import F32
-from jax_impl.rope import axis_tables, rope_tables
-
-MASK_BACKENDS = ("xla", "cudnn")
+from jax_impl.noise import seeded_noise
 
 # Number of times each jitted entry point was traced (compiled); tests check there is no retrace per block.
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
-def i2v_condition(latent_condition: Any, num_mask_frames: int = 1) -> Any:
-    """[B, F, H, W, 16] VAE latents of (image, zeros...) -> the 20-channel condition (4 mask + 16 latent).
-
-    Channels-last version of diffusers' I2V `prepare_latents`: mask channels are 1 on the first latent
-    frame (the 4 channels stand for the 4 video frames folded into it) and 0 elsewhere. Works on numpy or
-    jax arrays; the model input of a block is concat([noisy latents, condition], -1).
-    """
-    xp = np if isinstance(latent_condition, np.ndarray) else jnp
-    b, f, h, w, _ = latent_condition.shape
-    mask = (xp.arange(f) < num_mask_frames).astype(latent_condition.dtype)
-    mask = xp.broadcast_to(mask[None, :, None, None, None], (b, f, h, w, 4))
-    return xp.concatenate([mask, latent_condition], axis=-1)
-
-
-# ------------------------------------------------------------------------------------------------
-# Model pieces: the masked, cached self-attention plugged into jax_impl.dit.WanTransformer's pieces
-# ------------------------------------------------------------------------------------------------
-def _mask_backend(backend: str, dtype) -> str:
-    """A back-end that applies masks: the configured one if it can, else xla (auto on TPU picks splash)."""
-    name = resolve_backend(backend, dtype)
-    if name in MASK_BACKENDS:
-        return name
-    if backend == "auto":
-        return "xla"
-    return name  # explicitly chosen: let kernels.attention raise its own clear error
-
-
-def _rope_at(cfg: DitConfig, grid: tuple[int, int, int], frame_offset: jax.Array):
-    """cos, sin [f*h*w, head_dim] for a block whose first frame is the (traced) `frame_offset`.
-
-    Same tables as `jax_impl.rope.rope_tables`, with the frame axis sliced dynamically so the offset can
-    change between blocks without recompiling. The caller guarantees offset + f <= rope_max_seq_len.
-    """
-    f, h, w = grid
-    split, max_len = cfg.rope_split, cfg.rope_max_seq_len
-    out = []
-    for idx in range(2):
-        tf = jax.lax.dynamic_slice_in_dim(jnp.asarray(axis_tables(split[0], max_len)[idx]), frame_offset, f, 0)
-        th = jnp.asarray(axis_tables(split[1], max_len)[idx][:h])
-        tw = jnp.asarray(axis_tables(split[2], max_len)[idx][:w])
-        parts = [
-            jnp.broadcast_to(tf[:, None, None], (f, h, w, split[0])),
-            jnp.broadcast_to(th[None, :, None], (f, h, w, split[1])),
-            jnp.broadcast_to(tw[None, None, :], (f, h, w, split[2])),
-        ]
-        out.append(jnp.concatenate(parts, axis=-1).reshape(f * h * w, sum(split)))
-    return out[0], out[1]
-
-
-def _self_attention(attn, h, rope, mask, past=None):
-    """Self-attention of `h` over [past keys | own keys] under `mask`; returns (output, own k, own v)."""
-    q, k, v = attn.qkv(h, rope)
-    keys, vals = k, v
-    if past is not None:
-        keys = jnp.concatenate([past[0], k], axis=1)
-        vals = jnp.concatenate([past[1], v], axis=1)
-    mask = jnp.broadcast_to(mask, (1, 1, q.shape[1], keys.shape[1]))  # cuDNN wants the full [T, S] extent
-    out = kernels.attention(q, keys, vals, backend=_mask_backend(attn.backend, q.dtype), mask=mask)
-    return attn.output(out), k, v
-
-
-def _run_blocks(model, x, mod, cross: "CrossKV", self_attention: Callable, past=None, *, keep_kv=False, capture=False):
-    """The model's blocks with `self_attention(attn, h, past_i) -> (out, k, v)` and the precomputed context
-    keys/values; `past` = per-layer (k, v) stacks or None. Returns (x, per-layer own (k, v) if `keep_kv`
-    else None, taps)."""
-
-    def step(block, x, xs):
-        past_i, cross_i = xs
-        own_kv = []  # the self-attention's own keys/values, for the cache
-
-        def sa(attn, h):
-            out, k, v = self_attention(attn, h, past_i)
-            own_kv.append((k, v))
-            return out
-
-        x, block_taps = block(
-            x, None, None, mod, None, self_attention=sa, cross_attention=lambda attn, h: attn.cross(h, cross_i)
-        )
-        return x, (own_kv[0] if keep_kv else None, block_taps if capture else None)
-
-    cross_kv = (cross.k, cross.v, cross.k_img, cross.v_img)
-    x, (kv, block_taps) = model.scan_blocks(x, step, (past, cross_kv))
-    return x, kv, unstack_block_taps(block_taps, model.cfg.num_layers)
-
-
 # ------------------------------------------------------------------------------------------------
 # Cross-attention context (computed once) and the self-attention cache
 # ------------------------------------------------------------------------------------------------
-@functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["k", "v", "k_img", "v_img", "text", "image"], meta_fields=[]
-)
-@dataclasses.dataclass
-class CrossKV:
-    """Per-layer cross-attention keys/values [layers, B, tokens, heads, head_dim] (+ embeddings, for taps)."""
-
-    k: jax.Array
-    v: jax.Array
-    k_img: jax.Array | None
-    v_img: jax.Array | None
-    text: jax.Array  # text embedding [B, S, D]
-    image: jax.Array | None  # image embedding [B, N, D]
-
-
 @nnx.jit
 def _prepare_context(model, text, image):
-    context, context_img, _ = model.embed_context(text, image)
-    _, kv = model.scan_blocks(None, lambda block, _, __: (None, block.cross_attn.context_kv(context, context_img)))
-    return CrossKV(*kv, context, context_img)
+    return model.cross_kv(text, image)
 
 
 def prepare_context(model, text, image=None) -> CrossKV:
     """Embed text (and CLIP image tokens) and project them to every layer's cross-attention keys/values, once."""
-    cfg = model.cfg
-    if cfg.has_image_tokens and image is None:
-        raise ValueError("this is an I2V model with CLIP image tokens: pass `image` [batch, 257, image_dim]")
-    if image is not None and not cfg.has_image_tokens:
-        raise ValueError("this model has no image cross-attention; do not pass `image` tokens")
-    return _prepare_context(model, jnp.asarray(text), None if image is None else jnp.asarray(image))
+    text = jnp.asarray(text)
+    check_context(model.cfg, text.shape[0], text.shape, None if image is None else np.shape(image))
+    return _prepare_context(model, text, None if image is None else jnp.asarray(image))
 
 
 @functools.partial(
@@ -223,11 +116,8 @@ def init_cache(
 ) -> KVCache:
     """An empty cache for latents of `height` x `width`. Without a window, `num_frames` sizes it."""
     cfg = model.cfg
-    pt, ph, pw = cfg.patch_size
-    if ccfg.frames_per_block % pt:
-        raise ValueError(f"frames_per_block={ccfg.frames_per_block} must be a multiple of the temporal patch size {pt}")
-    if height % ph or width % pw:
-        raise ValueError(f"latent size {height}x{width} is not divisible by the patch size {(ph, pw)}")
+    check_block_frames(cfg, ccfg)
+    check_patch_grid(cfg, height=height, width=width)
     if ccfg.window_blocks is not None:
         slots = ccfg.window_blocks
     elif num_frames is None:
@@ -242,24 +132,16 @@ def init_cache(
 
 def _block_impl(model, cache: KVCache, cross: CrossKV, latents, timestep, *, write: bool, capture: bool):
     """One block through the model with the cache; returns (prediction, new k/v per layer or None, taps)."""
-    cfg = model.cfg
-    b, f, h, w, _ = latents.shape
-    grid = token_grid(cfg, f, h, w)
+    b = latents.shape[0]
+    grid = token_grid(model.cfg, *latents.shape[1:4])
     if grid != cache.block_grid:
         raise ValueError(f"block token grid {grid} does not match the cache's {cache.block_grid}")
-    x = model.embed_patches(latents)
-    t = jnp.broadcast_to(jnp.asarray(timestep, F32).reshape(-1), (b,))
-    temb, mod, taps = model.embed_time(t)
-    taps = {"patch_embedding": x, **taps}
-    rope = _rope_at(cfg, grid, cache.committed * grid[0])
     n_tok = cache.block_tokens
-    valid = (jnp.arange(cache.num_slots * n_tok) // n_tok) < cache.committed
+    valid = (jnp.arange(cache.num_slots * n_tok) // n_tok) < cache.committed  # [cache | own block]
     mask = jnp.concatenate([valid, jnp.ones((n_tok,), bool)])[None, None, None, :]
-    sa = lambda attn, hh, past: _self_attention(attn, hh, rope, mask, past)  # noqa: E731
-    x, kv, block_taps = _run_blocks(model, x, mod, cross, sa, (cache.k, cache.v), keep_kv=write, capture=capture)
-    taps.update(block_taps)
-    taps["head"], taps["output"] = model.apply_head(x, temb, latents.shape)
-    return taps["output"], kv, taps
+    t = jnp.broadcast_to(jnp.asarray(timestep, F32).reshape(-1), (b,))
+    return model.forward(latents, t, cross=cross, self_attention=MaskedAttention(mask), past=(cache.k, cache.v),
+                         frame_offset=cache.committed * grid[0], keep_kv=write, capture=capture)
 
 
 def _write(cache: KVCache, kv) -> KVCache:
@@ -325,22 +207,13 @@ def _check_step(model, cache: KVCache, cross: CrossKV, latents) -> None:
 # ------------------------------------------------------------------------------------------------
 @functools.partial(nnx.jit, static_argnames=("frames_per_block", "window_blocks", "capture"))
 def _jit_full(model, latents, timesteps, cross, frames_per_block, window_blocks, capture):
-    cfg = model.cfg
-    _, f, h, w, _ = latents.shape
-    grid = token_grid(cfg, f, h, w)
-    num_blocks = f // frames_per_block
+    grid = token_grid(model.cfg, *latents.shape[1:4])
+    num_blocks = latents.shape[1] // frames_per_block
     n_tok = math.prod(grid) // num_blocks
-    x = model.embed_patches(latents)
     t = jnp.repeat(timesteps.astype(F32), n_tok, axis=1)  # per block -> per token
-    temb, mod, taps = model.embed_time(t)
-    taps = {"patch_embedding": x, **taps}
-    rope = rope_tables(grid, cfg.rope_split, cfg.rope_max_seq_len)
     mask = block_causal_mask(num_blocks, n_tok, window_blocks, xp=jnp)[None, None]  # in-graph, no constant
-    sa = lambda attn, hh, _: _self_attention(attn, hh, rope, mask)  # noqa: E731
-    x, _, block_taps = _run_blocks(model, x, mod, cross, sa, capture=capture)
-    taps.update(block_taps)
-    taps["head"], taps["output"] = model.apply_head(x, temb, latents.shape)
-    return taps["output"], taps
+    out, _, taps = model.forward(latents, t, cross=cross, self_attention=MaskedAttention(mask), capture=capture)
+    return out, taps
 
 
 def causal_forward(
@@ -361,8 +234,7 @@ def causal_forward(
     latents, text = jnp.asarray(latents), jnp.asarray(text)
     cfg = model.cfg
     b, f, h, w, c = latents.shape
-    if c != cfg.in_channels:
-        raise ValueError(f"latents have {c} channels, this model takes {cfg.in_channels}")
+    check_latent_channels(cfg, c)
     cc = condition_channels(cfg)  # I2V: the condition is already concatenated to the latents
     blocks = check_causal_inputs(
         cfg, config, (b, f, h, w), text.shape,
@@ -387,19 +259,9 @@ def causal_forward(
 # Few-step block sampler
 # ------------------------------------------------------------------------------------------------
 def block_noise(seed: int, batch: int, block: int, step: int, shape: Sequence[int]) -> jax.Array:
-    """Seeded standard normal noise [batch, *shape] for (block, step); sample i does not depend on batch size."""
-    return _block_noise(jnp.uint32(seed), batch, jnp.int32(block), jnp.int32(step), tuple(int(n) for n in shape))
-
-
-@functools.partial(jax.jit, static_argnums=(1, 4))
-def _block_noise(seed, batch, block, step, shape):
-    key = jax.random.key(seed)
-
-    def one(i):
-        k = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, i), block), step)
-        return jax.random.normal(k, shape, F32)
-
-    return jax.vmap(one)(jnp.arange(batch))
+    """Seeded standard normal noise [batch, *shape] for (block, step): `seeded_noise` with the block and the step
+    as streams, so sample i does not depend on batch size."""
+    return seeded_noise(seed, batch, shape, block, step)
 
 
 def sample_blocks(
@@ -420,7 +282,8 @@ def sample_blocks(
     noise: initial noise [B, F, H, W, out_channels], or None with `shape` = (frames, height, width)
     to draw it from `seed`. step_noise: the fresh noise of steps 1.. of the schedule, [steps - 1, B, F,
     H, W, C], or None to draw it from `seed`. image: CLIP tokens (Wan2.1 I2V), given to every block.
-    condition: I2V condition [B, F, H, W, in - out channels] (see `i2v_condition`), sliced per block.
+    condition: I2V condition [B, F, H, W, in - out channels] (see `jax_impl.conditioning.i2v_condition`),
+    sliced per block.
     """
     cfg = model.cfg
     text = jnp.asarray(text)
@@ -488,7 +351,6 @@ __all__ = [
     "block_step",
     "causal_forward",
     "commit_block",
-    "i2v_condition",
     "init_cache",
     "prepare_context",
     "sample_blocks",

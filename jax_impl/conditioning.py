@@ -11,6 +11,7 @@ step and that frame's tokens get timestep 0 (per-token timesteps), so the model 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -46,20 +47,37 @@ def latent_grid(frames: int, height: int, width: int, vae: VaeConfig) -> tuple[i
     return f, h, w
 
 
-def i2v_mask(batch: int, frames: int, height: int, width: int, vae: VaeConfig, last_frame: bool = False) -> np.ndarray:
-    """[batch, latent_frames, h, w, 4] float32: which pixel frames are given, 4 per latent frame.
+def latent_frame_mask(batch: int, latent_frames: int, h: int, w: int, temporal_factor: int = 4,
+                      last_frame: bool = False) -> np.ndarray:
+    """[batch, latent_frames, h, w, t] float32: which pixel frames are given (the first; the last with
+    `last_frame`), t = temporal_factor slots per latent frame.
 
-    Latent frame 0 stands for pixel frame 0 alone, so its 4 slots repeat that frame's flag; latent frame
-    k >= 1 stands for pixel frames 4k-3 .. 4k, one slot each.
+    Latent frame 0 stands for pixel frame 0 alone, so its t slots repeat that frame's flag; latent frame
+    k >= 1 stands for pixel frames tk-t+1 .. tk, one slot each.
     """
-    t = vae.temporal_factor
-    f, h, w = latent_grid(frames, height, width, vae)
-    given = np.zeros(frames, np.float32)
+    t = temporal_factor
+    given = np.zeros(1 + t * (latent_frames - 1), np.float32)
     given[0] = 1.0
     if last_frame:
         given[-1] = 1.0
-    slots = np.concatenate([np.repeat(given[:1], t), given[1:]]).reshape(f, t)
-    return np.broadcast_to(slots[None, :, None, None, :], (batch, f, h, w, t)).astype(np.float32)
+    slots = np.concatenate([np.repeat(given[:1], t), given[1:]]).reshape(latent_frames, t)
+    return np.broadcast_to(slots[None, :, None, None, :], (batch, latent_frames, h, w, t)).astype(np.float32)
+
+
+def i2v_condition(latent_condition: Any, *, last_frame: bool = False, temporal_factor: int = 4) -> Any:
+    """Normalised VAE latents [B, F, h, w, z] of (image, zeros..., [last image]) -> the DiT's condition channels
+    [B, F, h, w, t + z]: the given-frame mask, then the latents (diffusers' I2V `prepare_latents`, channels-last).
+
+    The one builder of Wan2.1 I2V / A14B conditioning: the plain and the block-causal samplers both use it.
+    Works on numpy or jax arrays.
+    """
+    b, f, h, w, _ = latent_condition.shape
+    mask = latent_frame_mask(b, f, h, w, temporal_factor, last_frame)
+    if isinstance(latent_condition, np.ndarray):
+        return np.concatenate([mask.astype(latent_condition.dtype), latent_condition], axis=-1)
+    import jax.numpy as jnp
+
+    return jnp.concatenate([jnp.asarray(mask, latent_condition.dtype), latent_condition], axis=-1)
 
 
 def condition_video(image: np.ndarray, frames: int, last_image: np.ndarray | None = None) -> np.ndarray:
@@ -96,8 +114,7 @@ def encode_condition(vae_model, kind: str, image: np.ndarray, frames: int, batch
         raise ValueError(f"unknown conditioning kind {kind!r}")
     z = normalize(vae_model.encode(jnp.asarray(condition_video(image, frames, last_image))), cfg)
     z = np.repeat(np.asarray(z, np.float32), batch, axis=0)
-    mask = i2v_mask(batch, frames, image.shape[0], image.shape[1], cfg, last_frame=last_image is not None)
-    return I2VCondition(kind, np.concatenate([mask, z], axis=-1))
+    return I2VCondition(kind, i2v_condition(z, last_frame=last_image is not None, temporal_factor=cfg.temporal_factor))
 
 
 def first_frame_keep(latent_frames: int, h: int, w: int) -> np.ndarray:

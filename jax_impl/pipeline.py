@@ -29,6 +29,7 @@ import numpy as np
 from jax_impl import conditioning as cond
 from jax_impl import sampling, schedulers
 from jax_impl.loading import load_dit, load_vae
+from jax_impl.noise import initial_noise
 from weights.checkpoint import Checkpoint, folder_identity
 from weights.configs.base import check_field_types, read_json
 from weights.configs.causal import check_causal_inputs
@@ -514,7 +515,7 @@ class Pipeline:
         """Final latents [B, F, h, w, z] (float32) from the encode stage's arrays."""
         shape = self.latent_shape(settings)
         if noise is None:
-            noise = sampling.initial_noise(settings.seed, shape)
+            noise = initial_noise(settings.seed, shape)
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)}, these settings need {shape}")
         inputs = sampling.DenoiseInputs(

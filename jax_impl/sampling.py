@@ -16,7 +16,6 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jax_impl import schedulers
@@ -201,8 +200,3 @@ def offload(model: nnx.Module) -> nnx.Module:
     """Move a model's parameters to host memory (numpy); `sample` moves them back when it needs them."""
     nnx.update(model, jax.device_get(nnx.state(model)))
     return model
-
-
-def initial_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Seeded standard-normal starting latents (float32), the same on every back-end for one seed."""
-    return np.asarray(jax.random.normal(jax.random.key(seed), shape, F32))

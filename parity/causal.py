@@ -35,7 +35,7 @@ def make_causal_inputs(
     cfg, config, *, batch=1, frames=4, height=4, width=4, text_len=8, image_len=9, seed=0
 ) -> CausalInputs:
     """Deterministic random inputs for `cfg` (a DitConfig) and `config` (a CausalConfig)."""
-    from jax_impl.causal import i2v_condition
+    from jax_impl.conditioning import i2v_condition
     from weights.configs.causal import condition_channels
 
     rng = np.random.default_rng(seed)

@@ -203,7 +203,7 @@ def run_truncation(pipe, settings, cuts: Sequence[int], frames_list: Sequence[in
     Each run is timed `repeats` times and the fastest denoise and decode are kept (short runs, busy machines).
     """
     from jax_impl.media import to_uint8
-    from jax_impl.sampling import initial_noise
+    from jax_impl.noise import initial_noise
 
     steps = settings.steps
     if repeats < 1:

@@ -5,6 +5,7 @@ jitted block step compiles a handful of times for the whole file.
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -134,9 +135,11 @@ def test_block_causal_mask():
 
 
 def test_rope_offsets_match_static_tables(models):
+    """rope_tables with a traced frame offset (the cache's block counter) == static tables == torch's."""
     cfg = models["jax"].cfg
+    traced = jax.jit(lambda off: rope_tables((2, 2, 3), cfg.rope_split, cfg.rope_max_seq_len, frame_offset=off))
     for offset in (0, 3, 7):
-        cos, sin = C._rope_at(cfg, (2, 2, 3), np.int32(offset))
+        cos, sin = traced(jnp.int32(offset))
         ref = rope_tables((2, 2, 3), cfg.rope_split, cfg.rope_max_seq_len, frame_offset=offset)
         np.testing.assert_array_equal(np.asarray(cos), np.asarray(ref[0]))
         np.testing.assert_array_equal(np.asarray(sin), np.asarray(ref[1]))

@@ -116,7 +116,7 @@ def test_run_truncation_rows_and_common_frames(i2v, image):
     assert short.row["compared_frames"] == 1 and short.row["temporal_mse"] is None
     assert short.row["psnr_per_frame"] == metrics.video_psnr(pipe.decode(short.latents), ref_video[:, :1],
                                                              metrics.RANGE_SIGNED).values.tolist()
-    from jax_impl.sampling import initial_noise
+    from jax_impl.noise import initial_noise
 
     noise = initial_noise(SETTINGS.seed, pipe.latent_shape(SETTINGS))[:, :1]
     np.testing.assert_array_equal(short.latents, _denoise(pipe, pipe.encode(
@@ -143,7 +143,7 @@ def test_cfg_gap_matches_independent_recomputation(i2v):
     assert all(r["cfg_mse"] > 0 and r["scale"] == 5.0 for r in records[:3])
     # 2) from calling the model directly, cond and uncond as two batch-1 calls, at steps 0 and 2
     noise = pipe.latent_shape(settings)
-    from jax_impl.sampling import initial_noise
+    from jax_impl.noise import initial_noise
 
     before = {0: initial_noise(settings.seed, noise), 2: steps[1]["latents"]}
     for i, x in before.items():

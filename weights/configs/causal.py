@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from weights.configs.dit import DitConfig
+from weights.configs.dit import DitConfig, check_context, check_patch_grid
 from weights.configs.scheduler import shift_sigma
 
 NUM_TRAIN_TIMESTEPS = 1000.0
@@ -97,6 +97,12 @@ def condition_channels(cfg: DitConfig) -> int:
     return cfg.in_channels - cfg.out_channels
 
 
+def check_block_frames(cfg: DitConfig, ccfg: CausalConfig) -> None:
+    pt = cfg.patch_size[0]
+    if ccfg.frames_per_block % pt:
+        raise ValueError(f"frames_per_block={ccfg.frames_per_block} must be a multiple of the temporal patch size {pt}")
+
+
 def check_causal_inputs(
     cfg: DitConfig,
     ccfg: CausalConfig,
@@ -112,36 +118,21 @@ def check_causal_inputs(
     b, f, h, w = (int(n) for n in latent_shape[:4])
     if len(latent_shape) == 5 and latent_shape[4] != cfg.out_channels:
         raise ValueError(f"noise has {latent_shape[4]} channels, the model generates {cfg.out_channels}")
-    pt, ph, pw = cfg.patch_size
-    if ccfg.frames_per_block % pt:
-        raise ValueError(f"frames_per_block={ccfg.frames_per_block} must be a multiple of the temporal patch size {pt}")
+    check_block_frames(cfg, ccfg)
     blocks = ccfg.num_blocks(f)
-    for name, n, p in (("height", h, ph), ("width", w, pw)):
-        if n % p:
-            raise ValueError(f"latent {name}={n} is not divisible by the patch size {p}; pad or resize the video")
+    pt = cfg.patch_size[0]
+    check_patch_grid(cfg, height=h, width=w)
     if f // pt > cfg.rope_max_seq_len:
         raise ValueError(
             f"{f} latent frames exceed the model's rotary range rope_max_seq_len={cfg.rope_max_seq_len} "
             "(positions keep counting across blocks, also with a window); generate fewer frames"
         )
-    if len(text_shape) != 3 or text_shape[2] != cfg.text_dim:
-        raise ValueError(f"text embeddings must be [batch, tokens, {cfg.text_dim}], got {tuple(text_shape)}")
-    if text_shape[0] != b:
-        raise ValueError(f"text embeddings have batch {text_shape[0]}, the latents have batch {b}; pass one per sample")
-    if cfg.has_image_tokens and image_shape is None:
-        raise ValueError("this is an I2V model with CLIP image tokens: pass `image` [batch, 257, image_dim]")
-    if image_shape is not None:
-        if not cfg.has_image_tokens:
-            raise ValueError("this model has no image cross-attention; do not pass `image` tokens")
-        if len(image_shape) != 3 or image_shape[2] != cfg.image_dim:
-            raise ValueError(f"image tokens must be [batch, tokens, {cfg.image_dim}], got {tuple(image_shape)}")
-        if image_shape[0] != b:
-            raise ValueError(f"image tokens have batch {image_shape[0]}, the latents have batch {b}")
+    check_context(cfg, b, text_shape, image_shape)
     cc = condition_channels(cfg)
     if cc and condition_shape is None:
         raise ValueError(
             f"this image-to-video model takes {cfg.in_channels} input channels: pass `condition` "
-            f"[batch, frames, height, width, {cc}] (4 mask + {cc - 4} first-frame latent channels, see i2v_condition)"
+            f"[batch, frames, height, width, {cc}] (4 mask + {cc - 4} first-frame latent channels, see jax_impl.conditioning.concat_condition)"
         )
     if condition_shape is not None:
         if not cc:

@@ -7,7 +7,7 @@ model, the diffusers reference) and the converter share it; it imports neither t
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 from weights.configs.base import ConfigError, JsonConfig, check_field_types
 
@@ -171,3 +171,64 @@ class DitConfig(JsonConfig):
             # Not in the original files (CLIP ViT-H is always 1280 wide there); kept for tiny models.
             **({"image_dim": self.image_dim} if self.has_image_tokens and self.image_dim != 1280 else {}),
         }
+
+
+# ------------------------------------------------------------------------------------------------
+# Input checks: one home for the DiT's shape rules and their messages (the Flax forward, the block-causal
+# paths of both sides and the pipeline call these before any work starts).
+# ------------------------------------------------------------------------------------------------
+def check_patch_grid(cfg: DitConfig, **sizes: int) -> None:
+    """Each latent size (`frames=`, `height=`, `width=`) must be a multiple of its patch size."""
+    patch = dict(zip(("frames", "height", "width"), cfg.patch_size))
+    for name, n in sizes.items():
+        if n % patch[name]:
+            raise ValueError(f"latent {name}={n} is not divisible by the patch size {patch[name]}; pad or resize the video")
+
+
+def check_context(cfg: DitConfig, batch: int, text_shape: Sequence[int], image_shape: Sequence[int] | None) -> None:
+    """Text embeddings [batch, tokens, text_dim]; CLIP image tokens [batch, tokens, image_dim] exactly when the
+    model has image cross-attention (Wan2.1 I2V)."""
+    if len(text_shape) != 3 or text_shape[2] != cfg.text_dim:
+        raise ValueError(f"text embeddings must be [batch, tokens, {cfg.text_dim}], got {tuple(text_shape)}")
+    if text_shape[0] != batch:
+        raise ValueError(f"text embeddings have batch {text_shape[0]}, the latents have batch {batch}; pass one per sample")
+    if cfg.has_image_tokens and image_shape is None:
+        raise ValueError("this is an I2V model with CLIP image tokens: pass `image` [batch, 257, image_dim]")
+    if image_shape is not None:
+        if not cfg.has_image_tokens:
+            raise ValueError("this model has no image cross-attention; do not pass `image` tokens")
+        if len(image_shape) != 3 or image_shape[2] != cfg.image_dim:
+            raise ValueError(f"image tokens must be [batch, tokens, {cfg.image_dim}], got {tuple(image_shape)}")
+        if image_shape[0] != batch:
+            raise ValueError(f"image tokens have batch {image_shape[0]}, the latents have batch {batch}")
+
+
+def check_latent_channels(cfg: DitConfig, channels: int) -> None:
+    if channels != cfg.in_channels:
+        hint = " (I2V: 16 noise + 4 mask + 16 condition channels)" if cfg.in_channels == 36 else ""
+        raise ValueError(f"latents have {channels} channels, this model takes {cfg.in_channels}{hint}")
+
+
+def check_dit_inputs(
+    cfg: DitConfig,
+    latent_shape: Sequence[int],
+    timestep_shape: Sequence[int],
+    text_shape: Sequence[int],
+    image_shape: Sequence[int] | None = None,
+) -> int:
+    """Shapes of one DiT call (latents [B, F, H, W, C], timestep scalar/[B]/[B, tokens], text, image), checked
+    with messages that name the fix; returns the number of video tokens."""
+    if len(latent_shape) != 5:
+        raise ValueError(f"latents must be [batch, frames, height, width, channels], got shape {tuple(latent_shape)}")
+    b, f, h, w, c = (int(n) for n in latent_shape)
+    check_latent_channels(cfg, c)
+    check_patch_grid(cfg, frames=f, height=h, width=w)
+    check_context(cfg, b, text_shape, image_shape)
+    pt, ph, pw = cfg.patch_size
+    seq = (f // pt) * (h // ph) * (w // pw)
+    nt = len(timestep_shape)
+    if nt not in (0, 1, 2) or (nt >= 1 and timestep_shape[0] not in (1, b)):
+        raise ValueError(f"timestep must be a scalar, [batch] or [batch, tokens]; got {tuple(timestep_shape)}")
+    if nt == 2 and timestep_shape[1] != seq:
+        raise ValueError(f"per-token timesteps have {timestep_shape[1]} entries, the video has {seq} tokens")
+    return seq
