@@ -53,6 +53,7 @@ def run_jax(args) -> dict:
 
     from bench.common import peak_bytes, random_dit
     from jax_impl import sampling, schedulers
+    from jax_impl.conditioning import ConcatCondition, NoCondition
     from jax_impl.noise import initial_noise
     from weights.configs.presets import get_preset
     from weights.configs.scheduler import SchedulerConfig
@@ -82,7 +83,8 @@ def run_jax(args) -> dict:
         text=jnp.asarray(rng.standard_normal((1, args.text_len, cfg.text_dim), np.float32)),
         negative_text=jnp.asarray(rng.standard_normal((1, args.text_len, cfg.text_dim), np.float32)),
         image=jnp.asarray(rng.standard_normal((1, 257, cfg.image_dim), np.float32)) if cfg.has_image_tokens else None,
-        condition=jnp.asarray(rng.standard_normal((1, f, lh, lw, cond_ch), np.float32)) if cond_ch else None,
+        condition=ConcatCondition(jnp.asarray(rng.standard_normal((1, f, lh, lw, cond_ch), np.float32))) if cond_ch
+        else NoCondition(),
     )
     noise = initial_noise(0, (1, f, lh, lw, z))
     sched = schedulers.make_schedule(SchedulerConfig(kind="unipc", shift=args.shift), args.steps)

@@ -60,6 +60,7 @@ from weights.configs.causal import (
     CausalConfig, block_causal_mask, check_block_frames, check_causal_inputs, condition_channels,
 )
 from weights.configs.dit import check_context, check_latent_channels, check_patch_grid
+from jax_impl.conditioning import ConcatCondition, Conditioning, FirstFrameCondition, NoCondition
 from jax_impl.dit import CrossKV, MaskedAttention, token_grid
 from jax_impl.layers import F32
 from jax_impl.noise import seeded_noise
@@ -282,8 +283,8 @@ def sample_blocks(
     noise: initial noise [B, F, H, W, out_channels], or None with `shape` = (frames, height, width)
     to draw it from `seed`. step_noise: the fresh noise of steps 1.. of the schedule, [steps - 1, B, F,
     H, W, C], or None to draw it from `seed`. image: CLIP tokens (Wan2.1 I2V), given to every block.
-    condition: I2V condition [B, F, H, W, in - out channels] (see `jax_impl.conditioning.i2v_condition`),
-    sliced per block.
+    condition: the typed condition (`jax_impl.conditioning`: NoCondition or ConcatCondition, sliced per block
+    with `frames`), or an I2V condition array [B, F, H, W, in - out channels] (see `i2v_condition`).
     """
     cfg = model.cfg
     text = jnp.asarray(text)
@@ -298,9 +299,10 @@ def sample_blocks(
     else:
         raise ValueError("pass `noise` [B, F, H, W, C] or `shape` = (frames, height, width) with a seed")
     _, f, h, w, c = latent_shape
+    condition = _typed(condition)
     blocks = check_causal_inputs(
-        cfg, config, latent_shape, text.shape,
-        None if image is None else np.shape(image), None if condition is None else np.shape(condition),
+        cfg, config, latent_shape, text.shape, None if image is None else np.shape(image),
+        np.shape(condition.mask_latent) if isinstance(condition, ConcatCondition) else None,
     )
     ts, sig = config.schedule()
     if step_noise is not None:
@@ -310,11 +312,22 @@ def sample_blocks(
             raise ValueError(f"step_noise must be [steps - 1, B, F, H, W, C] = {want}, got {step_noise.shape}")
     if cross is None:
         cross = prepare_context(model, text, image)
-    cond = None if condition is None else jnp.asarray(condition, F32)
-    return _generate(model, cross, config, (b, f, h, w, c), blocks, noise, step_noise, cond, seed)
+    return _generate(model, cross, config, (b, f, h, w, c), blocks, noise, step_noise, condition, seed)
 
 
-def _generate(model, cross, config, latent_shape, blocks, noise, step_noise, cond_all, seed) -> Iterator[jax.Array]:
+def _typed(condition) -> Conditioning:
+    """The sampler's condition as a typed value: an I2V condition array [B, F, H, W, in - out] is a ConcatCondition."""
+    if condition is None:
+        return NoCondition()
+    if isinstance(condition, FirstFrameCondition):
+        raise ValueError("block-causal generation does not support TI2V's first-frame conditioning")
+    if isinstance(condition, (NoCondition, ConcatCondition)):
+        return jax.tree.map(lambda a: jnp.asarray(a, F32), condition)
+    return ConcatCondition(jnp.asarray(condition, F32))
+
+
+def _generate(model, cross, config, latent_shape, blocks, noise, step_noise, cond_all: Conditioning,
+              seed) -> Iterator[jax.Array]:
     b, f, h, w, c = latent_shape
     ts, sig = config.schedule()
     fpb = config.frames_per_block
@@ -322,10 +335,9 @@ def _generate(model, cross, config, latent_shape, blocks, noise, step_noise, con
     for blk in range(blocks):
         sl = slice(blk * fpb, (blk + 1) * fpb)
         x = noise[:, sl] if noise is not None else block_noise(seed, b, blk, 0, (fpb, h, w, c))
-        cond = None if cond_all is None else cond_all[:, sl]
+        cond = cond_all.frames(sl)
         for s in range(len(ts)):
-            inp = x if cond is None else jnp.concatenate([x, cond], axis=-1)
-            v = block_step(model, cache, cross, inp, jnp.full((b,), ts[s], F32))
+            v = block_step(model, cache, cross, *cond.model_input(x, ts[s]))
             x0 = x - jnp.float32(sig[s]) * v.astype(F32)
             if s + 1 < len(ts):  # re-noise to the next level with fresh noise
                 if step_noise is not None:
@@ -333,10 +345,9 @@ def _generate(model, cross, config, latent_shape, blocks, noise, step_noise, con
                 else:
                     eps = block_noise(seed, b, blk, s + 1, (fpb, h, w, c))
                 x = (1.0 - jnp.float32(sig[s + 1])) * x0 + jnp.float32(sig[s + 1]) * eps
-        yield x0
+        yield cond.finalize(x0)
         if blk + 1 < blocks:  # the last block is never attended to: skip its cache write
-            clean = x0 if cond is None else jnp.concatenate([x0, cond], axis=-1)
-            cache = commit_block(model, cache, cross, clean, jnp.zeros((b,), F32))
+            cache = commit_block(model, cache, cross, *cond.model_input(x0, 0.0))
 
 
 def sample_causal(model, text, *, config: CausalConfig, **kwargs) -> jax.Array:

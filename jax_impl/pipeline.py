@@ -30,6 +30,7 @@ from jax_impl import conditioning as cond
 from jax_impl import sampling, schedulers
 from jax_impl.loading import load_dit, load_vae
 from jax_impl.noise import initial_noise
+from jax_impl.stages import Encoded
 from weights.checkpoint import Checkpoint, folder_identity
 from weights.configs.base import check_field_types, read_json
 from weights.configs.causal import check_causal_inputs
@@ -465,8 +466,8 @@ class Pipeline:
     # --- stage 1: encode -------------------------------------------------------------------------------
     def encode(self, settings: GenerateSettings, *, prompt: str | None = None, image=None, last_image=None,
                negative_prompt: str = DEFAULT_NEGATIVE, embeddings: dict[str, np.ndarray] | None = None
-               ) -> dict[str, np.ndarray]:
-        """Prompt/negative/image embeddings and the image condition, as float32 numpy arrays.
+               ) -> Encoded:
+        """Prompt/negative/image embeddings (float32 numpy arrays) and the typed image condition.
 
         `image` and `last_image` are PIL images; `embeddings` may supply prompt_embeds,
         negative_prompt_embeds and image_embeds instead of running the encoders.
@@ -497,20 +498,21 @@ class Pipeline:
                 images = [image] + ([last_image] if last_image is not None else [])
                 img = self.image_encoder(images)
             out["image_embeds"] = _per_sample(img, b)
+        condition: cond.Conditioning = cond.NoCondition()
         if self.conditioning != "none" and image is not None:
             pixels = image_to_array(image, settings.height, settings.width)
             last = None if last_image is None else image_to_array(last_image, settings.height, settings.width)
-            c = cond.encode_condition(self.vae_options.bind(self.vae), self.conditioning, pixels, settings.frames,
-                                      batch=b, last_image=last)
-            out["condition" if c.kind == "concat" else "first_latent"] = c.tensor
-        return out
+            condition = cond.encode_condition(self.vae_options.bind(self.vae), self.conditioning, pixels,
+                                              settings.frames, batch=b, last_image=last,
+                                              patch=self.dit_config.patch_size)
+        return Encoded(out, condition)
 
     # --- stage 2: denoise ------------------------------------------------------------------------------
     def latent_shape(self, settings: GenerateSettings) -> tuple[int, ...]:
         f, h, w, z = self.vae_config.latent_shape(settings.frames, settings.height, settings.width)
         return (settings.batch, f, h, w, z)
 
-    def denoise(self, encoded: dict[str, np.ndarray], settings: GenerateSettings, *, noise: np.ndarray | None = None,
+    def denoise(self, encoded: Encoded, settings: GenerateSettings, *, noise: np.ndarray | None = None,
                 on_step: sampling.StepCallback | None = None, progress: bool = True) -> np.ndarray:
         """Final latents [B, F, h, w, z] (float32) from the encode stage's arrays."""
         shape = self.latent_shape(settings)
@@ -522,12 +524,8 @@ class Pipeline:
             text=encoded["prompt_embeds"],
             negative_text=encoded.get("negative_prompt_embeds"),
             image=encoded.get("image_embeds"),
-            condition=encoded.get("condition"),
+            condition=self._condition_of(encoded),
         )
-        if "first_latent" in encoded:
-            keep = cond.first_frame_keep(*shape[1:4])
-            inputs = inputs.replace(first_latent=encoded["first_latent"], keep=keep,
-                                    token_keep=cond.token_timesteps(keep, self.dit_config.patch_size))
         guidance = sampling.Guidance(settings.guidance, settings.guidance_2, settings.guidance_steps,
                                      settings.cfg_batch)
         latents = sampling.sample(self.experts, self.schedule(settings), noise, inputs, guidance,
@@ -535,18 +533,31 @@ class Pipeline:
                                   expert_names=self.expert_labels)
         return np.asarray(latents, np.float32)
 
-    def denoise_causal(self, encoded: dict[str, np.ndarray], settings: GenerateSettings, causal,
+    def _condition_of(self, encoded: Encoded) -> cond.Conditioning:
+        """The encode stage's condition, checked against this checkpoint (a missing I2V condition would give a
+        wrong video without an error)."""
+        condition = getattr(encoded, "condition", None)
+        if condition is None:
+            raise TypeError("pass the encode stage's result (a jax_impl.stages.Encoded, from `encode`), not a dict")
+        text_only_ti2v = condition.KIND == "none" and self.conditioning == "first_frame"
+        if condition.KIND != self.conditioning and not text_only_ti2v:
+            raise ValueError(f"the encode stage holds a {condition.KIND!r} condition, this checkpoint takes "
+                             f"{self.conditioning!r} conditioning; re-run the encode stage for this checkpoint")
+        return condition
+
+    def denoise_causal(self, encoded: Encoded, settings: GenerateSettings, causal,
                        progress: bool = True) -> np.ndarray:
         """Block-causal generation (`jax_impl.causal`): a few steps per block of latent frames, each block
         attending to a KV cache of the ones before (within `causal.window`). No guidance: causal Wan models
         are distilled to run without it. Returns the latents [B, F, h, w, z] (float32)."""
         from jax_impl import causal as causal_mod
 
-        self._check_causal(settings, causal, "first_latent" in encoded or "condition" in encoded)
+        condition = self._condition_of(encoded)
+        self._check_causal(settings, causal, condition.KIND != "none")
         f, h, w = self.latent_shape(settings)[1:4]
         blocks = causal_mod.sample_blocks(
             self.experts[0], encoded["prompt_embeds"], config=causal, shape=(f, h, w),
-            image=encoded.get("image_embeds"), condition=encoded.get("condition"), seed=settings.seed,
+            image=encoded.get("image_embeds"), condition=condition, seed=settings.seed,
         )
         n = causal.num_blocks(f)
         if progress:
@@ -638,17 +649,19 @@ def generate(
     t = time.perf_counter()
     encode_inputs = pipe.encode_inputs(settings, prompt=prompt, negative_prompt=negative_prompt, files=files,
                                        embedding_names=set(embeddings or ()))
-    encoded = reuse_stage(encoded_path, "encoded", encode_inputs, log) if resume else None
+    found = reuse_stage(encoded_path, "encoded", encode_inputs, log) if resume else None
+    encoded = Encoded.from_stage(*found) if found is not None else None
     if encoded is None:
         encoded = pipe.encode(settings, prompt=prompt, image=image, last_image=last_image,
                               negative_prompt=negative_prompt, embeddings=embeddings)
-        save_stage(encoded_path, "encoded", encoded, encode_inputs, meta)
+        save_stage(encoded_path, "encoded", encoded.arrays(), encode_inputs, meta | encoded.meta())
     timings["encode"] = time.perf_counter() - t
     log(f"[1/3] encoded: {encoded_path} ({timings['encode']:.1f} s)")
 
     t = time.perf_counter()
     denoise_inputs = pipe.denoise_inputs(settings, stage_key(encode_inputs), causal)
-    latents = reuse_stage(latents_path, "latents", denoise_inputs, log) if resume else None
+    found = reuse_stage(latents_path, "latents", denoise_inputs, log) if resume else None
+    latents = found[0] if found is not None else None
     if latents is None:
         if causal is None:
             latents = {"latents": pipe.denoise(encoded, settings)}

@@ -57,7 +57,8 @@ def test_generate_writes_mp4_with_requested_frames_and_resumes(tiny_ckpt, image_
 
 
 def test_stage_files_carry_settings_and_refuse_wrong_stage(tiny_ckpt, image_file, tmp_path):
-    from jax_impl.stages import load_stage
+    from jax_impl.conditioning import ConcatCondition
+    from jax_impl.stages import Encoded, load_stage
     from weights.safetensors_io import CheckpointError
 
     out = tmp_path / "v.mp4"
@@ -67,9 +68,12 @@ def test_stage_files_carry_settings_and_refuse_wrong_stage(tiny_ckpt, image_file
     assert meta["settings"]["seed"] == 7 and meta["inputs"]["seed"] == 7 and meta["inputs"]["frames"] == 5
     assert len(meta["key"]) == 64 and meta["inputs"]["weights"]["transformer"]
     assert arrays["latents"].shape == (1, 2, 4, 4, 16) and arrays["latents"].dtype == np.float32
-    encoded, _ = load_stage(tmp_path / "v.stages" / "encoded.safetensors", "encoded")
-    assert set(encoded) == {"prompt_embeds", "negative_prompt_embeds", "image_embeds", "condition"}
-    assert encoded["condition"].shape == (1, 2, 4, 4, 20)  # 4 mask + 16 latent channels
+    arrays, meta = load_stage(tmp_path / "v.stages" / "encoded.safetensors", "encoded")
+    assert set(arrays) == {"prompt_embeds", "negative_prompt_embeds", "image_embeds", "condition.mask_latent"}
+    assert meta["conditioning"] == "concat"
+    encoded = Encoded.from_stage(arrays, meta)  # read back into the typed condition
+    assert isinstance(encoded.condition, ConcatCondition) and set(encoded) == set(arrays) - {"condition.mask_latent"}
+    assert encoded.condition.mask_latent.shape == (1, 2, 4, 4, 20)  # 4 mask + 16 latent channels
     with pytest.raises(CheckpointError, match="holds stage 'latents'"):
         load_stage(tmp_path / "v.stages" / "latents.safetensors", "encoded")
 
@@ -189,7 +193,7 @@ def test_pipeline_folder_in_converted_layouts_gives_the_same_latents(tiny_ckpt, 
     img = load_image(image_file)
     ours = Pipeline(converted)
     enc = ours.encode(s, prompt="a dog", image=img)
-    np.testing.assert_array_equal(enc["condition"], pipe.encode(s, prompt="a dog", image=img)["condition"])
+    np.testing.assert_array_equal(enc.condition.mask_latent, pipe.encode(s, prompt="a dog", image=img).condition.mask_latent)
     np.testing.assert_allclose(ours.denoise(enc, s, progress=False), pipe.denoise(enc, s, progress=False),
                                rtol=1e-6, atol=1e-6)
 

@@ -56,7 +56,7 @@ def _collect(pipe, encoded, settings):
 
 def _inputs(encoded):
     return DenoiseInputs(text=encoded["prompt_embeds"], negative_text=encoded.get("negative_prompt_embeds"),
-                         image=encoded.get("image_embeds"), condition=encoded.get("condition"))
+                         image=encoded.get("image_embeds"), condition=encoded.condition)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -81,7 +81,8 @@ def test_truncation_at_all_steps_is_full_guidance_and_at_zero_is_unguided(i2v):
         np.testing.assert_array_equal(_denoise(pipe, encoded, dataclasses.replace(SETTINGS, guidance_steps=n)), full)
     zero = _denoise(pipe, encoded, dataclasses.replace(SETTINGS, guidance_steps=0))
     scale_one = _denoise(pipe, encoded, dataclasses.replace(SETTINGS, guidance=1.0))
-    no_negative = _denoise(pipe, {k: v for k, v in encoded.items() if k != "negative_prompt_embeds"}, SETTINGS)
+    no_negative = _denoise(pipe, dataclasses.replace(
+        encoded, embeddings={k: v for k, v in encoded.items() if k != "negative_prompt_embeds"}), SETTINGS)
     np.testing.assert_array_equal(zero, scale_one)
     np.testing.assert_array_equal(zero, no_negative)
     assert not np.array_equal(zero, full), "guidance must change the result, or the test proves nothing"

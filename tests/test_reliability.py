@@ -337,8 +337,8 @@ def test_last_image_changes_the_a14b_condition(tiny_ckpt, image, tmp_path):
     pipe = Pipeline(tiny_ckpt(A14B))
     s = GenerateSettings(frames=5, height=32, width=32, steps=2)
     img = load_image(image)
-    with_last = pipe.encode(s, prompt="a cat", image=img, last_image=img)["condition"]
-    without = pipe.encode(s, prompt="a cat", image=img)["condition"]
+    with_last = pipe.encode(s, prompt="a cat", image=img, last_image=img).condition.mask_latent
+    without = pipe.encode(s, prompt="a cat", image=img).condition.mask_latent
     assert with_last[0, -1, 0, 0, 3] == 1.0 and without[0, -1, 0, 0, 3] == 0.0  # mask of the last pixel frame
 
 

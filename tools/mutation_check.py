@@ -136,6 +136,21 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_noise.py",),
     ),
     Mutation(
+        "first-frame-finalize-swap",
+        "TI2V's first-frame condition keeps the sample on frame 0 and the image latent on the denoised frames",
+        "jax_impl/conditioning.py",
+        (("return (1 - self.denoise_mask) * self.latent + self.denoise_mask * latents",
+          "return self.denoise_mask * self.latent + (1 - self.denoise_mask) * latents"),),
+        ("tests/test_conditioning_types.py",),
+    ),
+    Mutation(
+        "stage-condition-kind-lost",
+        "the encode stage file records every condition as kind 'none' (read back as the wrong type)",
+        "jax_impl/stages.py",
+        (('return {"conditioning": self.condition.KIND}', 'return {"conditioning": "none"}'),),
+        ("tests/test_conditioning_types.py",),
+    ),
+    Mutation(
         "time-embedding-sin-cos",
         "the sinusoidal timestep embedding puts sines first (Wan flips to cosines first)",
         "jax_impl/dit.py",
