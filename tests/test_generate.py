@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jax_impl.cli import main
+from wanport.cli import main
 from jax_impl.media import read_mp4
 from jax_impl.pipeline import GenerateSettings, Pipeline
 from jax_impl.sampling import expert_for

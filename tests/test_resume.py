@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jax_impl.cli import main
+from wanport.cli import main
 from weights.configs.presets import get_preset
 from jax_impl.stages import load_stage
 
