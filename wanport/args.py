@@ -70,6 +70,9 @@ def add_generate_arguments(p: argparse.ArgumentParser, *, tiny: dict[str, int] |
                    help="attention back-end (default auto: cuDNN on GPU, Splash on TPU, XLA on CPU)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="DiT dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    p.add_argument("--encoders", default="jax", choices=["jax", "torch"],
+                   help="text and image encoders: jax (default: Flax UMT5 and CLIP, needs no torch) or torch "
+                        "(transformers' models, the reference); both float32. Part of the encode stage's resume key")
 
 
 def _add_size(p: argparse.ArgumentParser, name: str, tiny: dict[str, int] | None) -> None:
@@ -105,6 +108,22 @@ def settings_from_args(args: argparse.Namespace) -> GenerateSettings:
         scheduler=args.scheduler, guidance=args.guidance, guidance_2=args.guidance_2,
         guidance_steps=args.guidance_steps, cfg_batch=args.cfg_batch, seed=args.seed, batch=args.batch, fps=args.fps,
     )
+
+
+def encoders_from_args(args: argparse.Namespace):
+    """The `jax_impl.pipeline.EncoderSet` that --encoders names: the one place the command line picks an encoder
+    implementation and hands it to the pipeline, which imports neither torch nor torch_ref itself."""
+    # lazy: jax only once a command runs, torch only for --encoders torch (the default run never imports it)
+    if args.encoders == "torch":
+        try:
+            from parity.encoders import TORCH_ENCODERS
+        except ImportError as e:
+            raise ValueError(f"--encoders torch needs torch, which cannot be imported here ({e}); install it, or use "
+                             "--encoders jax (the default), which needs no torch") from None
+        return TORCH_ENCODERS
+    from jax_impl.pipeline import JAX_ENCODERS
+
+    return JAX_ENCODERS
 
 
 def default_dtype(name: str | None) -> str:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from wanport.args import GENERATE_SIZES, add_generate_arguments, default_dtype, settings_from_args
+from wanport.args import GENERATE_SIZES, add_generate_arguments, default_dtype, encoders_from_args, settings_from_args
 from wanport.commands.demo import DEMO_IMAGE, DEMO_PROMPT
 
 TINY_DEFAULTS = {"frames": 17, "height": 64, "width": 64, "steps": 10}
@@ -117,7 +117,8 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
         print(f"wrote the tiny {args.preset} pipeline (random weights): {checkpoint}")
     dtype = default_dtype(args.dtype)
     t0 = time.perf_counter()
-    pipe = Pipeline(checkpoint, dtype=dtype, attention_backend=args.backend, load_encoders=embeddings is None)
+    pipe = Pipeline(checkpoint, dtype=dtype, attention_backend=args.backend, load_encoders=embeddings is None,
+                    encoders=encoders_from_args(args))
     load_s = time.perf_counter() - t0
     pipe.check_settings(settings, image is not None)
     meta = {
@@ -126,7 +127,7 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
         "negative_prompt": args.negative_prompt, "embeddings": args.embeddings,
         "settings": dataclasses.asdict(settings), "num_experts": len(pipe.experts),
         "boundary_ratio": pipe.boundary_ratio, "conditioning": pipe.conditioning, "dtype": dtype,
-        "attention_backend": args.backend, "device": _device(), "load_s": load_s,
+        "attention_backend": args.backend, "encoders": args.encoders, "device": _device(), "load_s": load_s,
     }
     return {"out": out, "pipe": pipe, "settings": settings, "image": image, "last_image": last_image,
             "embeddings": embeddings, "meta": meta}

@@ -1,6 +1,7 @@
 """`wanport generate`: image (+ prompt) -> video with the JAX pipeline, in three resumable stages.
 
-  1. encode   prompt and negative prompt (UMT5), image tokens (CLIP, Wan2.1 I2V), image condition (VAE)
+  1. encode   prompt and negative prompt (UMT5), image tokens (CLIP, Wan2.1 I2V), image condition (VAE);
+              the encoders run in JAX by default (no torch needed), or torch's with --encoders torch
   2. denoise  the sampling loop (UniPC or Euler with shift, classifier-free guidance, A14B expert switch)
   3. decode   VAE decode, mp4 at --fps
 
@@ -8,7 +9,7 @@ Each stage writes a safetensors file under --work-dir (default: OUT's name + ".s
 stage whose file was computed from exactly the same inputs is reused, so a crashed or interrupted run
 continues where it stopped, and a different --steps or --guidance re-runs only the denoise and decode.
 A stage is keyed by everything that determines it: the encode stage by the prompts, the bytes of --image,
---last-image and --embeddings, the size and batch, and the encoder/VAE weights; the denoise stage by the
+--last-image and --embeddings, the size and batch, the encoder/VAE weights and --encoders; the denoise stage by the
 encode stage's key, every sampling option, --dtype, the attention back-end and the transformer weights.
 What changed is printed ("[resume] encoded stage is stale: image changed"). Every option, input file and
 output path is checked before the first stage runs; a run that produces NaN or inf latents stops with an
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import argparse
 
-from wanport.args import add_generate_arguments, causal_from_args, default_dtype, settings_from_args
+from wanport.args import add_generate_arguments, causal_from_args, default_dtype, encoders_from_args, settings_from_args
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint, args.out, prompt=args.prompt, image_path=args.image, settings=settings_from_args(args),
         negative_prompt=args.negative_prompt, last_image_path=args.last_image, embeddings_path=args.embeddings,
         work_dir=args.work_dir, resume=args.resume, dtype=default_dtype(args.dtype), attention_backend=args.backend,
-        causal=causal_from_args(args), vae_options=VaeOptions(tile=args.vae_tile),
+        causal=causal_from_args(args), vae_options=VaeOptions(tile=args.vae_tile), encoders=encoders_from_args(args),
     )
     t = result["timings"]
     print(f"wrote {result['video']} ({result['frames']} frames); load {t['load']:.1f} s, encode {t['encode']:.1f} s, "
