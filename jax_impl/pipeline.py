@@ -8,6 +8,12 @@ use, parses the encoders' JSON files and checks that the parts fit each other (D
 VAE, text and image widths against the encoders), so a missing, damaged or mismatched part is named before
 any stage runs. The weights are loaded when a stage first needs them.
 
+The encoders come in through an interface, not an import: `TextEncoder` and `ImageEncoder` are Protocols
+(a callable from prompts or PIL images to float32 numpy arrays), and an `EncoderSet` names one
+implementation and builds its encoders from the folder when first needed. The default is `JAX_ENCODERS`
+(`jax_impl.encoders`, no torch); the command line (`wanport --encoders torch`) or the parity code may hand
+in torch_ref's, which satisfy the same Protocols structurally. This module never imports torch_ref.
+
 Stages and their files (see `jax_impl.stages`): `encode` writes prompt/negative/image embeddings and the
 VAE-encoded image condition; `denoise` writes the final latents; `decode` turns latents into frames. Each
 stage file is keyed by everything that determines it (`encode_inputs`, `denoise_inputs`), so `--resume`
@@ -18,99 +24,64 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any, Callable, Collection, Protocol
 
 import numpy as np
 
 from jax_impl import conditioning as cond
 from jax_impl import sampling, schedulers
+from jax_impl.encoders.image import JaxImageEncoder
+from jax_impl.encoders.text import JaxTextEncoder
 from jax_impl.loading import load_dit, load_vae
 from jax_impl.noise import initial_noise
+from jax_impl.settings import GenerateSettings
 from jax_impl.stages import Encoded
 from weights.checkpoint import Checkpoint, folder_identity
 from weights.configs.base import check_field_types, read_json
 from weights.configs.causal import check_causal_inputs
-from weights.configs.scheduler import KINDS as SCHEDULER_KINDS, SchedulerConfig
+from weights.configs.scheduler import SchedulerConfig
 from weights.configs.vae import VaeConfig
 from weights.dit_map import DIT
 from weights.vae_map import VAE
 
 EXPERT_DIRS = (("transformer", "transformer_2"), ("high_noise_model", "low_noise_model"))
-ENCODERS = {"text": ("tokenizer", "text_encoder"), "image": ("image_processor", "image_encoder")}
+ENCODER_PARTS = {"text": ("tokenizer", "text_encoder"), "image": ("image_processor", "image_encoder")}
 EMBEDDING_NAMES = ("prompt_embeds", "negative_prompt_embeds", "image_embeds")
 DEFAULT_NEGATIVE = ""
-MAX_SEED = 2**32 - 1  # JAX's default PRNG keys hold 32 bits: larger seeds would alias smaller ones
-MAX_FPS = 1000
 
 
 class PipelineError(ValueError):
     """A pipeline folder that cannot be used as it is; the message names what is missing and the fix."""
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+class TextEncoder(Protocol):
+    """Prompts -> float32 [len(prompts), 512, text_dim]: each prompt cleaned (`weights.configs.prompt`),
+    tokenized to 512 tokens, and the rows past its tokens zero."""
+
+    def __call__(self, prompts: list[str]) -> np.ndarray: ...
 
 
-def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{_flag(name)} must be an integer, got {value!r}")
-    if value < lo or (hi is not None and value > hi):
-        bound = f">= {lo}" if hi is None else f"in {lo}..{hi}"
-        raise ValueError(f"{_flag(name)} must be {bound}, got {value}")
+class ImageEncoder(Protocol):
+    """PIL images -> float32 [1, tokens * len(images), image_dim]: CLIP's penultimate hidden states."""
 
-
-def _check_float(name: str, value: Any, lo: float, *, above: bool = False) -> None:
-    """A finite number >= lo (> lo with `above`): nan and inf are refused, never passed on to sampling."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{_flag(name)} must be a number, got {value!r}")
-    if not math.isfinite(value) or value < lo or (above and value == lo):
-        raise ValueError(f"{_flag(name)} must be a finite number {'>' if above else '>='} {lo:g}, got {value}")
+    def __call__(self, images: list) -> np.ndarray: ...
 
 
 @dataclasses.dataclass(frozen=True)
-class GenerateSettings:
-    """What shapes one generation. Frames 4k+1; height and width multiples of VAE factor x patch (16 or 32)."""
+class EncoderSet:
+    """One encoder implementation: `name` ("jax", "torch") goes into the encode stage's resume key, since the
+    two compute the embeddings in different ways; `text` and `image` build the encoders from the pipeline
+    folder, called only when a stage needs them (never when precomputed embeddings replace them)."""
 
-    frames: int = 81
-    height: int = 480
-    width: int = 832
-    steps: int = 40
-    shift: float | None = None  # None: the checkpoint's scheduler/scheduler_config.json
-    scheduler: str | None = None  # None: the checkpoint's; or "unipc" / "euler"
-    guidance: float = 3.5
-    guidance_2: float | None = None  # low-noise expert of the A14B; None: same as guidance
-    guidance_steps: int | None = None  # guidance truncation: CFG for the first N steps only
-    cfg_batch: bool = True
-    seed: int = 0
-    batch: int = 1
-    fps: int = 16
+    name: str
+    text: Callable[[Path], TextEncoder]
+    image: Callable[[Path], ImageEncoder]
 
-    def __post_init__(self) -> None:
-        self.validate()
 
-    def validate(self) -> None:
-        """Every option's type and range, in one place, before any stage runs (the checks that need the
-        checkpoint, such as 4k+1 frames, are `Pipeline.check_settings`). Floats must be finite: a nan
-        guidance would quietly switch guidance off, an infinite one make a black video."""
-        for name in ("frames", "height", "width", "steps", "batch"):
-            _check_int(name, getattr(self, name), 1)
-        _check_int("fps", self.fps, 1, MAX_FPS)
-        _check_int("seed", self.seed, 0, MAX_SEED)
-        if self.guidance_steps is not None:
-            _check_int("guidance_steps", self.guidance_steps, 0)
-        _check_float("guidance", self.guidance, 0.0)
-        if self.guidance_2 is not None:
-            _check_float("guidance_2", self.guidance_2, 0.0)
-        if self.shift is not None:
-            _check_float("shift", self.shift, 0.0, above=True)
-        if self.scheduler is not None and self.scheduler not in SCHEDULER_KINDS:
-            raise ValueError(f"--scheduler must be one of {', '.join(SCHEDULER_KINDS)}, got {self.scheduler!r}")
-        if not isinstance(self.cfg_batch, bool):
-            raise ValueError(f"cfg_batch must be True or False, got {self.cfg_batch!r}")
+JAX_ENCODERS = EncoderSet("jax", JaxTextEncoder, JaxImageEncoder)
 
 
 def _read_index(folder: Path) -> dict[str, Any]:
@@ -166,15 +137,16 @@ def load_embeddings(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 class Pipeline:
-    """One pipeline folder: configs checked when opened; the DiT(s) and VAE in JAX and the encoders in torch,
-    each loaded when first used."""
+    """One pipeline folder: configs checked when opened; the DiT(s) and VAE in JAX and the encoders of
+    `encoders` (default: JAX), each loaded when first used."""
 
     def __init__(self, folder: str | os.PathLike, *, dtype=None, attention_backend: str = "auto",
-                 load_encoders: bool | Collection[str] = True, vae_options=None):
+                 load_encoders: bool | Collection[str] = True, vae_options=None,
+                 encoders: EncoderSet = JAX_ENCODERS):
         """`load_encoders`: True checks every encoder the checkpoint needs, False none, or a collection of
-        "text" / "image" (what precomputed embeddings do not replace)."""
+        "text" / "image" (what precomputed embeddings do not replace). `encoders`: which implementation
+        encodes prompts and images."""
         import jax.numpy as jnp
-
 
         self.folder = Path(folder)
         index = _read_index(self.folder)
@@ -208,7 +180,9 @@ class Pipeline:
         from jax_impl.latents import VaeOptions
 
         self.vae_options = vae_options or VaeOptions()  # VAE dtype and spatial tiling
-        self._text_encoder = self._image_encoder = None
+        self.encoders = encoders
+        self._text_encoder: TextEncoder | None = None
+        self._image_encoder: ImageEncoder | None = None
         self._checked_encoders: set[str] = set()
         if load_encoders:
             self.check_encoders(self.encoders_needed(()) if load_encoders is True else set(load_encoders))
@@ -261,7 +235,7 @@ class Pipeline:
         from weights.safetensors_io import validate_tree
 
         groups = set(groups) - self._checked_encoders
-        parts = [p for g in sorted(groups) for p in ENCODERS[g]]
+        parts = [p for g in sorted(groups) for p in ENCODER_PARTS[g]]
         missing = [p for p in parts if not (self.folder / p).is_dir()]
         if missing:
             raise PipelineError(
@@ -300,21 +274,19 @@ class Pipeline:
         return self._vae
 
     @property
-    def text_encoder(self):
+    def text_encoder(self) -> TextEncoder:
+        """The prompt encoder of `self.encoders`, built on first use (its folders checked first)."""
         if self._text_encoder is None:
-            from torch_ref.encoders import TextEncoder
-
             self.check_encoders({"text"})
-            self._text_encoder = TextEncoder(self.folder)
+            self._text_encoder = self.encoders.text(self.folder)
         return self._text_encoder
 
     @property
-    def image_encoder(self):
+    def image_encoder(self) -> ImageEncoder:
+        """The image encoder of `self.encoders`, built on first use (its folders checked first)."""
         if self._image_encoder is None:
-            from torch_ref.encoders import ImageEncoder
-
             self.check_encoders({"image"})
-            self._image_encoder = ImageEncoder(self.folder)
+            self._image_encoder = self.encoders.image(self.folder)
         return self._image_encoder
 
     @property
@@ -434,13 +406,14 @@ class Pipeline:
         files (None when not given)."""
         groups = self.encoders_needed(embedding_names)
         uses_vae = self.conditioning != "none" and files.get("image") is not None
-        parts = [p for g in sorted(groups) for p in ENCODERS[g]] + (["vae"] if uses_vae else [])
+        parts = [p for g in sorted(groups) for p in ENCODER_PARTS[g]] + (["vae"] if uses_vae else [])
         inputs: dict[str, Any] = {
             "prompt": prompt if "text" in groups else None,
             "negative_prompt": negative_prompt if "text" in groups else None,
             "image": files.get("image"), "last_image": files.get("last_image"), "embeddings": files.get("embeddings"),
             "batch": settings.batch, "conditioning": self.conditioning,
             "image_tokens": self.dit_config.has_image_tokens, "weights": self.weights_identity(*parts),
+            "encoders": self.encoders.name if groups else None,
         }
         if uses_vae:  # the condition is encoded at the video's size, with these VAE settings
             inputs.update(frames=settings.frames, height=settings.height, width=settings.width,
@@ -606,6 +579,7 @@ def generate(
     attention_backend: str = "auto",
     causal=None,
     vae_options=None,
+    encoders: EncoderSet = JAX_ENCODERS,
     log=print,
 ) -> dict[str, Any]:
     """Run encode -> denoise -> decode, writing each stage's file under `work_dir` and the mp4 at `out`.
@@ -614,7 +588,7 @@ def generate(
     bad input fails fast and writes nothing. With `resume`, a stage whose file was computed from exactly
     these inputs is reused; a stale or damaged one is recomputed with a line saying why, and so is every
     later stage. The mp4 is always decoded afresh. `causal` (a `jax_impl.causal.CausalConfig`) switches the
-    denoise stage to block-causal generation.
+    denoise stage to block-causal generation; `encoders` chooses the text/image encoder implementation.
     """
     from jax_impl.media import load_image, to_uint8, write_mp4
     from jax_impl.stages import reuse_stage, save_stage, stage_key
@@ -636,7 +610,7 @@ def generate(
              (("image", image_path), ("last_image", last_image_path), ("embeddings", embeddings_path))}
     t0 = time.perf_counter()
     pipe = Pipeline(checkpoint, dtype=dtype, attention_backend=attention_backend, load_encoders=False,
-                    vae_options=vae_options)
+                    vae_options=vae_options, encoders=encoders)
     pipe.check_request(settings, prompt=prompt, negative_prompt=negative_prompt, has_image=image is not None,
                        has_last_image=last_image is not None, embeddings=embeddings, causal=causal,
                        source=str(embeddings_path))

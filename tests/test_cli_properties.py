@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from jax_impl.cli import main
+from wanport.cli import main
 
 MAX_FULL_RUNS = {"generate": 6, "convert": 15}  # a tiny generate run takes a second or more, a convert 0.1 s
 

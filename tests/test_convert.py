@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from weights.configs.presets import PRESETS
-from weights.cli import add_subcommands, main as cli_main
+from wanport.cli import main as cli_main
+from wanport.commands.convert import add_parser
 from weights.convert import DELAY_ENV, convert, is_dit_folder, parse_size, plan_shards
 from weights.checkpoint import Checkpoint
 from weights.dit_map import DIT, LAYOUTS
@@ -329,7 +330,7 @@ def test_verify_names_file_and_tensor(tiny_ckpt, tmp_path):
 
 def _run_cli(args, env=None, **kw):
     e = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
-    return subprocess.Popen([sys.executable, "-m", "weights.cli", "convert", *args], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+    return subprocess.Popen([sys.executable, "-m", "wanport.cli", "convert", *args], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
 
 def _kill_mid_conversion(src: Path, dst: Path, extra=()) -> None:
@@ -375,7 +376,7 @@ def test_cli_convert_and_verify(tiny_ckpt, tmp_path, capsys):
     import argparse
 
     parser = argparse.ArgumentParser(prog="wanport")
-    add_subcommands(parser.add_subparsers(dest="command"))
+    add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["convert", str(tiny_ckpt("tiny-wan2.2-ti2v-5b")), str(tmp_path / "o"), "--to", "wan", "--shard-size", "30KB", "--no-progress"])
     assert args.func(args) == 0
     assert len(list((tmp_path / "o" / "transformer").glob("*-of-*.safetensors"))) > 1

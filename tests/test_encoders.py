@@ -320,7 +320,7 @@ def test_jax_encoders_run_without_torch(folders, tmp_path):
 
 # --- command line and bench -----------------------------------------------------------------------------------
 def test_parity_command_for_encoders(tmp_path, capsys):
-    from jax_impl.cli import main
+    from wanport.cli import main
 
     rc = main(["parity", "--model", "text-encoder", "--preset", "odd", "--batch", "2", "--text-len", "30",
                "--json", str(tmp_path / "t.json")])

@@ -15,7 +15,7 @@ from flax import nnx
 import pytest
 from PIL import Image
 
-from jax_impl.cli import main
+from wanport.cli import main
 from jax_impl.pipeline import GenerateSettings, Pipeline
 from jax_impl.sampling import DenoiseInputs, expert_for, model_input
 from parity import guidance
@@ -211,7 +211,7 @@ def test_cli_cfg_tiny_default_writes_report_and_plots(tmp_path, capsys):
 
 
 def test_cli_truncation_writes_table_plots_and_contact_sheet(tiny_ckpt, tmp_path, capsys):
-    from jax_impl.demo import DEMO_IMAGE
+    from wanport.commands.demo import DEMO_IMAGE
 
     out = tmp_path / "trunc"
     rc = main(["analyze", "truncation", "--checkpoint", str(tiny_ckpt(I2V)), "--image", str(DEMO_IMAGE),

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jax_impl.cli import main
+from wanport.cli import main
 
 I2V = "tiny-wan2.1-i2v-14b"
 A14B = "tiny-wan2.2-i2v-a14b"
@@ -148,7 +148,7 @@ def _truncate(path: Path) -> None:
     ("tokenizer/tokenizer.json", lambda p: p.write_text(p.read_text()[:-50])),
 ])
 def test_convert_refuses_damaged_components_before_writing(tiny_ckpt, tmp_path, capsys, part, damage):
-    from weights.cli import main as convert_main
+    from wanport.cli import main as convert_main
 
     src = tmp_path / "src"
     shutil.copytree(tiny_ckpt(I2V), src)
@@ -173,7 +173,7 @@ def test_generate_on_truncated_encoder_is_a_clear_error(tiny_ckpt, image, tmp_pa
 # --- case 4: concurrent converts to one DST ----------------------------------------------------------------
 def _convert_proc(src: Path, dst: Path, delay: str = "0.05", *extra: str) -> subprocess.Popen:
     env = {**os.environ, "WANPORT_CONVERT_TENSOR_DELAY": delay, "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen([sys.executable, "-m", "jax_impl.cli", "convert", str(src), str(dst), "--to", "flax",
+    return subprocess.Popen([sys.executable, "-m", "wanport.cli", "convert", str(src), str(dst), "--to", "flax",
                              "--no-progress", *extra], env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -431,7 +431,7 @@ def test_ctrl_c_during_convert_cleans_up_and_exits_130(tiny_ckpt, tmp_path):
 def test_ctrl_c_during_generate_exits_130_without_temp_files(tiny_ckpt, image, tmp_path):
     out = tmp_path / "o" / "v.mp4"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen([sys.executable, "-m", "jax_impl.cli", "generate", "--checkpoint", str(tiny_ckpt(I2V)),
+    proc = subprocess.Popen([sys.executable, "-m", "wanport.cli", "generate", "--checkpoint", str(tiny_ckpt(I2V)),
                              "--image", str(image), *SMALL, "--steps", "200", "--out", str(out)],
                             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()  # "[1/3] encoded: ..." once the encode stage is written

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jax_impl.cli import main
+from wanport.cli import main
 from weights.configs.presets import get_preset
 from jax_impl.stages import load_stage
 
@@ -94,6 +94,7 @@ CASES = [
     Case("dtype", {"--dtype": "bfloat16"}, (True, False), "dtype"),  # encoders and VAE run in float32 anyway
     Case("attention-same", {"--backend": "xla"}, (True, True)),  # auto is xla on CPU: the same computation
     Case("attention", {"--backend": "splash"}, (True, False), "attention"),
+    Case("encoders", {"--encoders": "torch"}, (False, False), "encoders"),  # JAX (default) -> torch encoders
     Case("frames", {"--frames": "9"}, (False, False), "frames"),
     Case("size", {"--height": "48"}, (False, False), "height"),
     Case("fps", {"--fps": "8"}, (True, True)),  # decode only: never cached

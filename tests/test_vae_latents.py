@@ -116,7 +116,7 @@ def test_pipeline_and_cli_pass_vae_options(tiny_ckpt, monkeypatch, tmp_path):
     """`wanport generate --vae-tile on` reaches the pipeline; the pipeline loads the VAE in the options' dtype
     and decodes with their tile mode."""
     import jax_impl.pipeline as pipeline
-    from jax_impl.cli import main
+    from wanport.cli import main
     from jax_impl.latents import VaeOptions
     from jax_impl.vae import WanVAE
 

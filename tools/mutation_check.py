@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("jax_impl", "torch_ref", "weights", "parity", "kernels")
+PACKAGES = ("wanport", "parity", "jax_impl", "torch_ref", "weights", "kernels")
 COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis", "*.egg-info", "results")
 PER_MUTANT_TIMEOUT_S = 300
 
