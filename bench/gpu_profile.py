@@ -227,12 +227,14 @@ def dit_mem_part(args) -> dict:
     preset = "tiny-wan2.2-i2v-a14b" if args.tiny else "wan2.2-i2v-a14b"
     cfg = get_preset(preset).transformer
     h, w = (32, 32) if args.tiny else args.size
-    f = (args.frames - 1) // 4 + 1 if not args.tiny else 2
+    from weights.configs.vae import get_vae_preset
+
+    f, lh, lw, _ = get_vae_preset(get_preset(preset).vae).latent_shape(args.frames if not args.tiny else 5, h, w)
     out: dict = {"preset": preset, "size": [h, w], "frames": args.frames}
     abstract = nnx.eval_shape(lambda: WanTransformer(cfg, dtype=jnp.bfloat16, attention_backend="auto",
                                                       rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    lat = jax.ShapeDtypeStruct((1, f, h // 8, w // 8, cfg.in_channels), jnp.bfloat16)
+    lat = jax.ShapeDtypeStruct((1, f, lh, lw, cfg.in_channels), jnp.bfloat16)
     t = jax.ShapeDtypeStruct((1,), jnp.float32)
     text = jax.ShapeDtypeStruct((1, 512, cfg.text_dim), jnp.bfloat16)
     for batch in (1, 2):

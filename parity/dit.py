@@ -20,6 +20,7 @@ from flax import nnx
 
 from jax_impl.loading import load_dit
 from parity.report import Report, compare_layers, measured_bf16_layers
+from parity.tolerances import BF16_FACTOR, BF16_FLOOR, FP32_TOL
 from torch_ref.capture import dit_layer_order, run_dit
 from torch_ref.checkpoints import TRANSFORMER_DIRS, write_tiny_checkpoint
 from torch_ref.models import load_transformer
@@ -28,9 +29,6 @@ from weights.configs.presets import get_preset
 from weights.convert import convert
 from weights.dit_map import DIT
 
-FP32_TOL = 1e-5
-BF16_FACTOR = 2.0
-BF16_FLOOR = 1e-6  # layers that are exact in both (e.g. float32 islands) still get a sliver of slack
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from jax_impl.pipeline import JAX_ENCODERS, EncoderSet
-from parity.dit import BF16_FACTOR, BF16_FLOOR, FP32_TOL
 from parity.report import Report, compare_layers, measured_bf16_layers
+from parity.tolerances import BF16_FACTOR, BF16_FLOOR, FP32_TOL
 from torch_ref.encoders import ImageEncoder, TextEncoder
 
 # torch_ref's encoders (transformers' UMT5 and CLIP, float32): the reference the JAX encoders are measured against

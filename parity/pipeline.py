@@ -18,9 +18,7 @@ from typing import Any
 import numpy as np
 
 from parity import metrics
-
-STEP_TOL = 1e-4  # relative L2 of the latents after each step, float32
-FRAME_PSNR_MIN = 40.0  # dB, final frames in [0, 1]
+from parity.tolerances import FRAME_PSNR_MIN, SAMPLER_TOL as STEP_TOL
 
 
 @dataclasses.dataclass

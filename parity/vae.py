@@ -18,10 +18,8 @@ import numpy as np
 from parity import metrics
 from parity.metrics import RANGE_SIGNED
 from parity.report import Report, compare_layers, measured_bf16_layers
+from parity.tolerances import BF16_FACTOR, BF16_FLOOR, FP32_TOL
 
-FP32_TOL = 1e-5
-BF16_FACTOR = 2.0
-BF16_FLOOR = 1e-6
 
 
 def make_video(cfg, *, frames: int = 5, height: int | None = None, width: int | None = None, batch: int = 1,

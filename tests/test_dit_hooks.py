@@ -9,7 +9,8 @@ from flax import nnx
 
 from jax_impl.dit import token_grid
 from jax_impl.rope import rope_tables
-from parity.dit import FP32_TOL, load_models, make_inputs
+from parity.dit import load_models, make_inputs
+from parity.tolerances import FP32_TOL
 from parity.metrics import rel_l2
 from torch_ref.capture import run_dit
 

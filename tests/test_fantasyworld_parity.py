@@ -23,12 +23,13 @@ from torch_ref.fantasyworld import bicross as tbi
 from torch_ref.fantasyworld import geometry as tgeo
 from torch_ref.fantasyworld.camera import plucker_rays
 from torch_ref.fantasyworld.checkpoint import build_model
+from parity.tolerances import FP32_TOL
 from weights.configs.fantasyworld import FantasyWorldConfig
 from weights.entry import Entry
 from weights.fantasyworld_map import FLAX, TORCH, fantasyworld_entries, relayout
 from weights.safetensors_io import CheckpointError
 
-TOL = 1e-5
+TOL = FP32_TOL
 CFG = FantasyWorldConfig.tiny()
 F_, H_, W_ = 3, 3, 4  # tiny token grid: latent frames, rows, columns
 P_ = CFG.patch_start + H_ * W_

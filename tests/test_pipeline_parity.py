@@ -13,7 +13,8 @@ from PIL import Image
 
 from jax_impl.pipeline import GenerateSettings, Pipeline
 from parity.encoders import TORCH_ENCODERS
-from parity.pipeline import FRAME_PSNR_MIN, STEP_TOL, diffusers_pipeline, pipeline_parity
+from parity.pipeline import diffusers_pipeline, pipeline_parity
+from parity.tolerances import FRAME_PSNR_MIN, SAMPLER_TOL as STEP_TOL
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from weights.configs.vae import TINY_WAN21_VAE, TINY_WAN22_VAE
-from parity.vae import FP32_TOL, psnr, vae_parity
+from parity.tolerances import FP32_TOL
+from parity.vae import psnr, vae_parity
 from torch_ref.vae import write_vae_folder
 
 CONFIGS = {"tiny-wan2.1": TINY_WAN21_VAE, "tiny-wan2.2": TINY_WAN22_VAE}

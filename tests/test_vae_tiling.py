@@ -19,7 +19,8 @@ from jax_impl import vae_memory, vae_tiling
 from jax_impl.vae import VaeInputError
 from weights.configs.vae import TINY_WAN21_VAE, TINY_WAN22_VAE
 from jax_impl.vae_tiling import Tiling
-from parity.vae import FP32_TOL, tiled_parity
+from parity.tolerances import FP32_TOL
+from parity.vae import tiled_parity
 from torch_ref.vae import write_vae_folder
 from jax_impl.loading import load_vae
 
