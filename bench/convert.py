@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jax_impl.presets import get_preset  # noqa: E402
+from weights.configs.presets import get_preset  # noqa: E402
 from weights.dit_map import dit_entries  # noqa: E402
 from weights.safetensors_io import TensorSpec, write_safetensors  # noqa: E402
 

@@ -53,8 +53,11 @@ def run_jax(args) -> dict:
 
     from bench.common import peak_bytes, random_dit
     from jax_impl import sampling, schedulers
-    from jax_impl.presets import get_preset
-    from jax_impl.vae_config import get_vae_preset
+    from jax_impl.conditioning import ConcatCondition, NoCondition
+    from jax_impl.noise import initial_noise
+    from weights.configs.presets import get_preset
+    from weights.configs.scheduler import SchedulerConfig
+    from weights.configs.vae import get_vae_preset
 
     preset = get_preset(args.preset)
     cfg = preset.transformer
@@ -80,10 +83,11 @@ def run_jax(args) -> dict:
         text=jnp.asarray(rng.standard_normal((1, args.text_len, cfg.text_dim), np.float32)),
         negative_text=jnp.asarray(rng.standard_normal((1, args.text_len, cfg.text_dim), np.float32)),
         image=jnp.asarray(rng.standard_normal((1, 257, cfg.image_dim), np.float32)) if cfg.has_image_tokens else None,
-        condition=jnp.asarray(rng.standard_normal((1, f, lh, lw, cond_ch), np.float32)) if cond_ch else None,
+        condition=ConcatCondition(jnp.asarray(rng.standard_normal((1, f, lh, lw, cond_ch), np.float32))) if cond_ch
+        else NoCondition(),
     )
-    noise = sampling.initial_noise(0, (1, f, lh, lw, z))
-    sched = schedulers.make_schedule(schedulers.SchedulerConfig(kind="unipc", shift=args.shift), args.steps)
+    noise = initial_noise(0, (1, f, lh, lw, z))
+    sched = schedulers.make_schedule(SchedulerConfig(kind="unipc", shift=args.shift), args.steps)
 
     # One guided step at the first timestep, both layouts.
     graphdef, params = nnx.split(experts[0])
@@ -141,8 +145,8 @@ def run_torch(args, compile_: bool) -> dict:
     import torch
     from diffusers import WanTransformer3DModel
 
-    from jax_impl.presets import get_preset
-    from jax_impl.vae_config import get_vae_preset
+    from weights.configs.presets import get_preset
+    from weights.configs.vae import get_vae_preset
 
     cfg = get_preset(args.preset).transformer
     h, w = (int(v) for v in args.size.split("x"))

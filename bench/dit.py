@@ -25,11 +25,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 IMPLS = ("jax", "torch-eager", "torch-compile")
 
 
-def latent_grid(height: int, width: int, frames: int) -> tuple[int, int, int]:
-    """Latent (frames, height, width) of a video: VAE 4x temporal (causal first frame), 8x spatial."""
-    if (frames - 1) % 4:
-        raise ValueError(f"frames must be 4k+1, got {frames}")
-    return (frames - 1) // 4 + 1, height // 8, width // 8
+def latent_grid(preset: str, height: int, width: int, frames: int) -> tuple[int, int, int]:
+    """Latent (frames, height, width) of a video for `preset`, from its VAE's config: `VaeConfig.latent_shape`
+    is the one home of the compression factors (4x temporal with a causal first frame; 8x spatial, 16x for
+    Wan2.2 TI2V-5B)."""
+    from weights.configs.presets import get_preset
+    from weights.configs.vae import get_vae_preset
+
+    vae = get_vae_preset(get_preset(preset).vae)
+    if (frames - 1) % vae.temporal_factor:
+        raise ValueError(f"frames must be {vae.temporal_factor}k+1, got {frames}")
+    return vae.latent_shape(frames, height, width)[:3]
 
 
 def dit_flops(cfg, grid: tuple[int, int, int], text_len: int, image_len: int = 0) -> float:
@@ -156,11 +162,11 @@ def run_torch(cfg, grid, text_len, warmup: int, iters: int, compile_: bool) -> d
 
 def child(args) -> None:
     """Run one implementation and print one JSON line."""
-    from jax_impl.presets import get_preset
+    from weights.configs.presets import get_preset
 
     cfg = get_preset(args.preset).transformer
     h, w = (int(v) for v in args.size.split("x"))
-    grid = latent_grid(h, w, args.frames)
+    grid = latent_grid(args.preset, h, w, args.frames)
     if args.impl == "jax":
         res = run_jax(cfg, grid, args.text_len, args.warmup, args.iters, args.attention)
     else:
@@ -193,11 +199,11 @@ def main(argv=None) -> int:
         child(args)
         return 0
 
-    from jax_impl.presets import get_preset
+    from weights.configs.presets import get_preset
 
     cfg = get_preset(args.preset).transformer
     h, w = (int(v) for v in args.size.split("x"))
-    grid = latent_grid(h, w, args.frames)
+    grid = latent_grid(args.preset, h, w, args.frames)
     flops = dit_flops(cfg, grid, args.text_len, 257 if cfg.has_image_tokens else 0)
     rows = []
     for impl in args.impls.split(","):

@@ -31,7 +31,7 @@ IMPLS = ("jax", "torch")
 
 def configs(tiny: bool):
     """(UMT5 config, CLIP vision config): Wan's full sizes, or small ones for a CPU smoke run."""
-    from jax_impl.encoders.config import ClipVisionConfig, Umt5Config
+    from weights.configs.encoders import ClipVisionConfig, Umt5Config
 
     if tiny:
         return (Umt5Config(vocab_size=1000, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4),

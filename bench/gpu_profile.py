@@ -79,7 +79,7 @@ def vae_part(args) -> dict:
     from flax import nnx
 
     from jax_impl.vae import WanVAE
-    from jax_impl.vae_config import get_vae_preset
+    from weights.configs.vae import get_vae_preset
 
     out: dict = {"device": str(jax.devices()[0].device_kind)}
     cfg = get_vae_preset(("tiny-" if args.tiny else "") + "wan2.1")
@@ -222,17 +222,19 @@ def dit_mem_part(args) -> dict:
     from flax import nnx
 
     from jax_impl.dit import WanTransformer
-    from jax_impl.presets import get_preset
+    from weights.configs.presets import get_preset
 
     preset = "tiny-wan2.2-i2v-a14b" if args.tiny else "wan2.2-i2v-a14b"
     cfg = get_preset(preset).transformer
     h, w = (32, 32) if args.tiny else args.size
-    f = (args.frames - 1) // 4 + 1 if not args.tiny else 2
+    from weights.configs.vae import get_vae_preset
+
+    f, lh, lw, _ = get_vae_preset(get_preset(preset).vae).latent_shape(args.frames if not args.tiny else 5, h, w)
     out: dict = {"preset": preset, "size": [h, w], "frames": args.frames}
     abstract = nnx.eval_shape(lambda: WanTransformer(cfg, dtype=jnp.bfloat16, attention_backend="auto",
                                                       rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    lat = jax.ShapeDtypeStruct((1, f, h // 8, w // 8, cfg.in_channels), jnp.bfloat16)
+    lat = jax.ShapeDtypeStruct((1, f, lh, lw, cfg.in_channels), jnp.bfloat16)
     t = jax.ShapeDtypeStruct((1,), jnp.float32)
     text = jax.ShapeDtypeStruct((1, 512, cfg.text_dim), jnp.bfloat16)
     for batch in (1, 2):

@@ -32,15 +32,11 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dit import latent_grid  # noqa: E402  (bench/dit.py, beside this script: one latent grid for the benches)
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
 
 
-def latent_grid(height: int, width: int, frames: int) -> tuple[int, int, int]:
-    """Latent (frames, height, width): VAE 4x temporal (causal first frame), 8x spatial."""
-    if (frames - 1) % 4:
-        raise ValueError(f"frames must be 4k+1, got {frames}")
-    return (frames - 1) // 4 + 1, height // 8, width // 8
 
 
 def _inputs(cfg, grid, text_len: int, seed: int = 0) -> dict:
@@ -84,11 +80,11 @@ def child(args) -> None:
 
     from jax_impl import sharding as S
     from jax_impl.dit import WanTransformer
-    from jax_impl.presets import get_preset
+    from weights.configs.presets import get_preset
 
     cfg = get_preset(args.preset).transformer
     h, w = (int(v) for v in args.size.split("x"))
-    grid = latent_grid(h, w, args.frames)
+    grid = latent_grid(args.preset, h, w, args.frames)
     dtype = jnp.dtype(DTYPES[args.dtype])
     mesh = S.make_mesh(args.n)
 
@@ -215,11 +211,11 @@ def main(argv=None) -> int:
     if too_many:
         ap.error(f"asked for {too_many} devices but {visible} are visible; on CPU use --simulate N")
 
-    from jax_impl.presets import get_preset
+    from weights.configs.presets import get_preset
 
     cfg = get_preset(args.preset).transformer
     h, w = (int(v) for v in args.size.split("x"))
-    grid = latent_grid(h, w, args.frames)
+    grid = latent_grid(args.preset, h, w, args.frames)
     pt, ph, pw = cfg.patch_size
     tokens = (grid[0] // pt) * (grid[1] // ph) * (grid[2] // pw)
     rows = []

@@ -137,7 +137,7 @@ def _load_ours(spec: dict, dtype: str):
     from flax import nnx
 
     from jax_impl.vae import ConvSettings
-    from weights.vae_io import load_vae
+    from jax_impl.loading import load_vae
 
     model = load_vae(spec["folder"], dtype=jnp.dtype(dtype))
     model.set_conv_settings(ConvSettings(time_taps=spec["time_taps"], strict_fp32=spec["strict_fp32"]))
@@ -612,7 +612,7 @@ class Variant:
 
 
 def _prepare(args, work: Path) -> list[Variant]:
-    from jax_impl.vae_config import get_vae_preset
+    from weights.configs.vae import get_vae_preset
     from torch_ref.vae import write_vae_folder
 
     out = []

@@ -49,302 +49,39 @@ import collections
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import kernels
-from kernels.attention import resolve_backend
-from jax_impl.config import DitConfig
-from jax_impl.dit import token_grid, unstack_block_taps
+from weights.configs.causal import (
+    CausalConfig, block_causal_mask, check_block_frames, check_causal_inputs, condition_channels,
+)
+from weights.configs.dit import check_context, check_latent_channels, check_patch_grid
+from jax_impl.conditioning import ConcatCondition, Conditioning, FirstFrameCondition, NoCondition
+from jax_impl.dit import CrossKV, MaskedAttention, token_grid
 from jax_impl.layers import F32
-from jax_impl.rope import axis_tables, rope_tables
-
-NUM_TRAIN_TIMESTEPS = 1000.0
-DEFAULT_TIMESTEPS = (1000.0, 750.0, 500.0, 250.0)
-MASK_BACKENDS = ("xla", "cudnn")
+from jax_impl.noise import seeded_noise
 
 # Number of times each jitted entry point was traced (compiled); tests check there is no retrace per block.
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
 # ------------------------------------------------------------------------------------------------
-# Configuration and validation (pure Python: shared with torch_ref.causal)
-# ------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class CausalConfig:
-    """How the video is generated block by block.
-
-    frames_per_block: latent frames per block. window: latent frames a block attends to besides the sink
-    (the first block), counting the block itself; None = everything before. timesteps: the few-step
-    schedule per block (model timesteps in (0, 1000], strictly decreasing). shift: flow shift applied to
-    sigma = t / 1000 (sigma' = shift * s / (1 + (shift - 1) * s)); 1.0 uses the timesteps as given.
-    """
-
-    frames_per_block: int
-    window: int | None = None
-    timesteps: tuple[float, ...] = DEFAULT_TIMESTEPS
-    shift: float = 1.0
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Types and ranges of every field (timesteps and shift finite), normalised in place; in one place,
-        run when the config is made, so before any stage."""
-        fpb = self.frames_per_block
-        if isinstance(fpb, bool) or not isinstance(fpb, (int, np.integer)) or fpb < 1:
-            raise ValueError(f"frames_per_block (--frames-per-block) must be a positive integer (latent frames), "
-                             f"got {fpb!r}")
-        object.__setattr__(self, "frames_per_block", int(fpb))
-        w = self.window
-        if w is not None:
-            if isinstance(w, bool) or not isinstance(w, (int, np.integer)):
-                raise ValueError(f"window (--window) must be an integer number of latent frames or None, got {w!r}")
-            if w < fpb or w % fpb:
-                up = max(fpb, -(-int(w) // fpb) * fpb)
-                raise ValueError(
-                    f"window={w} latent frames must be a multiple of frames_per_block={fpb} and at least {fpb} "
-                    f"(it counts whole blocks, the current one included); use --window {up}"
-                )
-            object.__setattr__(self, "window", int(w))
-        try:
-            ts = tuple(float(t) for t in self.timesteps)
-        except (TypeError, ValueError):
-            raise ValueError(f"timesteps (--causal-steps) must be numbers, got {self.timesteps!r}") from None
-        if not ts:
-            raise ValueError("timesteps (--causal-steps) must list at least one denoising step, e.g. 1000,750,500,250")
-        if any(not (0.0 < t <= NUM_TRAIN_TIMESTEPS) for t in ts):
-            raise ValueError(f"timesteps (--causal-steps) must lie in (0, {NUM_TRAIN_TIMESTEPS:g}], got {ts}")
-        if any(b >= a for a, b in zip(ts, ts[1:])):
-            raise ValueError(f"timesteps (--causal-steps) must be strictly decreasing (noisy to clean), got {ts}")
-        object.__setattr__(self, "timesteps", ts)
-        if isinstance(self.shift, bool) or not isinstance(self.shift, (int, float, np.integer, np.floating)) \
-                or not (self.shift > 0 and math.isfinite(self.shift)):
-            raise ValueError(f"shift (--causal-shift) must be a finite number > 0, got {self.shift!r}")
-
-    @property
-    def window_blocks(self) -> int | None:
-        """Blocks a block attends to besides the sink, itself included (None: all earlier blocks)."""
-        return None if self.window is None else self.window // self.frames_per_block
-
-    def num_blocks(self, num_frames: int) -> int:
-        if num_frames < 1 or num_frames % self.frames_per_block:
-            divisors = [d for d in range(1, num_frames + 1) if num_frames % d == 0]
-            raise ValueError(
-                f"frames_per_block={self.frames_per_block} does not divide the {num_frames} latent frames; "
-                f"use --frames-per-block in {divisors} or change the number of frames"
-            )
-        return num_frames // self.frames_per_block
-
-    def schedule(self) -> tuple[list[float], list[float]]:
-        """(model timesteps, sigmas) of the per-block schedule after the shift warp."""
-        sig = [t / NUM_TRAIN_TIMESTEPS for t in self.timesteps]
-        sig = [self.shift * s / (1.0 + (self.shift - 1.0) * s) for s in sig]
-        return [s * NUM_TRAIN_TIMESTEPS for s in sig], sig
-
-
-def condition_channels(cfg: DitConfig) -> int:
-    """Channels of the I2V condition concatenated after the noisy latents (4 mask + 16 latent; 0 for T2V)."""
-    return cfg.in_channels - cfg.out_channels
-
-
-def check_causal_inputs(
-    cfg: DitConfig,
-    ccfg: CausalConfig,
-    latent_shape: Sequence[int],
-    text_shape: Sequence[int],
-    image_shape: Sequence[int] | None = None,
-    condition_shape: Sequence[int] | None = None,
-) -> int:
-    """Validate shapes up front with errors naming the fix; returns the number of blocks.
-
-    latent_shape is (batch, frames, height, width[, channels]) of the generated latents.
-    """
-    b, f, h, w = (int(n) for n in latent_shape[:4])
-    if len(latent_shape) == 5 and latent_shape[4] != cfg.out_channels:
-        raise ValueError(f"noise has {latent_shape[4]} channels, the model generates {cfg.out_channels}")
-    pt, ph, pw = cfg.patch_size
-    if ccfg.frames_per_block % pt:
-        raise ValueError(f"frames_per_block={ccfg.frames_per_block} must be a multiple of the temporal patch size {pt}")
-    blocks = ccfg.num_blocks(f)
-    for name, n, p in (("height", h, ph), ("width", w, pw)):
-        if n % p:
-            raise ValueError(f"latent {name}={n} is not divisible by the patch size {p}; pad or resize the video")
-    if f // pt > cfg.rope_max_seq_len:
-        raise ValueError(
-            f"{f} latent frames exceed the model's rotary range rope_max_seq_len={cfg.rope_max_seq_len} "
-            "(positions keep counting across blocks, also with a window); generate fewer frames"
-        )
-    if len(text_shape) != 3 or text_shape[2] != cfg.text_dim:
-        raise ValueError(f"text embeddings must be [batch, tokens, {cfg.text_dim}], got {tuple(text_shape)}")
-    if text_shape[0] != b:
-        raise ValueError(f"text embeddings have batch {text_shape[0]}, the latents have batch {b}; pass one per sample")
-    if cfg.has_image_tokens and image_shape is None:
-        raise ValueError("this is an I2V model with CLIP image tokens: pass `image` [batch, 257, image_dim]")
-    if image_shape is not None:
-        if not cfg.has_image_tokens:
-            raise ValueError("this model has no image cross-attention; do not pass `image` tokens")
-        if len(image_shape) != 3 or image_shape[2] != cfg.image_dim:
-            raise ValueError(f"image tokens must be [batch, tokens, {cfg.image_dim}], got {tuple(image_shape)}")
-        if image_shape[0] != b:
-            raise ValueError(f"image tokens have batch {image_shape[0]}, the latents have batch {b}")
-    cc = condition_channels(cfg)
-    if cc and condition_shape is None:
-        raise ValueError(
-            f"this image-to-video model takes {cfg.in_channels} input channels: pass `condition` "
-            f"[batch, frames, height, width, {cc}] (4 mask + {cc - 4} first-frame latent channels, see i2v_condition)"
-        )
-    if condition_shape is not None:
-        if not cc:
-            raise ValueError("this model takes no latent condition (in_channels == out_channels); drop `condition`")
-        cs = tuple(int(n) for n in condition_shape)
-        if len(cs) != 5 or cs[4] != cc:
-            raise ValueError(f"condition must be [batch, frames, height, width, {cc}] channels-last, got {cs}")
-        if cs[0] != b:
-            raise ValueError(f"condition has batch {cs[0]}, the latents have batch {b}")
-        if cs[1] != f:
-            raise ValueError(
-                f"condition has {cs[1]} latent frames, the video has {f}: build it for the whole video "
-                "(first-frame latent, the other frames encoded zeros, mask 1 on the first frame only)"
-            )
-        if cs[2:4] != (h, w):
-            raise ValueError(f"condition is {cs[2]}x{cs[3]} latent pixels, the video is {h}x{w}")
-    return blocks
-
-
-def i2v_condition(latent_condition: Any, num_mask_frames: int = 1) -> Any:
-    """[B, F, H, W, 16] VAE latents of (image, zeros...) -> the 20-channel condition (4 mask + 16 latent).
-
-    Channels-last version of diffusers' I2V `prepare_latents`: mask channels are 1 on the first latent
-    frame (the 4 channels stand for the 4 video frames folded into it) and 0 elsewhere. Works on numpy or
-    jax arrays; the model input of a block is concat([noisy latents, condition], -1).
-    """
-    xp = np if isinstance(latent_condition, np.ndarray) else jnp
-    b, f, h, w, _ = latent_condition.shape
-    mask = (xp.arange(f) < num_mask_frames).astype(latent_condition.dtype)
-    mask = xp.broadcast_to(mask[None, :, None, None, None], (b, f, h, w, 4))
-    return xp.concatenate([mask, latent_condition], axis=-1)
-
-
-def block_causal_mask(num_blocks: int, tokens_per_block: int, window_blocks: int | None = None) -> np.ndarray:
-    """Boolean [L, L] mask (True = attend): block i sees block j <= i; with a window only the sink (block 0)
-    and the last `window_blocks` blocks (i - window_blocks < j <= i)."""
-    i = np.arange(num_blocks)[:, None]
-    j = np.arange(num_blocks)[None, :]
-    m = j <= i
-    if window_blocks is not None:
-        m &= (j == 0) | (j > i - window_blocks)
-    return np.repeat(np.repeat(m, tokens_per_block, axis=0), tokens_per_block, axis=1)
-
-
-# ------------------------------------------------------------------------------------------------
-# Model pieces: the masked, cached self-attention plugged into jax_impl.dit.WanTransformer's pieces
-# ------------------------------------------------------------------------------------------------
-def _mask_backend(backend: str, dtype) -> str:
-    """A back-end that applies masks: the configured one if it can, else xla (auto on TPU picks splash)."""
-    name = resolve_backend(backend, dtype)
-    if name in MASK_BACKENDS:
-        return name
-    if backend == "auto":
-        return "xla"
-    return name  # explicitly chosen: let kernels.attention raise its own clear error
-
-
-def _rope_at(cfg: DitConfig, grid: tuple[int, int, int], frame_offset: jax.Array):
-    """cos, sin [f*h*w, head_dim] for a block whose first frame is the (traced) `frame_offset`.
-
-    Same tables as `jax_impl.rope.rope_tables`, with the frame axis sliced dynamically so the offset can
-    change between blocks without recompiling. The caller guarantees offset + f <= rope_max_seq_len.
-    """
-    f, h, w = grid
-    split, max_len = cfg.rope_split, cfg.rope_max_seq_len
-    out = []
-    for idx in range(2):
-        tf = jax.lax.dynamic_slice_in_dim(jnp.asarray(axis_tables(split[0], max_len)[idx]), frame_offset, f, 0)
-        th = jnp.asarray(axis_tables(split[1], max_len)[idx][:h])
-        tw = jnp.asarray(axis_tables(split[2], max_len)[idx][:w])
-        parts = [
-            jnp.broadcast_to(tf[:, None, None], (f, h, w, split[0])),
-            jnp.broadcast_to(th[None, :, None], (f, h, w, split[1])),
-            jnp.broadcast_to(tw[None, None, :], (f, h, w, split[2])),
-        ]
-        out.append(jnp.concatenate(parts, axis=-1).reshape(f * h * w, sum(split)))
-    return out[0], out[1]
-
-
-def _self_attention(attn, h, rope, mask, past=None):
-    """Self-attention of `h` over [past keys | own keys] under `mask`; returns (output, own k, own v)."""
-    q, k, v = attn.qkv(h, rope)
-    keys, vals = k, v
-    if past is not None:
-        keys = jnp.concatenate([past[0], k], axis=1)
-        vals = jnp.concatenate([past[1], v], axis=1)
-    mask = jnp.broadcast_to(mask, (1, 1, q.shape[1], keys.shape[1]))  # cuDNN wants the full [T, S] extent
-    out = kernels.attention(q, keys, vals, backend=_mask_backend(attn.backend, q.dtype), mask=mask)
-    return attn.output(out), k, v
-
-
-def _run_blocks(model, x, mod, cross: "CrossKV", self_attention: Callable, past=None, *, keep_kv=False, capture=False):
-    """The model's blocks with `self_attention(attn, h, past_i) -> (out, k, v)` and the precomputed context
-    keys/values; `past` = per-layer (k, v) stacks or None. Returns (x, per-layer own (k, v) if `keep_kv`
-    else None, taps)."""
-
-    def step(block, x, xs):
-        past_i, cross_i = xs
-        own_kv = []  # the self-attention's own keys/values, for the cache
-
-        def sa(attn, h):
-            out, k, v = self_attention(attn, h, past_i)
-            own_kv.append((k, v))
-            return out
-
-        x, block_taps = block(
-            x, None, None, mod, None, self_attention=sa, cross_attention=lambda attn, h: attn.cross(h, cross_i)
-        )
-        return x, (own_kv[0] if keep_kv else None, block_taps if capture else None)
-
-    cross_kv = (cross.k, cross.v, cross.k_img, cross.v_img)
-    x, (kv, block_taps) = model.scan_blocks(x, step, (past, cross_kv))
-    return x, kv, unstack_block_taps(block_taps, model.cfg.num_layers)
-
-
-# ------------------------------------------------------------------------------------------------
 # Cross-attention context (computed once) and the self-attention cache
 # ------------------------------------------------------------------------------------------------
-@functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["k", "v", "k_img", "v_img", "text", "image"], meta_fields=[]
-)
-@dataclasses.dataclass
-class CrossKV:
-    """Per-layer cross-attention keys/values [layers, B, tokens, heads, head_dim] (+ embeddings, for taps)."""
-
-    k: jax.Array
-    v: jax.Array
-    k_img: jax.Array | None
-    v_img: jax.Array | None
-    text: jax.Array  # text embedding [B, S, D]
-    image: jax.Array | None  # image embedding [B, N, D]
-
-
 @nnx.jit
 def _prepare_context(model, text, image):
-    context, context_img, _ = model.embed_context(text, image)
-    _, kv = model.scan_blocks(None, lambda block, _, __: (None, block.cross_attn.context_kv(context, context_img)))
-    return CrossKV(*kv, context, context_img)
+    return model.cross_kv(text, image)
 
 
 def prepare_context(model, text, image=None) -> CrossKV:
     """Embed text (and CLIP image tokens) and project them to every layer's cross-attention keys/values, once."""
-    cfg = model.cfg
-    if cfg.has_image_tokens and image is None:
-        raise ValueError("this is an I2V model with CLIP image tokens: pass `image` [batch, 257, image_dim]")
-    if image is not None and not cfg.has_image_tokens:
-        raise ValueError("this model has no image cross-attention; do not pass `image` tokens")
-    return _prepare_context(model, jnp.asarray(text), None if image is None else jnp.asarray(image))
+    text = jnp.asarray(text)
+    check_context(model.cfg, text.shape[0], text.shape, None if image is None else np.shape(image))
+    return _prepare_context(model, text, None if image is None else jnp.asarray(image))
 
 
 @functools.partial(
@@ -380,11 +117,8 @@ def init_cache(
 ) -> KVCache:
     """An empty cache for latents of `height` x `width`. Without a window, `num_frames` sizes it."""
     cfg = model.cfg
-    pt, ph, pw = cfg.patch_size
-    if ccfg.frames_per_block % pt:
-        raise ValueError(f"frames_per_block={ccfg.frames_per_block} must be a multiple of the temporal patch size {pt}")
-    if height % ph or width % pw:
-        raise ValueError(f"latent size {height}x{width} is not divisible by the patch size {(ph, pw)}")
+    check_block_frames(cfg, ccfg)
+    check_patch_grid(cfg, height=height, width=width)
     if ccfg.window_blocks is not None:
         slots = ccfg.window_blocks
     elif num_frames is None:
@@ -399,24 +133,16 @@ def init_cache(
 
 def _block_impl(model, cache: KVCache, cross: CrossKV, latents, timestep, *, write: bool, capture: bool):
     """One block through the model with the cache; returns (prediction, new k/v per layer or None, taps)."""
-    cfg = model.cfg
-    b, f, h, w, _ = latents.shape
-    grid = token_grid(cfg, f, h, w)
+    b = latents.shape[0]
+    grid = token_grid(model.cfg, *latents.shape[1:4])
     if grid != cache.block_grid:
         raise ValueError(f"block token grid {grid} does not match the cache's {cache.block_grid}")
-    x = model.embed_patches(latents)
-    t = jnp.broadcast_to(jnp.asarray(timestep, F32).reshape(-1), (b,))
-    temb, mod, taps = model.embed_time(t)
-    taps = {"patch_embedding": x, **taps}
-    rope = _rope_at(cfg, grid, cache.committed * grid[0])
     n_tok = cache.block_tokens
-    valid = (jnp.arange(cache.num_slots * n_tok) // n_tok) < cache.committed
+    valid = (jnp.arange(cache.num_slots * n_tok) // n_tok) < cache.committed  # [cache | own block]
     mask = jnp.concatenate([valid, jnp.ones((n_tok,), bool)])[None, None, None, :]
-    sa = lambda attn, hh, past: _self_attention(attn, hh, rope, mask, past)  # noqa: E731
-    x, kv, block_taps = _run_blocks(model, x, mod, cross, sa, (cache.k, cache.v), keep_kv=write, capture=capture)
-    taps.update(block_taps)
-    taps["head"], taps["output"] = model.apply_head(x, temb, latents.shape)
-    return taps["output"], kv, taps
+    t = jnp.broadcast_to(jnp.asarray(timestep, F32).reshape(-1), (b,))
+    return model.forward(latents, t, cross=cross, self_attention=MaskedAttention(mask), past=(cache.k, cache.v),
+                         frame_offset=cache.committed * grid[0], keep_kv=write, capture=capture)
 
 
 def _write(cache: KVCache, kv) -> KVCache:
@@ -482,27 +208,13 @@ def _check_step(model, cache: KVCache, cross: CrossKV, latents) -> None:
 # ------------------------------------------------------------------------------------------------
 @functools.partial(nnx.jit, static_argnames=("frames_per_block", "window_blocks", "capture"))
 def _jit_full(model, latents, timesteps, cross, frames_per_block, window_blocks, capture):
-    cfg = model.cfg
-    _, f, h, w, _ = latents.shape
-    grid = token_grid(cfg, f, h, w)
-    num_blocks = f // frames_per_block
+    grid = token_grid(model.cfg, *latents.shape[1:4])
+    num_blocks = latents.shape[1] // frames_per_block
     n_tok = math.prod(grid) // num_blocks
-    x = model.embed_patches(latents)
     t = jnp.repeat(timesteps.astype(F32), n_tok, axis=1)  # per block -> per token
-    temb, mod, taps = model.embed_time(t)
-    taps = {"patch_embedding": x, **taps}
-    rope = rope_tables(grid, cfg.rope_split, cfg.rope_max_seq_len)
-    blk = jnp.arange(num_blocks * n_tok) // n_tok  # built in-graph: no [L, L] constant in the program
-    qb, kb = blk[:, None], blk[None, :]
-    mask = kb <= qb
-    if window_blocks is not None:
-        mask &= (kb == 0) | (kb > qb - window_blocks)
-    mask = mask[None, None]
-    sa = lambda attn, hh, _: _self_attention(attn, hh, rope, mask)  # noqa: E731
-    x, _, block_taps = _run_blocks(model, x, mod, cross, sa, capture=capture)
-    taps.update(block_taps)
-    taps["head"], taps["output"] = model.apply_head(x, temb, latents.shape)
-    return taps["output"], taps
+    mask = block_causal_mask(num_blocks, n_tok, window_blocks, xp=jnp)[None, None]  # in-graph, no constant
+    out, _, taps = model.forward(latents, t, cross=cross, self_attention=MaskedAttention(mask), capture=capture)
+    return out, taps
 
 
 def causal_forward(
@@ -523,8 +235,7 @@ def causal_forward(
     latents, text = jnp.asarray(latents), jnp.asarray(text)
     cfg = model.cfg
     b, f, h, w, c = latents.shape
-    if c != cfg.in_channels:
-        raise ValueError(f"latents have {c} channels, this model takes {cfg.in_channels}")
+    check_latent_channels(cfg, c)
     cc = condition_channels(cfg)  # I2V: the condition is already concatenated to the latents
     blocks = check_causal_inputs(
         cfg, config, (b, f, h, w), text.shape,
@@ -549,19 +260,9 @@ def causal_forward(
 # Few-step block sampler
 # ------------------------------------------------------------------------------------------------
 def block_noise(seed: int, batch: int, block: int, step: int, shape: Sequence[int]) -> jax.Array:
-    """Seeded standard normal noise [batch, *shape] for (block, step); sample i does not depend on batch size."""
-    return _block_noise(jnp.uint32(seed), batch, jnp.int32(block), jnp.int32(step), tuple(int(n) for n in shape))
-
-
-@functools.partial(jax.jit, static_argnums=(1, 4))
-def _block_noise(seed, batch, block, step, shape):
-    key = jax.random.key(seed)
-
-    def one(i):
-        k = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, i), block), step)
-        return jax.random.normal(k, shape, F32)
-
-    return jax.vmap(one)(jnp.arange(batch))
+    """Seeded standard normal noise [batch, *shape] for (block, step): `seeded_noise` with the block and the step
+    as streams, so sample i does not depend on batch size."""
+    return seeded_noise(seed, batch, shape, block, step)
 
 
 def sample_blocks(
@@ -582,7 +283,8 @@ def sample_blocks(
     noise: initial noise [B, F, H, W, out_channels], or None with `shape` = (frames, height, width)
     to draw it from `seed`. step_noise: the fresh noise of steps 1.. of the schedule, [steps - 1, B, F,
     H, W, C], or None to draw it from `seed`. image: CLIP tokens (Wan2.1 I2V), given to every block.
-    condition: I2V condition [B, F, H, W, in - out channels] (see `i2v_condition`), sliced per block.
+    condition: the typed condition (`jax_impl.conditioning`: NoCondition or ConcatCondition, sliced per block
+    with `frames`), or an I2V condition array [B, F, H, W, in - out channels] (see `i2v_condition`).
     """
     cfg = model.cfg
     text = jnp.asarray(text)
@@ -597,9 +299,10 @@ def sample_blocks(
     else:
         raise ValueError("pass `noise` [B, F, H, W, C] or `shape` = (frames, height, width) with a seed")
     _, f, h, w, c = latent_shape
+    condition = _typed(condition)
     blocks = check_causal_inputs(
-        cfg, config, latent_shape, text.shape,
-        None if image is None else np.shape(image), None if condition is None else np.shape(condition),
+        cfg, config, latent_shape, text.shape, None if image is None else np.shape(image),
+        np.shape(condition.mask_latent) if isinstance(condition, ConcatCondition) else None,
     )
     ts, sig = config.schedule()
     if step_noise is not None:
@@ -609,11 +312,22 @@ def sample_blocks(
             raise ValueError(f"step_noise must be [steps - 1, B, F, H, W, C] = {want}, got {step_noise.shape}")
     if cross is None:
         cross = prepare_context(model, text, image)
-    cond = None if condition is None else jnp.asarray(condition, F32)
-    return _generate(model, cross, config, (b, f, h, w, c), blocks, noise, step_noise, cond, seed)
+    return _generate(model, cross, config, (b, f, h, w, c), blocks, noise, step_noise, condition, seed)
 
 
-def _generate(model, cross, config, latent_shape, blocks, noise, step_noise, cond_all, seed) -> Iterator[jax.Array]:
+def _typed(condition) -> Conditioning:
+    """The sampler's condition as a typed value: an I2V condition array [B, F, H, W, in - out] is a ConcatCondition."""
+    if condition is None:
+        return NoCondition()
+    if isinstance(condition, FirstFrameCondition):
+        raise ValueError("block-causal generation does not support TI2V's first-frame conditioning")
+    if isinstance(condition, (NoCondition, ConcatCondition)):
+        return jax.tree.map(lambda a: jnp.asarray(a, F32), condition)
+    return ConcatCondition(jnp.asarray(condition, F32))
+
+
+def _generate(model, cross, config, latent_shape, blocks, noise, step_noise, cond_all: Conditioning,
+              seed) -> Iterator[jax.Array]:
     b, f, h, w, c = latent_shape
     ts, sig = config.schedule()
     fpb = config.frames_per_block
@@ -621,10 +335,9 @@ def _generate(model, cross, config, latent_shape, blocks, noise, step_noise, con
     for blk in range(blocks):
         sl = slice(blk * fpb, (blk + 1) * fpb)
         x = noise[:, sl] if noise is not None else block_noise(seed, b, blk, 0, (fpb, h, w, c))
-        cond = None if cond_all is None else cond_all[:, sl]
+        cond = cond_all.frames(sl)
         for s in range(len(ts)):
-            inp = x if cond is None else jnp.concatenate([x, cond], axis=-1)
-            v = block_step(model, cache, cross, inp, jnp.full((b,), ts[s], F32))
+            v = block_step(model, cache, cross, *cond.model_input(x, ts[s]))
             x0 = x - jnp.float32(sig[s]) * v.astype(F32)
             if s + 1 < len(ts):  # re-noise to the next level with fresh noise
                 if step_noise is not None:
@@ -632,10 +345,9 @@ def _generate(model, cross, config, latent_shape, blocks, noise, step_noise, con
                 else:
                     eps = block_noise(seed, b, blk, s + 1, (fpb, h, w, c))
                 x = (1.0 - jnp.float32(sig[s + 1])) * x0 + jnp.float32(sig[s + 1]) * eps
-        yield x0
+        yield cond.finalize(x0)
         if blk + 1 < blocks:  # the last block is never attended to: skip its cache write
-            clean = x0 if cond is None else jnp.concatenate([x0, cond], axis=-1)
-            cache = commit_block(model, cache, cross, clean, jnp.zeros((b,), F32))
+            cache = commit_block(model, cache, cross, *cond.model_input(x0, 0.0))
 
 
 def sample_causal(model, text, *, config: CausalConfig, **kwargs) -> jax.Array:
@@ -644,18 +356,12 @@ def sample_causal(model, text, *, config: CausalConfig, **kwargs) -> jax.Array:
 
 
 __all__ = [
-    "CausalConfig",
     "CrossKV",
     "KVCache",
-    "DEFAULT_TIMESTEPS",
-    "block_causal_mask",
     "block_noise",
     "block_step",
     "causal_forward",
-    "check_causal_inputs",
     "commit_block",
-    "condition_channels",
-    "i2v_condition",
     "init_cache",
     "prepare_context",
     "sample_blocks",

@@ -8,10 +8,19 @@ the time embedder run in float32, everything else in the model dtype.
 Calling the model with `capture=True` also returns a dict of intermediate activations ("taps") named
 as in the parity report: patch_embedding, time_embedding, time_projection, text_embedding,
 image_embedding, blocks.{i}.{self_attn,cross_attn,ffn,output}, head, output.
+
+There is one forward (`WanTransformer.forward`: embed -> rotary tables -> scan the blocks -> head); the
+self-attention is its variable part, a policy: `full_attention` (plain Wan), `MaskedAttention` over the
+whole sequence (block-causal) or against a key/value cache (`jax_impl.causal`'s streaming block step).
+Models built around Wan's blocks (FantasyWorld) use the hooks: `Block.attention_half` / `Block.ffn_half`,
+`Attention.cross_attend` (cross-attention before its output projection) and `scan_blocks(..., layers=)` /
+`block_stack(layers)` for a sub-range of the stacked blocks.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -20,9 +29,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 import kernels
+from kernels.backends import resolve_backend
 from kernels.context_parallel import SequenceSplit, pad_axis
-from jax_impl.config import DitConfig
-from jax_impl.layers import F32, Dense, LayerNorm, RMSNorm, fused_dense, gelu_exact, gelu_tanh
+from weights.configs.dit import DitConfig, check_dit_inputs
+from jax_impl.layers import F32, Dense, LayerNorm, RMSNorm, fused_dense, gelu_exact, gelu_tanh, layer_norm
 from jax_impl.rope import apply_rope, rope_tables
 
 if not getattr(kernels, "WANPORT_KERNELS", False):  # a namesake package shadows ours
@@ -118,14 +128,19 @@ class Attention(nnx.Module):
             return k, v, None, None
         return k, v, self._heads(self.norm_k_img(self.k_img(context_img))), self._heads(self.v_img(context_img))
 
-    def cross(self, x: jax.Array, kv: tuple, split: SequenceSplit | None = None) -> jax.Array:
-        """Cross-attention of `x` on `context_kv` keys/values."""
+    def cross_attend(self, x: jax.Array, kv: tuple, split: SequenceSplit | None = None) -> jax.Array:
+        """Cross-attention of `x` on `context_kv` keys/values before the output projection: text attention plus
+        image attention, [B, L, heads, head_dim] (FantasyWorld's camera adapter works on this)."""
         k, v, k_img, v_img = kv
         q = self._heads(self.norm_q(self.q(x)))
         out = kernels.attention(q, k, v, backend=self.backend, sequence_split=split)
         if k_img is not None:
             out = out + kernels.attention(q, k_img, v_img, backend=self.backend, sequence_split=split)
-        return self.output(out)
+        return out
+
+    def cross(self, x: jax.Array, kv: tuple, split: SequenceSplit | None = None) -> jax.Array:
+        """Cross-attention of `x` on `context_kv` keys/values."""
+        return self.output(self.cross_attend(x, kv, split))
 
     def __call__(
         self,
@@ -142,8 +157,54 @@ class Attention(nnx.Module):
         return self.output(kernels.attention(q, k, v, backend=self.backend, sequence_split=split))
 
 
+# Self-attention policies: the one part of the forward that differs between plain Wan and the block-causal
+# (streaming) model. `policy(attn, h, rope, past, split) -> (output [B, L, D], own (k, v) or None)`.
+SelfAttention = Callable[..., tuple[jax.Array, "tuple[jax.Array, jax.Array] | None"]]
+
+
+def full_attention(attn: "Attention", h, rope, past, split):
+    """Plain Wan: every token attends to every token (context parallel with `split`)."""
+    return attn(h, rope=rope, split=split), None
+
+
+MASK_BACKENDS = ("xla", "cudnn")
+
+
+def mask_backend(backend: str, dtype) -> str:
+    """A back-end that applies masks: the configured one if it can, else xla (auto on TPU picks splash)."""
+    name = resolve_backend(backend, dtype)
+    if name in MASK_BACKENDS:
+        return name
+    if backend == "auto":
+        return "xla"
+    return name  # explicitly chosen: let kernels.attention raise its own clear error
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedAttention:
+    """Self-attention over [past keys | own keys] under a boolean `mask` [1, 1, 1 or T, S] (True = attend):
+    the block-causal mask over the whole sequence (no past), or one block against its key/value cache
+    (`past` = this layer's cached (k, v)). Also returns the block's own (k, v), which the cache stores."""
+
+    mask: jax.Array
+
+    def __call__(self, attn: "Attention", h, rope, past, split):
+        q, k, v = attn.qkv(h, rope)
+        keys, vals = k, v
+        if past is not None:
+            keys = jnp.concatenate([past[0], k], axis=1)
+            vals = jnp.concatenate([past[1], v], axis=1)
+        mask = jnp.broadcast_to(self.mask, (1, 1, q.shape[1], keys.shape[1]))  # cuDNN wants the full [T, S] extent
+        out = kernels.attention(q, keys, vals, backend=mask_backend(attn.backend, q.dtype), mask=mask)
+        return attn.output(out), (k, v)
+
+
 class Block(nnx.Module):
-    """Self-attention, cross-attention and feed-forward, modulated by six per-block vectors."""
+    """Self-attention, cross-attention and feed-forward, modulated by six per-block vectors.
+
+    The two halves are public so that other modules can run between them (FantasyWorld's joint layers):
+    `__call__` is `ffn_half(*attention_half(...))`.
+    """
 
     def __init__(self, cfg: DitConfig, *, param_dtype, attention_backend: str, rngs: nnx.Rngs):
         d = cfg.inner_dim
@@ -155,7 +216,7 @@ class Block(nnx.Module):
         self.ffn = Mlp(d, cfg.ffn_dim, d, gelu_tanh, param_dtype=param_dtype, rngs=rngs)
         self.modulation = nnx.Param(jax.random.normal(rngs.params(), (1, 6, d), F32) / d**0.5)
 
-    def __call__(
+    def attention_half(
         self,
         x,
         context,
@@ -166,12 +227,14 @@ class Block(nnx.Module):
         *,
         self_attention: Callable[[Attention, jax.Array], jax.Array] | None = None,
         cross_attention: Callable[[Attention, jax.Array], jax.Array] | None = None,
-    ) -> tuple[jax.Array, Taps]:
-        """x [B, L, D]; mod: [B, 1 or L, 6, D] float32 time projection (the table is added in float32).
+        taps: Taps | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+        """Self- and cross-attention residual updates; returns (x, ffn_mod = (shift, scale, gate) float32).
 
+        x [B, L, D]; mod: [B, 1 or L, 6, D] float32 time projection (the block's table is added in float32).
         `self_attention(attn, h)` and `cross_attention(attn, h)` replace the default
-        `attn(h, rope=rope, split=splits[0])` and `attn(h, context, context_img, split=splits[1])` (the
-        block-causal DiT passes its masked, cached attention and precomputed context keys/values).
+        `attn(h, rope=rope, split=splits[0])` and `attn(h, context, context_img, split=splits[1])`.
+        `taps`, if given, receives "self_attn" and "cross_attn".
         """
         if self_attention is None:
             self_attention = lambda attn, h: attn(h, rope=rope, split=splits[0])  # noqa: E731
@@ -179,32 +242,50 @@ class Block(nnx.Module):
             cross_attention = lambda attn, h: attn(h, context, context_img, split=splits[1])  # noqa: E731
         m = self.modulation.value[None] + mod
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (m[:, :, i] for i in range(6))
-        plain = _plain_norm(self.eps)
 
-        h = (plain(x) * (1 + scale_sa) + shift_sa).astype(x.dtype)
+        h = (layer_norm(x, self.eps) * (1 + scale_sa) + shift_sa).astype(x.dtype)
         sa = self_attention(self.self_attn, h)
         x = (x.astype(F32) + sa * gate_sa).astype(x.dtype)
 
         h = self.norm_cross(x) if self.norm_cross is not None else x
         ca = cross_attention(self.cross_attn, h)
         x = x + ca
+        if taps is not None:
+            taps.update(self_attn=sa, cross_attn=ca)
+        return x, (shift_ff, scale_ff, gate_ff)
 
-        h = (plain(x) * (1 + scale_ff) + shift_ff).astype(x.dtype)
+    def ffn_half(self, x, ffn_mod: tuple[jax.Array, jax.Array, jax.Array], *, taps: Taps | None = None) -> jax.Array:
+        """Modulated LayerNorm, feed-forward and gated residual; `taps` receives "ffn" and "output"."""
+        shift_ff, scale_ff, gate_ff = ffn_mod
+        h = (layer_norm(x, self.eps) * (1 + scale_ff) + shift_ff).astype(x.dtype)
         ff = self.ffn(h)
         x = (x.astype(F32) + ff.astype(F32) * gate_ff).astype(x.dtype)
-        return x, {"self_attn": sa, "cross_attn": ca, "ffn": ff, "output": x}
+        if taps is not None:
+            taps.update(ffn=ff, output=x)
+        return x
+
+    def __call__(self, x, context, context_img, mod, rope, splits=(None, None), *, self_attention=None,
+                 cross_attention=None) -> tuple[jax.Array, Taps]:
+        """The whole block: `attention_half` then `ffn_half`; returns (x, taps)."""
+        taps: Taps = {}
+        x, ffn_mod = self.attention_half(x, context, context_img, mod, rope, splits, self_attention=self_attention,
+                                         cross_attention=cross_attention, taps=taps)
+        return self.ffn_half(x, ffn_mod, taps=taps), taps
 
 
-def _plain_norm(eps: float):
-    """Non-affine LayerNorm in float32 (returns float32: callers modulate before rounding)."""
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["k", "v", "k_img", "v_img", "text", "image"], meta_fields=[]
+)
+@dataclasses.dataclass
+class CrossKV:
+    """Per-layer cross-attention keys/values [layers, B, tokens, heads, head_dim] (+ embeddings, for taps)."""
 
-    def f(x: jax.Array) -> jax.Array:
-        h = x.astype(F32)
-        mean = jnp.mean(h, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
-        return (h - mean) * jax.lax.rsqrt(var + eps)
-
-    return f
+    k: jax.Array
+    v: jax.Array
+    k_img: jax.Array | None
+    v_img: jax.Array | None
+    text: jax.Array  # text embedding [B, S, D]
+    image: jax.Array | None  # image embedding [B, N, D]
 
 
 def token_grid(cfg: DitConfig, frames: int, height: int, width: int) -> tuple[int, int, int]:
@@ -257,34 +338,6 @@ class WanTransformer(nnx.Module):
         self.head = Dense(d, cfg.out_channels * pt * ph * pw, param_dtype=pd, rngs=rngs)
         self.head_modulation = nnx.Param(jax.random.normal(rngs.params(), (1, 2, d), F32) / d**0.5)
 
-    # ------------------------------------------------------------------------------------------
-    def check_inputs(self, latents, timestep, text, image) -> None:
-        """Shape checks with messages that name the fix; run at trace time, so they cost nothing."""
-        cfg = self.cfg
-        if latents.ndim != 5:
-            raise ValueError(f"latents must be [batch, frames, height, width, channels], got shape {latents.shape}")
-        b, f, h, w, c = latents.shape
-        if c != cfg.in_channels:
-            hint = " (I2V: 16 noise + 4 mask + 16 condition channels)" if cfg.in_channels == 36 else ""
-            raise ValueError(f"latents have {c} channels, this model takes {cfg.in_channels}{hint}")
-        for name, n, p in zip(("frames", "height", "width"), (f, h, w), cfg.patch_size):
-            if n % p:
-                raise ValueError(f"latent {name}={n} is not divisible by the patch size {p}; pad or resize the video")
-        if text.ndim != 3 or text.shape[0] != b or text.shape[2] != cfg.text_dim:
-            raise ValueError(f"text embeddings must be [{b}, tokens, {cfg.text_dim}], got {text.shape}")
-        seq = (f // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
-        if timestep.ndim not in (0, 1, 2) or (timestep.ndim >= 1 and timestep.shape[0] not in (1, b)):
-            raise ValueError(f"timestep must be a scalar, [batch] or [batch, tokens]; got {timestep.shape}")
-        if timestep.ndim == 2 and timestep.shape[1] != seq:
-            raise ValueError(f"per-token timesteps have {timestep.shape[1]} entries, the video has {seq} tokens")
-        if cfg.has_image_tokens and image is None:
-            raise ValueError("this is an I2V model with image tokens: pass `image` (CLIP tokens [batch, 257, dim])")
-        if image is not None:
-            if not cfg.has_image_tokens:
-                raise ValueError("this model has no image cross-attention; do not pass `image` tokens")
-            if image.ndim != 3 or image.shape[0] != b or image.shape[2] != cfg.image_dim:
-                raise ValueError(f"image tokens must be [{b}, tokens, {cfg.image_dim}], got {image.shape}")
-
     # The forward in pieces (`__call__` chains them; jax_impl.causal reuses them around its own attention).
     def embed_patches(self, latents: jax.Array) -> jax.Array:
         """Patch embedding [B, F, H, W, C] -> tokens [B, L, D]: a strided 3D conv written as patchify + one matmul."""
@@ -318,11 +371,11 @@ class WanTransformer(nnx.Module):
             taps["image_embedding"] = context_img
         return context, context_img, taps
 
-    def embed(self, latents, timestep, text, image=None, *, seq_split: SequenceSplit | None = None):
-        """Everything the blocks need: (tokens x, temb, modulation, context, context_img, taps).
+    def embed_tokens(self, latents, timestep, *, seq_split: SequenceSplit | None = None):
+        """Patch tokens and time conditioning: (x [B, L, D], temb, modulation, taps).
 
         timestep: scalar, [B] or per token [B, L]; with `seq_split`, per-token timesteps are padded and split
-        like the tokens (the tokens themselves are split by the caller, after `embed`).
+        like the tokens (the tokens themselves are split by the caller, after embedding).
         """
         b = latents.shape[0]
         x = self.embed_patches(latents)
@@ -332,14 +385,39 @@ class WanTransformer(nnx.Module):
         if seq_split is not None and t.ndim == 2:  # per-token: split (padded) timesteps like the tokens
             t = seq_split.tokens(pad_axis(t, 1, seq_split.padded(t.shape[1])))
         temb, mod, time_taps = self.embed_time(t)
-        context, context_img, context_taps = self.embed_context(text, image)
-        return x, temb, mod, context, context_img, taps | time_taps | context_taps
+        return x, temb, mod, taps | time_taps
 
-    def scan_blocks(self, x, step: Callable, xs=None, *, gather: Callable | None = None, unroll: int = 1):
+    def embed(self, latents, timestep, text, image=None, *, seq_split: SequenceSplit | None = None):
+        """Everything the blocks need: (tokens x, temb, modulation, context, context_img, taps)."""
+        x, temb, mod, taps = self.embed_tokens(latents, timestep, seq_split=seq_split)
+        context, context_img, context_taps = self.embed_context(text, image)
+        return x, temb, mod, context, context_img, taps | context_taps
+
+    def cross_kv(self, text: jax.Array, image: jax.Array | None = None) -> "CrossKV":
+        """Every layer's cross-attention keys/values of the text (and image) tokens: they depend on the context
+        only, so a caller that runs the model many times on one prompt computes them once (jax_impl.causal)."""
+        context, context_img, _ = self.embed_context(text, image)
+        _, kv = self.scan_blocks(None, lambda block, _, __: (None, block.cross_attn.context_kv(context, context_img)))
+        return CrossKV(*kv, context, context_img)
+
+    def block_stack(self, layers: slice | None = None):
+        """(graphdef, stacked state) of the blocks, or of the sub-range `layers` (e.g. slice(16, 40)): the state
+        has a leading layer axis; `nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))` is one block."""
+        graphdef, stacked = nnx.split(self.blocks)
+        if layers is not None:
+            if layers.step not in (None, 1):
+                raise ValueError(f"layers must be a contiguous range, got {layers}")
+            stacked = jax.tree.map(lambda a: a[layers], stacked)
+        return graphdef, stacked
+
+    def scan_blocks(self, x, step: Callable, xs=None, *, gather: Callable | None = None, unroll: int = 1,
+                    layers: slice | None = None):
         """Run the blocks in order under `lax.scan`: `step(block, x, xs_i) -> (x, y)` with `xs_i` this layer's
         slice of `xs` (arrays with a leading layer axis, or None). Returns (x, the y's stacked).
-        `gather(layer_state)` runs on a layer's weights before use (context parallel: FSDP all-gather)."""
-        graphdef, stacked = nnx.split(self.blocks)
+        `layers` runs only that contiguous sub-range of the blocks (`xs` then covers those layers only), so
+        0..k then k..n is the whole stack. `gather(layer_state)` runs on a layer's weights before use
+        (context parallel: FSDP all-gather)."""
+        graphdef, stacked = self.block_stack(layers)
 
         def body(x, inputs):
             layer_state, layer_xs = inputs
@@ -357,7 +435,7 @@ class WanTransformer(nnx.Module):
         pt, ph, pw = cfg.patch_size
         grid = token_grid(cfg, f, h, w)
         m = self.head_modulation.value[None] + temb[:, :, None].astype(F32)  # [B, 1 or L, 2, D]
-        x = (_plain_norm(cfg.eps)(x) * (1 + m[:, :, 1]) + m[:, :, 0]).astype(self.dtype)
+        x = (layer_norm(x, cfg.eps) * (1 + m[:, :, 1]) + m[:, :, 0]).astype(self.dtype)
         x = self.head(x)
         if seq_split is not None:  # keep the head token-split (else XLA may gather tokens, not weights)
             x = seq_split.tokens(x)
@@ -365,6 +443,78 @@ class WanTransformer(nnx.Module):
         out = x.reshape(b, *grid, pt, ph, pw, cfg.out_channels)
         out = out.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, f, h, w, cfg.out_channels)
         return x, out
+
+    def forward(
+        self,
+        latents: jax.Array,
+        timestep: jax.Array,
+        text: jax.Array | None = None,
+        image: jax.Array | None = None,
+        *,
+        cross: "CrossKV | None" = None,
+        self_attention: SelfAttention = full_attention,
+        past: tuple[jax.Array, jax.Array] | None = None,
+        frame_offset: int | jax.Array = 0,
+        keep_kv: bool = False,
+        capture: bool = False,
+        seq_split: SequenceSplit | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None, Taps]:
+        """The one forward: embed -> rotary tables -> scan the blocks -> head. Inputs are not checked here.
+
+        The plain model (`__call__`), the block-causal pass over the whole video and the cached block step
+        (jax_impl.causal) differ only in the arguments:
+          self_attention: the policy (`full_attention`, or a `MaskedAttention`);
+          cross: precomputed per-layer context keys/values (`cross_kv`) instead of `text`/`image`;
+          past: per-layer cached (k, v) [layers, B, S, heads, head_dim] given to the policy;
+          frame_offset: first frame's rotary position (may be traced: the cache's block counter);
+          keep_kv: also return every layer's own self-attention (k, v), stacked (for the cache).
+        Returns (prediction [B, F, H, W, out_channels], own (k, v) or None, taps; empty unless `capture`).
+        """
+        cfg = self.cfg
+        grid = token_grid(cfg, *latents.shape[1:4])
+        x, temb, mod, taps = self.embed_tokens(latents, timestep, seq_split=seq_split)
+        context = context_img = None
+        if cross is None:
+            context, context_img, context_taps = self.embed_context(text, image)
+            taps |= context_taps
+
+        rope = rope_tables(grid, cfg.rope_split, cfg.rope_max_seq_len, frame_offset)
+        seq, splits = x.shape[1], (None, None)
+        if seq_split is not None:  # context parallel: pad tokens to a multiple of the devices, split them
+            n = seq_split.padded(seq)
+            x = seq_split.tokens(pad_axis(x, 1, n))
+            rope = tuple(pad_axis(r, 0, n) for r in rope)
+            if mod.shape[1] > 1:  # per-token timesteps
+                mod, temb = seq_split.tokens(pad_axis(mod, 1, n)), seq_split.tokens(pad_axis(temb, 1, n))
+            context, context_img = seq_split.replicated((context, context_img))
+            splits = (seq_split.with_kv_len(seq), seq_split.with_kv_len(None))
+
+        def step(block, x, xs):
+            past_i, cross_i = xs
+            own_kv = []  # the self-attention's own keys/values, for a cache
+
+            def sa(attn, h):
+                out, kv = self_attention(attn, h, rope, past_i, splits[0])
+                own_kv.append(kv)
+                return out
+
+            ca = None if cross_i is None else (lambda attn, h: attn.cross(h, cross_i))
+            x, block_taps = block(x, context, context_img, mod, rope, splits, self_attention=sa, cross_attention=ca)
+            if seq_split is not None:
+                x = seq_split.tokens(x)
+            return x, (own_kv[0] if keep_kv else None, block_taps if capture else None)
+
+        cross_xs = None if cross is None else (cross.k, cross.v, cross.k_img, cross.v_img)
+        # unroll=2: two blocks per loop iteration lets XLA overlap one block's weight slicing with the
+        # other's compute (0.3-1% on an H100) at a small compile-time cost.
+        gather = seq_split.replicated if seq_split is not None else None  # FSDP: gather each layer's weights
+        x, (kv, block_taps) = self.scan_blocks(x, step, (past, cross_xs), gather=gather, unroll=2)
+        if capture:
+            taps.update(unstack_block_taps(block_taps, cfg.num_layers, seq))
+
+        taps["head"], out = self.apply_head(x, temb, latents.shape, seq_split=seq_split)
+        taps["output"] = out
+        return out, kv, (taps if capture else {})
 
     def __call__(
         self,
@@ -384,35 +534,6 @@ class WanTransformer(nnx.Module):
         multiple of the mesh axis and split over it, each layer's weights gathered just before use.
         """
         timestep = jnp.asarray(timestep)
-        self.check_inputs(latents, timestep, text, image)
-        cfg = self.cfg
-        grid = token_grid(cfg, *latents.shape[1:4])
-        x, temb, mod, context, context_img, taps = self.embed(latents, timestep, text, image, seq_split=seq_split)
-
-        rope = rope_tables(grid, cfg.rope_split, cfg.rope_max_seq_len)
-        seq, splits = x.shape[1], (None, None)
-        if seq_split is not None:  # context parallel: pad tokens to a multiple of the devices, split them
-            n = seq_split.padded(seq)
-            x = seq_split.tokens(pad_axis(x, 1, n))
-            rope = tuple(pad_axis(r, 0, n) for r in rope)
-            if mod.shape[1] > 1:  # per-token timesteps
-                mod, temb = seq_split.tokens(pad_axis(mod, 1, n)), seq_split.tokens(pad_axis(temb, 1, n))
-            context, context_img = seq_split.replicated((context, context_img))
-            splits = (seq_split.with_kv_len(seq), seq_split.with_kv_len(None))
-
-        def step(block, x, _):
-            x, block_taps = block(x, context, context_img, mod, rope, splits)
-            if seq_split is not None:
-                x = seq_split.tokens(x)
-            return x, (block_taps if capture else None)
-
-        # unroll=2: two blocks per loop iteration lets XLA overlap one block's weight slicing with the
-        # other's compute (0.3-1% on an H100) at a small compile-time cost.
-        gather = seq_split.replicated if seq_split is not None else None  # FSDP: gather each layer's weights
-        x, block_taps = self.scan_blocks(x, step, gather=gather, unroll=2)
-        if capture:
-            taps.update(unstack_block_taps(block_taps, cfg.num_layers, seq))
-
-        taps["head"], out = self.apply_head(x, temb, latents.shape, seq_split=seq_split)
-        taps["output"] = out
+        check_dit_inputs(self.cfg, latents.shape, timestep.shape, text.shape, None if image is None else image.shape)
+        out, _, taps = self.forward(latents, timestep, text, image, capture=capture, seq_split=seq_split)
         return (out, taps) if capture else out

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from jax_impl.vae_config import VaeConfig
+from weights.configs.vae import VaeConfig
 
 
 def _stats(z: Any, cfg: VaeConfig):

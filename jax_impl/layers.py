@@ -54,6 +54,15 @@ class Dense(nnx.Module):
         return dense(x, self.kernel.value, self.bias.value)
 
 
+def layer_norm(x: jax.Array, eps: float) -> jax.Array:
+    """Non-affine LayerNorm over the last axis, computed and returned in float32 (the DiT's modulated norms
+    scale and shift the float32 result before rounding; `LayerNorm` applies its affine and rounds)."""
+    h = x.astype(F32)
+    mean = jnp.mean(h, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
+    return (h - mean) * jax.lax.rsqrt(var + eps)
+
+
 class LayerNorm(nnx.Module):
     """LayerNorm computed in float32 (as diffusers' FP32LayerNorm), optional affine, output in x's dtype."""
 
@@ -63,10 +72,7 @@ class LayerNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((dim,), F32)) if affine else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = x.astype(F32)
-        mean = jnp.mean(h, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
-        h = (h - mean) * jax.lax.rsqrt(var + self.eps)
+        h = layer_norm(x, self.eps)
         if self.scale is not None:
             h = h * self.scale.value.astype(F32) + self.bias.value.astype(F32)
         return h.astype(x.dtype)

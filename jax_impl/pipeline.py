@@ -8,6 +8,12 @@ use, parses the encoders' JSON files and checks that the parts fit each other (D
 VAE, text and image widths against the encoders), so a missing, damaged or mismatched part is named before
 any stage runs. The weights are loaded when a stage first needs them.
 
+The encoders come in through an interface, not an import: `TextEncoder` and `ImageEncoder` are Protocols
+(a callable from prompts or PIL images to float32 numpy arrays), and an `EncoderSet` names one
+implementation and builds its encoders from the folder when first needed. The default is `JAX_ENCODERS`
+(`jax_impl.encoders`, no torch); the command line (`wanport --encoders torch`) or the parity code may hand
+in torch_ref's, which satisfy the same Protocols structurally. This module never imports torch_ref.
+
 Stages and their files (see `jax_impl.stages`): `encode` writes prompt/negative/image embeddings and the
 VAE-encoded image condition; `denoise` writes the final latents; `decode` turns latents into frames. Each
 stage file is keyed by everything that determines it (`encode_inputs`, `denoise_inputs`), so `--resume`
@@ -18,91 +24,64 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any, Callable, Collection, Protocol
 
 import numpy as np
 
 from jax_impl import conditioning as cond
 from jax_impl import sampling, schedulers
-from jax_impl.config import _read_json, check_field_types
-from jax_impl.vae_config import VaeConfig
+from jax_impl.encoders.image import JaxImageEncoder
+from jax_impl.encoders.text import JaxTextEncoder
+from jax_impl.loading import load_dit, load_vae
+from jax_impl.noise import initial_noise
+from jax_impl.settings import GenerateSettings
+from jax_impl.stages import Encoded
+from weights.checkpoint import Checkpoint, folder_identity
+from weights.configs.base import check_field_types, read_json
+from weights.configs.causal import check_causal_inputs
+from weights.configs.scheduler import SchedulerConfig
+from weights.configs.vae import VaeConfig
+from weights.dit_map import DIT
+from weights.vae_map import VAE
 
 EXPERT_DIRS = (("transformer", "transformer_2"), ("high_noise_model", "low_noise_model"))
-ENCODERS = {"text": ("tokenizer", "text_encoder"), "image": ("image_processor", "image_encoder")}
+ENCODER_PARTS = {"text": ("tokenizer", "text_encoder"), "image": ("image_processor", "image_encoder")}
 EMBEDDING_NAMES = ("prompt_embeds", "negative_prompt_embeds", "image_embeds")
 DEFAULT_NEGATIVE = ""
-MAX_SEED = 2**32 - 1  # JAX's default PRNG keys hold 32 bits: larger seeds would alias smaller ones
-MAX_FPS = 1000
 
 
 class PipelineError(ValueError):
     """A pipeline folder that cannot be used as it is; the message names what is missing and the fix."""
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+class TextEncoder(Protocol):
+    """Prompts -> float32 [len(prompts), 512, text_dim]: each prompt cleaned (`weights.configs.prompt`),
+    tokenized to 512 tokens, and the rows past its tokens zero."""
+
+    def __call__(self, prompts: list[str]) -> np.ndarray: ...
 
 
-def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{_flag(name)} must be an integer, got {value!r}")
-    if value < lo or (hi is not None and value > hi):
-        bound = f">= {lo}" if hi is None else f"in {lo}..{hi}"
-        raise ValueError(f"{_flag(name)} must be {bound}, got {value}")
+class ImageEncoder(Protocol):
+    """PIL images -> float32 [1, tokens * len(images), image_dim]: CLIP's penultimate hidden states."""
 
-
-def _check_float(name: str, value: Any, lo: float, *, above: bool = False) -> None:
-    """A finite number >= lo (> lo with `above`): nan and inf are refused, never passed on to sampling."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{_flag(name)} must be a number, got {value!r}")
-    if not math.isfinite(value) or value < lo or (above and value == lo):
-        raise ValueError(f"{_flag(name)} must be a finite number {'>' if above else '>='} {lo:g}, got {value}")
+    def __call__(self, images: list) -> np.ndarray: ...
 
 
 @dataclasses.dataclass(frozen=True)
-class GenerateSettings:
-    """What shapes one generation. Frames 4k+1; height and width multiples of VAE factor x patch (16 or 32)."""
+class EncoderSet:
+    """One encoder implementation: `name` ("jax", "torch") goes into the encode stage's resume key, since the
+    two compute the embeddings in different ways; `text` and `image` build the encoders from the pipeline
+    folder, called only when a stage needs them (never when precomputed embeddings replace them)."""
 
-    frames: int = 81
-    height: int = 480
-    width: int = 832
-    steps: int = 40
-    shift: float | None = None  # None: the checkpoint's scheduler/scheduler_config.json
-    scheduler: str | None = None  # None: the checkpoint's; or "unipc" / "euler"
-    guidance: float = 3.5
-    guidance_2: float | None = None  # low-noise expert of the A14B; None: same as guidance
-    guidance_steps: int | None = None  # guidance truncation: CFG for the first N steps only
-    cfg_batch: bool = True
-    seed: int = 0
-    batch: int = 1
-    fps: int = 16
+    name: str
+    text: Callable[[Path], TextEncoder]
+    image: Callable[[Path], ImageEncoder]
 
-    def __post_init__(self) -> None:
-        self.validate()
 
-    def validate(self) -> None:
-        """Every option's type and range, in one place, before any stage runs (the checks that need the
-        checkpoint, such as 4k+1 frames, are `Pipeline.check_settings`). Floats must be finite: a nan
-        guidance would quietly switch guidance off, an infinite one make a black video."""
-        for name in ("frames", "height", "width", "steps", "batch"):
-            _check_int(name, getattr(self, name), 1)
-        _check_int("fps", self.fps, 1, MAX_FPS)
-        _check_int("seed", self.seed, 0, MAX_SEED)
-        if self.guidance_steps is not None:
-            _check_int("guidance_steps", self.guidance_steps, 0)
-        _check_float("guidance", self.guidance, 0.0)
-        if self.guidance_2 is not None:
-            _check_float("guidance_2", self.guidance_2, 0.0)
-        if self.shift is not None:
-            _check_float("shift", self.shift, 0.0, above=True)
-        if self.scheduler is not None and self.scheduler not in schedulers.KINDS:
-            raise ValueError(f"--scheduler must be one of {', '.join(schedulers.KINDS)}, got {self.scheduler!r}")
-        if not isinstance(self.cfg_batch, bool):
-            raise ValueError(f"cfg_batch must be True or False, got {self.cfg_batch!r}")
+JAX_ENCODERS = EncoderSet("jax", JaxTextEncoder, JaxImageEncoder)
 
 
 def _read_index(folder: Path) -> dict[str, Any]:
@@ -129,7 +108,7 @@ def _read_index(folder: Path) -> dict[str, Any]:
 
 def _read_config(path: Path, types: dict[str, Any]) -> dict[str, Any]:
     """A component's config.json, with the fields in `types` present and of those types."""
-    raw = _read_json(path)
+    raw = read_json(path)
     missing = [k for k in types if k not in raw]
     if missing:
         raise PipelineError(f"{path}: no {', '.join(missing)} field; is this the right model's config?")
@@ -158,17 +137,16 @@ def load_embeddings(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 class Pipeline:
-    """One pipeline folder: configs checked when opened; the DiT(s) and VAE in JAX and the encoders in torch,
-    each loaded when first used."""
+    """One pipeline folder: configs checked when opened; the DiT(s) and VAE in JAX and the encoders of
+    `encoders` (default: JAX), each loaded when first used."""
 
     def __init__(self, folder: str | os.PathLike, *, dtype=None, attention_backend: str = "auto",
-                 load_encoders: bool | Collection[str] = True, vae_options=None):
+                 load_encoders: bool | Collection[str] = True, vae_options=None,
+                 encoders: EncoderSet = JAX_ENCODERS):
         """`load_encoders`: True checks every encoder the checkpoint needs, False none, or a collection of
-        "text" / "image" (what precomputed embeddings do not replace)."""
+        "text" / "image" (what precomputed embeddings do not replace). `encoders`: which implementation
+        encodes prompts and images."""
         import jax.numpy as jnp
-
-        from weights.dit_io import DitCheckpoint
-        from weights.vae_io import VaeCheckpoint
 
         self.folder = Path(folder)
         index = _read_index(self.folder)
@@ -190,11 +168,11 @@ class Pipeline:
         self.dtype = jnp.dtype(dtype or jnp.float32)
         self.attention_backend = attention_backend
         # Headers and configs only (every weight file's header and size validated); weights load on first use.
-        configs = [DitCheckpoint(self.folder / n).config for n in names]
+        configs = [Checkpoint(self.folder / n, DIT).config for n in names]
         self.dit_config = configs[0]
-        self.vae_config: VaeConfig = VaeCheckpoint(self.folder / "vae").config
+        self.vae_config: VaeConfig = Checkpoint(self.folder / "vae", VAE).config
         scheduler_json = self.folder / "scheduler" / "scheduler_config.json"
-        self.scheduler_config = schedulers.SchedulerConfig.from_json(scheduler_json)
+        self.scheduler_config = SchedulerConfig.from_json(scheduler_json)
         self._check_experts_agree(configs)
         self.conditioning = self._check_fit()
         self._experts: list | None = None
@@ -202,7 +180,9 @@ class Pipeline:
         from jax_impl.latents import VaeOptions
 
         self.vae_options = vae_options or VaeOptions()  # VAE dtype and spatial tiling
-        self._text_encoder = self._image_encoder = None
+        self.encoders = encoders
+        self._text_encoder: TextEncoder | None = None
+        self._image_encoder: ImageEncoder | None = None
         self._checked_encoders: set[str] = set()
         if load_encoders:
             self.check_encoders(self.encoders_needed(()) if load_encoders is True else set(load_encoders))
@@ -255,7 +235,7 @@ class Pipeline:
         from weights.safetensors_io import validate_tree
 
         groups = set(groups) - self._checked_encoders
-        parts = [p for g in sorted(groups) for p in ENCODERS[g]]
+        parts = [p for g in sorted(groups) for p in ENCODER_PARTS[g]]
         missing = [p for p in parts if not (self.folder / p).is_dir()]
         if missing:
             raise PipelineError(
@@ -280,8 +260,6 @@ class Pipeline:
     def experts(self) -> list:
         """The DiT expert(s), loaded on first use."""
         if self._experts is None:
-            from weights.dit_io import load_dit
-
             self._experts = [load_dit(self.folder / n, dtype=self.dtype, attention_backend=self.attention_backend)
                              for n in self.expert_dirs]
         return self._experts
@@ -292,27 +270,23 @@ class Pipeline:
         if self._vae is None:
             import jax.numpy as jnp
 
-            from weights.vae_io import load_vae
-
             self._vae = load_vae(self.folder / "vae", dtype=jnp.dtype(self.vae_options.dtype))
         return self._vae
 
     @property
-    def text_encoder(self):
+    def text_encoder(self) -> TextEncoder:
+        """The prompt encoder of `self.encoders`, built on first use (its folders checked first)."""
         if self._text_encoder is None:
-            from torch_ref.encoders import TextEncoder
-
             self.check_encoders({"text"})
-            self._text_encoder = TextEncoder(self.folder)
+            self._text_encoder = self.encoders.text(self.folder)
         return self._text_encoder
 
     @property
-    def image_encoder(self):
+    def image_encoder(self) -> ImageEncoder:
+        """The image encoder of `self.encoders`, built on first use (its folders checked first)."""
         if self._image_encoder is None:
-            from torch_ref.encoders import ImageEncoder
-
             self.check_encoders({"image"})
-            self._image_encoder = ImageEncoder(self.folder)
+            self._image_encoder = self.encoders.image(self.folder)
         return self._image_encoder
 
     @property
@@ -321,11 +295,11 @@ class Pipeline:
             return [f"{self.expert_dirs[0]}/, high-noise", f"{self.expert_dirs[1]}/, low-noise"]
         return [f"{self.expert_dirs[0]}/"]
 
-    def scheduler_for(self, settings: GenerateSettings) -> schedulers.SchedulerConfig:
+    def scheduler_for(self, settings: GenerateSettings) -> SchedulerConfig:
         """The checkpoint's scheduler config with `settings`' scheduler kind and shift applied."""
         cfg = self.scheduler_config
         if settings.scheduler is not None and settings.scheduler != cfg.kind:
-            cfg = schedulers.SchedulerConfig(kind=settings.scheduler, shift=cfg.shift,
+            cfg = SchedulerConfig(kind=settings.scheduler, shift=cfg.shift,
                                              num_train_timesteps=cfg.num_train_timesteps)
         if settings.shift is not None:
             cfg = cfg.replace(shift=settings.shift)
@@ -371,15 +345,13 @@ class Pipeline:
                              "last image there); drop --last-image")
 
     def _check_causal(self, settings: GenerateSettings, causal, has_image: bool) -> None:
-        from jax_impl import causal as causal_mod
-
         if len(self.expert_dirs) != 1:
             raise ValueError("block-causal generation takes a single-expert checkpoint (Wan2.1 T2V/I2V style)")
         if self.conditioning == "first_frame" and has_image:
             raise ValueError("block-causal generation does not support TI2V's first-frame conditioning")
         b, f, h, w, z = self.latent_shape(settings)
         cfg = self.dit_config
-        causal_mod.check_causal_inputs(
+        check_causal_inputs(
             cfg, causal, (b, f, h, w, z), (b, 1, cfg.text_dim),
             (b, 1, cfg.image_dim) if cfg.has_image_tokens else None,
             (b, f, h, w, cfg.in_channels - cfg.out_channels) if self.conditioning == "concat" else None,
@@ -426,8 +398,6 @@ class Pipeline:
 
     # --- stage keys ------------------------------------------------------------------------------------
     def weights_identity(self, *parts: str) -> dict[str, str | None]:
-        from weights.identity import folder_identity
-
         return {p: folder_identity(self.folder / p) for p in parts}
 
     def encode_inputs(self, settings: GenerateSettings, *, prompt: str | None, negative_prompt: str,
@@ -436,13 +406,14 @@ class Pipeline:
         files (None when not given)."""
         groups = self.encoders_needed(embedding_names)
         uses_vae = self.conditioning != "none" and files.get("image") is not None
-        parts = [p for g in sorted(groups) for p in ENCODERS[g]] + (["vae"] if uses_vae else [])
+        parts = [p for g in sorted(groups) for p in ENCODER_PARTS[g]] + (["vae"] if uses_vae else [])
         inputs: dict[str, Any] = {
             "prompt": prompt if "text" in groups else None,
             "negative_prompt": negative_prompt if "text" in groups else None,
             "image": files.get("image"), "last_image": files.get("last_image"), "embeddings": files.get("embeddings"),
             "batch": settings.batch, "conditioning": self.conditioning,
             "image_tokens": self.dit_config.has_image_tokens, "weights": self.weights_identity(*parts),
+            "encoders": self.encoders.name if groups else None,
         }
         if uses_vae:  # the condition is encoded at the video's size, with these VAE settings
             inputs.update(frames=settings.frames, height=settings.height, width=settings.width,
@@ -451,7 +422,7 @@ class Pipeline:
 
     def denoise_inputs(self, settings: GenerateSettings, encoded_key: str, causal=None) -> dict[str, Any]:
         """What the denoise stage's latents depend on, the encode stage's key included."""
-        from kernels.attention import resolve_backend
+        from kernels.backends import resolve_backend
 
         return {
             "encoded_stage": encoded_key,
@@ -468,8 +439,8 @@ class Pipeline:
     # --- stage 1: encode -------------------------------------------------------------------------------
     def encode(self, settings: GenerateSettings, *, prompt: str | None = None, image=None, last_image=None,
                negative_prompt: str = DEFAULT_NEGATIVE, embeddings: dict[str, np.ndarray] | None = None
-               ) -> dict[str, np.ndarray]:
-        """Prompt/negative/image embeddings and the image condition, as float32 numpy arrays.
+               ) -> Encoded:
+        """Prompt/negative/image embeddings (float32 numpy arrays) and the typed image condition.
 
         `image` and `last_image` are PIL images; `embeddings` may supply prompt_embeds,
         negative_prompt_embeds and image_embeds instead of running the encoders.
@@ -500,37 +471,34 @@ class Pipeline:
                 images = [image] + ([last_image] if last_image is not None else [])
                 img = self.image_encoder(images)
             out["image_embeds"] = _per_sample(img, b)
+        condition: cond.Conditioning = cond.NoCondition()
         if self.conditioning != "none" and image is not None:
             pixels = image_to_array(image, settings.height, settings.width)
             last = None if last_image is None else image_to_array(last_image, settings.height, settings.width)
-            c = cond.encode_condition(self.vae_options.bind(self.vae), self.conditioning, pixels, settings.frames,
-                                      batch=b, last_image=last)
-            out["condition" if c.kind == "concat" else "first_latent"] = c.tensor
-        return out
+            condition = cond.encode_condition(self.vae_options.bind(self.vae), self.conditioning, pixels,
+                                              settings.frames, batch=b, last_image=last,
+                                              patch=self.dit_config.patch_size)
+        return Encoded(out, condition)
 
     # --- stage 2: denoise ------------------------------------------------------------------------------
     def latent_shape(self, settings: GenerateSettings) -> tuple[int, ...]:
         f, h, w, z = self.vae_config.latent_shape(settings.frames, settings.height, settings.width)
         return (settings.batch, f, h, w, z)
 
-    def denoise(self, encoded: dict[str, np.ndarray], settings: GenerateSettings, *, noise: np.ndarray | None = None,
+    def denoise(self, encoded: Encoded, settings: GenerateSettings, *, noise: np.ndarray | None = None,
                 on_step: sampling.StepCallback | None = None, progress: bool = True) -> np.ndarray:
         """Final latents [B, F, h, w, z] (float32) from the encode stage's arrays."""
         shape = self.latent_shape(settings)
         if noise is None:
-            noise = sampling.initial_noise(settings.seed, shape)
+            noise = initial_noise(settings.seed, shape)
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)}, these settings need {shape}")
         inputs = sampling.DenoiseInputs(
             text=encoded["prompt_embeds"],
             negative_text=encoded.get("negative_prompt_embeds"),
             image=encoded.get("image_embeds"),
-            condition=encoded.get("condition"),
+            condition=self._condition_of(encoded),
         )
-        if "first_latent" in encoded:
-            keep = cond.first_frame_keep(*shape[1:4])
-            inputs = inputs.replace(first_latent=encoded["first_latent"], keep=keep,
-                                    token_keep=cond.token_timesteps(keep, self.dit_config.patch_size))
         guidance = sampling.Guidance(settings.guidance, settings.guidance_2, settings.guidance_steps,
                                      settings.cfg_batch)
         latents = sampling.sample(self.experts, self.schedule(settings), noise, inputs, guidance,
@@ -538,18 +506,31 @@ class Pipeline:
                                   expert_names=self.expert_labels)
         return np.asarray(latents, np.float32)
 
-    def denoise_causal(self, encoded: dict[str, np.ndarray], settings: GenerateSettings, causal,
+    def _condition_of(self, encoded: Encoded) -> cond.Conditioning:
+        """The encode stage's condition, checked against this checkpoint (a missing I2V condition would give a
+        wrong video without an error)."""
+        condition = getattr(encoded, "condition", None)
+        if condition is None:
+            raise TypeError("pass the encode stage's result (a jax_impl.stages.Encoded, from `encode`), not a dict")
+        text_only_ti2v = condition.KIND == "none" and self.conditioning == "first_frame"
+        if condition.KIND != self.conditioning and not text_only_ti2v:
+            raise ValueError(f"the encode stage holds a {condition.KIND!r} condition, this checkpoint takes "
+                             f"{self.conditioning!r} conditioning; re-run the encode stage for this checkpoint")
+        return condition
+
+    def denoise_causal(self, encoded: Encoded, settings: GenerateSettings, causal,
                        progress: bool = True) -> np.ndarray:
         """Block-causal generation (`jax_impl.causal`): a few steps per block of latent frames, each block
         attending to a KV cache of the ones before (within `causal.window`). No guidance: causal Wan models
         are distilled to run without it. Returns the latents [B, F, h, w, z] (float32)."""
         from jax_impl import causal as causal_mod
 
-        self._check_causal(settings, causal, "first_latent" in encoded or "condition" in encoded)
+        condition = self._condition_of(encoded)
+        self._check_causal(settings, causal, condition.KIND != "none")
         f, h, w = self.latent_shape(settings)[1:4]
         blocks = causal_mod.sample_blocks(
             self.experts[0], encoded["prompt_embeds"], config=causal, shape=(f, h, w),
-            image=encoded.get("image_embeds"), condition=encoded.get("condition"), seed=settings.seed,
+            image=encoded.get("image_embeds"), condition=condition, seed=settings.seed,
         )
         n = causal.num_blocks(f)
         if progress:
@@ -598,6 +579,7 @@ def generate(
     attention_backend: str = "auto",
     causal=None,
     vae_options=None,
+    encoders: EncoderSet = JAX_ENCODERS,
     log=print,
 ) -> dict[str, Any]:
     """Run encode -> denoise -> decode, writing each stage's file under `work_dir` and the mp4 at `out`.
@@ -606,12 +588,12 @@ def generate(
     bad input fails fast and writes nothing. With `resume`, a stage whose file was computed from exactly
     these inputs is reused; a stale or damaged one is recomputed with a line saying why, and so is every
     later stage. The mp4 is always decoded afresh. `causal` (a `jax_impl.causal.CausalConfig`) switches the
-    denoise stage to block-causal generation.
+    denoise stage to block-causal generation; `encoders` chooses the text/image encoder implementation.
     """
     from jax_impl.media import load_image, to_uint8, write_mp4
     from jax_impl.stages import reuse_stage, save_stage, stage_key
     from weights.atomic import check_output_path
-    from weights.identity import file_digest
+    from weights.manifest import file_digest
 
     settings.validate()
     out = Path(out)
@@ -628,7 +610,7 @@ def generate(
              (("image", image_path), ("last_image", last_image_path), ("embeddings", embeddings_path))}
     t0 = time.perf_counter()
     pipe = Pipeline(checkpoint, dtype=dtype, attention_backend=attention_backend, load_encoders=False,
-                    vae_options=vae_options)
+                    vae_options=vae_options, encoders=encoders)
     pipe.check_request(settings, prompt=prompt, negative_prompt=negative_prompt, has_image=image is not None,
                        has_last_image=last_image is not None, embeddings=embeddings, causal=causal,
                        source=str(embeddings_path))
@@ -641,17 +623,19 @@ def generate(
     t = time.perf_counter()
     encode_inputs = pipe.encode_inputs(settings, prompt=prompt, negative_prompt=negative_prompt, files=files,
                                        embedding_names=set(embeddings or ()))
-    encoded = reuse_stage(encoded_path, "encoded", encode_inputs, log) if resume else None
+    found = reuse_stage(encoded_path, "encoded", encode_inputs, log) if resume else None
+    encoded = Encoded.from_stage(*found) if found is not None else None
     if encoded is None:
         encoded = pipe.encode(settings, prompt=prompt, image=image, last_image=last_image,
                               negative_prompt=negative_prompt, embeddings=embeddings)
-        save_stage(encoded_path, "encoded", encoded, encode_inputs, meta)
+        save_stage(encoded_path, "encoded", encoded.arrays(), encode_inputs, meta | encoded.meta())
     timings["encode"] = time.perf_counter() - t
     log(f"[1/3] encoded: {encoded_path} ({timings['encode']:.1f} s)")
 
     t = time.perf_counter()
     denoise_inputs = pipe.denoise_inputs(settings, stage_key(encode_inputs), causal)
-    latents = reuse_stage(latents_path, "latents", denoise_inputs, log) if resume else None
+    found = reuse_stage(latents_path, "latents", denoise_inputs, log) if resume else None
+    latents = found[0] if found is not None else None
     if latents is None:
         if causal is None:
             latents = {"latents": pipe.denoise(encoded, settings)}

@@ -25,20 +25,29 @@ def axis_tables(dim: int, max_len: int, theta: float = 10000.0) -> tuple[np.ndar
 
 
 def rope_tables(
-    grid: tuple[int, int, int], split: tuple[int, int, int], max_len: int, frame_offset: int = 0
+    grid: tuple[int, int, int], split: tuple[int, int, int], max_len: int, frame_offset: int | jax.Array = 0
 ) -> tuple[jax.Array, jax.Array]:
     """cos, sin of shape [f*h*w, head_dim] for a (f, h, w) token grid in frame-major order.
 
-    `frame_offset` shifts frame positions (block-wise generation keeps counting across blocks).
+    `frame_offset` shifts frame positions (block-wise generation keeps counting across blocks). It may be a
+    traced integer (the block-causal cache's counter): the frame table is then sliced dynamically, so the
+    offset changes without recompiling, and the caller guarantees offset + f <= max_len (a Python int is
+    checked here).
     """
     f, h, w = grid
-    if max(f + frame_offset, h, w) > max_len:
+    static = isinstance(frame_offset, (int, np.integer))
+    if max(f + (frame_offset if static else 0), h, w) > max_len:
         raise ValueError(f"token grid {grid} (frame offset {frame_offset}) exceeds rope_max_seq_len={max_len}")
     out = []
     for table_idx in range(2):
         parts = []
-        for axis, (n, d, start) in enumerate(zip((f, h, w), split, (frame_offset, 0, 0))):
-            table = jnp.asarray(axis_tables(d, max_len)[table_idx][start : start + n])
+        for axis, (n, d) in enumerate(zip((f, h, w), split)):
+            full = axis_tables(d, max_len)[table_idx]
+            if axis > 0 or static:
+                start = int(frame_offset) if axis == 0 else 0
+                table = jnp.asarray(full[start : start + n])
+            else:
+                table = jax.lax.dynamic_slice_in_dim(jnp.asarray(full), frame_offset, n, 0)
             shape = [1, 1, 1, d]
             shape[axis] = n
             parts.append(jnp.broadcast_to(table.reshape(shape), (f, h, w, d)))

@@ -16,10 +16,10 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jax_impl import schedulers
+from jax_impl.conditioning import Conditioning, NoCondition
 
 F32 = jnp.float32
 
@@ -46,18 +46,14 @@ class Guidance:
 class DenoiseInputs:
     """Everything fixed during sampling; arrays are channels-last, float32 on the host or device.
 
-    condition: Wan2.1/A14B [B, F, h, w, 20] (mask + latent), concatenated to the latents each step;
-    first_latent + keep: TI2V's clean first-frame latent [B, 1, h, w, z] and the [1, F, h, w, 1] mask
-    (0 on frame 0); token_keep: [L] per-token timestep factors (TI2V).
+    condition: the typed image condition (`jax_impl.conditioning`: none, I2V concat, TI2V first frame),
+    which makes the model input from the latents and finalises the sampled latents.
     """
 
     text: Any
     negative_text: Any | None = None
     image: Any | None = None
-    condition: Any | None = None
-    first_latent: Any | None = None
-    keep: Any | None = None
-    token_keep: Any | None = None
+    condition: Conditioning = NoCondition()
 
 
 def expert_for(t: float, boundary_ratio: float | None, num_experts: int, num_train_timesteps: int = 1000) -> int:
@@ -67,24 +63,9 @@ def expert_for(t: float, boundary_ratio: float | None, num_experts: int, num_tra
     return 0 if t >= boundary_ratio * num_train_timesteps else 1
 
 
-def keep_first_frame(latents: jax.Array, inputs: DenoiseInputs) -> jax.Array:
-    """TI2V: latent frame 0 is the image's clean latent, the rest the sample; other models: unchanged."""
-    if inputs.first_latent is None:
-        return latents
-    return (1 - inputs.keep) * inputs.first_latent + inputs.keep * latents
-
-
 def model_input(latents: jax.Array, inputs: DenoiseInputs, t: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """(DiT input, timestep) for the current latents: I2V concat, TI2V first-frame replacement, or T2V."""
-    b = latents.shape[0]
-    if inputs.condition is not None:
-        x = jnp.concatenate([latents, inputs.condition.astype(latents.dtype)], axis=-1)
-    else:
-        x = keep_first_frame(latents, inputs)
-    if inputs.token_keep is not None:  # TI2V: the first frame's tokens at timestep 0
-        timestep = jnp.broadcast_to(inputs.token_keep * t, (b, inputs.token_keep.shape[0]))
-    else:
-        timestep = jnp.full((b,), t, F32)
+    """(DiT input in `dtype`, timestep) for the current latents: what the condition makes of them."""
+    x, timestep = inputs.condition.model_input(latents, t)
     return x.astype(dtype), timestep
 
 
@@ -194,15 +175,10 @@ def sample(
             f"expert {expert} ({names[expert]}) with guidance {guidance.scale_for(expert):g}; lower the guidance, "
             "or check the weights (`wanport convert --verify`)"
         )
-    return keep_first_frame(state.sample, inputs)
+    return inputs.condition.finalize(state.sample)
 
 
 def offload(model: nnx.Module) -> nnx.Module:
     """Move a model's parameters to host memory (numpy); `sample` moves them back when it needs them."""
     nnx.update(model, jax.device_get(nnx.state(model)))
     return model
-
-
-def initial_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Seeded standard-normal starting latents (float32), the same on every back-end for one seed."""
-    return np.asarray(jax.random.normal(jax.random.key(seed), shape, F32))

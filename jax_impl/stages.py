@@ -6,25 +6,71 @@ computed from), their digest `key`, and a digest of the arrays themselves. `--re
 when its key equals the key of the run at hand and its arrays are intact (`reuse_stage`); otherwise it
 says which inputs changed and the stage (and, through the keys, every later one) is recomputed.
 
+The encode stage's content is an `Encoded`: embeddings by name and the typed image condition
+(`jax_impl.conditioning`), whose kind is in the metadata and whose arrays are stored as "condition.<name>",
+so it is read back into the same type.
+
 Arrays are stored as float32 whatever the model dtype: stage boundaries are where dtypes are converted
 explicitly, never implicitly. Files are written atomically (temp file, then rename).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from weights.identity import digest_json
+from jax_impl.conditioning import Conditioning, NoCondition, condition_from_arrays
+from weights.manifest import digest_json
 from weights.safetensors_io import CheckpointError, load_tensors, save_tensors
 
 STAGES = ("encoded", "latents")
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the encode stage's condition is typed (kind in the metadata, arrays "condition.<name>")
+_CONDITION = "condition."
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Encoded(Mapping):
+    """The encode stage: embeddings by name (prompt_embeds, negative_prompt_embeds, image_embeds; the mapping
+    itself) and the typed image condition, built once here and used as is by the denoise stage."""
+
+    embeddings: dict[str, np.ndarray]
+    condition: Conditioning = NoCondition()
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.embeddings[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.embeddings)
+
+    def __len__(self) -> int:
+        return len(self.embeddings)
+
+    def arrays(self) -> dict[str, Any]:
+        """Everything to store, by name: the embeddings and the condition's arrays as "condition.<name>"."""
+        return dict(self.embeddings) | {_CONDITION + k: v for k, v in self.condition.arrays().items()}
+
+    def meta(self) -> dict[str, Any]:
+        return {"conditioning": self.condition.KIND}
+
+    @classmethod
+    def from_stage(cls, arrays: dict[str, np.ndarray], header: dict[str, Any]) -> "Encoded":
+        """The `Encoded` that `save_stage(path, "encoded", e.arrays(), inputs, e.meta())` wrote."""
+        kind = header.get("conditioning")
+        if not isinstance(kind, str):
+            raise CheckpointError("encode stage file records no conditioning kind; recompute the encode stage")
+        cond = {k[len(_CONDITION):]: v for k, v in arrays.items() if k.startswith(_CONDITION)}
+        embeddings = {k: v for k, v in arrays.items() if not k.startswith(_CONDITION)}
+        try:
+            return cls(embeddings, condition_from_arrays(kind, cond))
+        except ValueError as e:
+            raise CheckpointError(f"encode stage file: {e}") from None
 _META_KEY = "wanport"
 
 
@@ -99,8 +145,8 @@ def changed_inputs(old: Any, new: dict[str, Any], prefix: str = "") -> list[str]
 
 
 def reuse_stage(path: str | os.PathLike, stage: str, inputs: dict[str, Any],
-                log: Callable[[str], None] = print) -> dict[str, np.ndarray] | None:
-    """The arrays of the stage file at `path` if it was computed from exactly `inputs`, else None.
+                log: Callable[[str], None] = print) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    """(arrays, metadata) of the stage file at `path` if it was computed from exactly `inputs`, else None.
 
     Says why a file is not reused. A missing file is simply computed; an unreadable or damaged one is
     recomputed, never fatal.
@@ -118,5 +164,11 @@ def reuse_stage(path: str | os.PathLike, stage: str, inputs: dict[str, Any],
         changed = changed_inputs(header.get("inputs"), as_stored) or ["its key"]
         log(f"[resume] {stage} stage is stale: {', '.join(changed)} changed; recomputing")
         return None
+    if stage == "encoded":
+        try:
+            Encoded.from_stage(arrays, header)
+        except CheckpointError as e:
+            log(f"[resume] {stage} stage {path} unreadable ({e}); recomputing")
+            return None
     log(f"[resume] reusing {stage} stage {path}")
-    return arrays
+    return arrays, header

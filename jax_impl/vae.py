@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from jax_impl.layers import F32
-from jax_impl.vae_config import VaeConfig
+from weights.configs.vae import VaeConfig
 
 CACHE_T = 2  # frames of history a kernel-3 causal conv needs
 ENCODE_CHUNK = 4  # frames per encoder step after the first (diffusers' fixed choice)

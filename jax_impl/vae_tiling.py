@@ -29,7 +29,7 @@ from flax import nnx
 
 from jax_impl.layers import F32
 from jax_impl.vae import VaeInputError, put_block, unpatchify
-from jax_impl.vae_config import VaeConfig
+from weights.configs.vae import VaeConfig
 
 TILE_MODES = ("auto", "on", "off")
 

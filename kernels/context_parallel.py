@@ -3,7 +3,7 @@
 Each device keeps its slice of the queries. For self-attention, the keys and values are split the same
 way, so each device all-gathers them to full length and then attends its query slice to all of them;
 for cross-attention (text or image tokens) the keys and values are already whole on every device.
-The local attention is an ordinary `kernels.attention` call with the configured back-end, so cuDNN
+The local attention is `kernels.backends.local_attention` with the configured back-end, so cuDNN
 (or splash) still does the work; only the K/V all-gather is added.
 
 Uneven lengths: a sharded axis must divide evenly, so callers pad the token axis at its END up to a
@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from kernels.backends import local_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,10 +73,8 @@ def pad_axis(x: jax.Array, axis: int, to: int) -> jax.Array:
 def split_attention(q: jax.Array, k: jax.Array, v: jax.Array, split: SequenceSplit, **attention_kw) -> jax.Array:
     """Attention with q split by sequence over `split.axis`; see the module docstring.
 
-    `attention_kw` (backend and its options) go to the local `kernels.attention` call unchanged.
+    `attention_kw` (backend and its options) go to the local attention call unchanged.
     """
-    from kernels.attention import attention  # the local call; imported here to avoid an import cycle
-
     n = split.size
     if q.shape[1] % n:
         raise ValueError(
@@ -90,7 +90,7 @@ def split_attention(q: jax.Array, k: jax.Array, v: jax.Array, split: SequenceSpl
         kv_spec = P()  # cross-attention: text/image keys and values whole on every device
 
         def local(q, k, v):
-            return attention(q, k, v, **attention_kw)
+            return local_attention(q, k, v, **attention_kw)
 
     else:
         if k.shape[1] % n or not 0 < split.kv_len <= k.shape[1]:
@@ -101,7 +101,7 @@ def split_attention(q: jax.Array, k: jax.Array, v: jax.Array, split: SequenceSpl
         def local(q, k, v):
             k = jax.lax.all_gather(k, split.axis, axis=1, tiled=True)[:, : split.kv_len]
             v = jax.lax.all_gather(v, split.axis, axis=1, tiled=True)[:, : split.kv_len]
-            return attention(q, k, v, **attention_kw)
+            return local_attention(q, k, v, **attention_kw)
 
     fn = jax.shard_map(
         local, mesh=split.mesh, in_specs=(split_spec, kv_spec, kv_spec), out_specs=split_spec, check_vma=False

@@ -12,14 +12,23 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import torch
 from flax import nnx
 
+from jax_impl.loading import load_dit
 from parity.report import Report, compare_layers, measured_bf16_layers
+from parity.tolerances import BF16_FACTOR, BF16_FLOOR, FP32_TOL
+from torch_ref.capture import dit_layer_order, run_dit
+from torch_ref.checkpoints import TRANSFORMER_DIRS, write_tiny_checkpoint
+from torch_ref.models import load_transformer
+from weights.checkpoint import Checkpoint
+from weights.configs.presets import get_preset
+from weights.convert import convert
+from weights.dit_map import DIT
 
-FP32_TOL = 1e-5
-BF16_FACTOR = 2.0
-BF16_FLOOR = 1e-6  # layers that are exact in both (e.g. float32 islands) still get a sliver of slack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,9 +85,6 @@ def make_inputs(
 
 def jax_forward(model, inputs: DitInputs):
     """Run our Flax model with capture; returns (output, taps) as float32 numpy."""
-    import jax
-    import jax.numpy as jnp
-
     out, taps = _jitted_forward(model, inputs.latents, inputs.timestep, inputs.text, inputs.image)
     taps = jax.tree.map(lambda a: np.asarray(a.astype(jnp.float32)), taps)
     return np.asarray(out.astype(jnp.float32)), taps
@@ -95,12 +101,6 @@ def load_models(folder, dtype: str, attention_backend: str = "xla", reference_fo
     `reference_folder`: where diffusers reads the same weights when `folder` is not in its layout (a
     conversion of `folder` to the diffusers layout); default `folder`.
     """
-    import jax.numpy as jnp
-    import torch
-
-    from torch_ref.models import load_transformer
-    from weights.dit_io import load_dit
-
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     ref = reference_folder or folder
@@ -115,8 +115,6 @@ def load_models(folder, dtype: str, attention_backend: str = "xla", reference_fo
 
 def compare_dit(models: dict, inputs: DitInputs, dtype: str, meta: dict | None = None) -> Report:
     """Per-layer comparison of loaded models on `inputs` (see module docstring for tolerances)."""
-    from torch_ref.capture import dit_layer_order, run_dit
-
     cfg = models["jax"].cfg
     order = dit_layer_order(cfg.num_layers, cfg.has_image_tokens)
     meta = dict(meta or {}) | {
@@ -152,11 +150,21 @@ def dit_parity(
     return compare_dit(models, inputs, dtype, {"checkpoint": str(folder), "attention": attention_backend})
 
 
+def folder_parity(folder: str | Path, **kw) -> Report:
+    """DiT parity on a folder in any layout the converter writes: diffusers reads a temporary
+    diffusers-layout conversion when the folder is in the original-Wan or Flax layout; ours reads it as is."""
+    layout = Checkpoint(folder, DIT).layout
+    if layout == "diffusers":
+        return dit_parity(folder, **kw)
+    with tempfile.TemporaryDirectory(prefix="wanport-parity-") as tmp:
+        ref = convert(folder, Path(tmp) / "diffusers", to="diffusers")
+        report = dit_parity(folder, reference_folder=ref, **kw)
+    report.meta["layout"] = layout
+    return report
+
+
 def preset_parity(preset: str, *, dtype: str = "float32", seed: int = 0, workdir: str | None = None, **kw) -> Report:
     """Parity on a freshly written tiny checkpoint of `preset` (every expert for two-expert models)."""
-    from jax_impl.presets import get_preset
-    from torch_ref.checkpoints import TRANSFORMER_DIRS, write_tiny_checkpoint
-
     p = get_preset(preset)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         root = write_tiny_checkpoint(p, Path(tmp) / "ckpt", seed=seed)

@@ -14,7 +14,9 @@ powers of two, 3 heads, other bucket counts, and an image size that leaves pixel
 
 Pipeline level (`pipeline_parity`): `JaxTextEncoder`/`JaxImageEncoder` against `torch_ref.encoders`'
 TextEncoder/ImageEncoder on the same pipeline folder, prompts and images (tokenizer, cleaning, padding
-rows zeroed, preprocessing, penultimate selection).
+rows zeroed, preprocessing, penultimate selection). `TORCH_ENCODERS` is torch_ref's pair as the JAX pipeline
+takes it (`jax_impl.pipeline.EncoderSet`): parity is the layer that knows both sides, so the command line's
+`--encoders torch` comes from here.
 """
 
 from __future__ import annotations
@@ -25,8 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from parity.dit import BF16_FACTOR, BF16_FLOOR, FP32_TOL
+from jax_impl.pipeline import JAX_ENCODERS, EncoderSet
 from parity.report import Report, compare_layers, measured_bf16_layers
+from parity.tolerances import BF16_FACTOR, BF16_FLOOR, FP32_TOL
+from torch_ref.encoders import ImageEncoder, TextEncoder
+
+# torch_ref's encoders (transformers' UMT5 and CLIP, float32): the reference the JAX encoders are measured against
+TORCH_ENCODERS = EncoderSet("torch", TextEncoder, ImageEncoder)
 
 MODELS = {"text-encoder": ("umt5", "text_encoder"), "image-encoder": ("clip", "image_encoder")}
 
@@ -103,7 +110,7 @@ def _load_torch(model: str, folder: Path, dtype: str):
 def _load_jax(model: str, folder: Path, dtype: str):
     import jax.numpy as jnp
 
-    from weights.encoder_io import load_clip_vision, load_umt5
+    from jax_impl.loading import load_clip_vision, load_umt5
 
     if model == "text-encoder":
         return load_umt5(folder, dtype=jnp.dtype(dtype))
@@ -245,18 +252,14 @@ def pipeline_parity(folder: str | os.PathLike, prompts: list[str], images: list 
                     tol: float = FP32_TOL) -> Report:
     """JaxTextEncoder / JaxImageEncoder against torch_ref's encoders (float32) on a pipeline folder: one row for
     the prompt embeddings (and one for the image tokens when `images` are given and the folder has CLIP)."""
-    from jax_impl.encoders.text import JaxTextEncoder
-    from torch_ref.encoders import ImageEncoder, TextEncoder
-
-    mine = {"prompt_embeds": JaxTextEncoder(folder)(prompts)}
-    ref = {"prompt_embeds": TextEncoder(folder)(prompts)}
+    folder = Path(folder)
+    mine = {"prompt_embeds": JAX_ENCODERS.text(folder)(prompts)}
+    ref = {"prompt_embeds": TORCH_ENCODERS.text(folder)(prompts)}
     if images:
-        from jax_impl.encoders.image import JaxImageEncoder
-
-        mine["image_embeds"] = JaxImageEncoder(folder)(images)
-        ref["image_embeds"] = ImageEncoder(folder)(images)
+        mine["image_embeds"] = JAX_ENCODERS.image(folder)(images)
+        ref["image_embeds"] = TORCH_ENCODERS.image(folder)(images)
     return Report(compare_layers(mine, ref, tol), {"model": "encoders", "checkpoint": str(folder), "prompts": len(prompts),
                                                    "images": len(images or []), "tolerance": f"rel_l2 <= {tol}"})
 
 
-__all__ = ["model_parity", "preset_parity", "pipeline_parity", "write_encoder", "perturb_", "PRESETS", "MODELS"]
+__all__ = ["TORCH_ENCODERS", "model_parity", "preset_parity", "pipeline_parity", "write_encoder", "perturb_", "PRESETS", "MODELS"]

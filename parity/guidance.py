@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from parity import metrics
+from weights.atomic import atomic_write
 
 EXPERT_NAMES = {1: ("model",), 2: ("high-noise expert", "low-noise expert")}
 
@@ -203,7 +204,7 @@ def run_truncation(pipe, settings, cuts: Sequence[int], frames_list: Sequence[in
     Each run is timed `repeats` times and the fastest denoise and decode are kept (short runs, busy machines).
     """
     from jax_impl.media import to_uint8
-    from jax_impl.sampling import initial_noise
+    from jax_impl.noise import initial_noise
 
     steps = settings.steps
     if repeats < 1:
@@ -339,8 +340,6 @@ def _table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str
 
 
 def _write_text(path, text: str):
-    from parity.plots import atomic_write
-
     with atomic_write(path, "w", encoding="utf-8") as f:
         f.write(text)
     return path

@@ -3,7 +3,9 @@
 Both sides load the same pipeline folder; diffusers runs `WanImageToVideoPipeline` (or `WanPipeline` for
 text-only TI2V) with the same starting noise, and a step callback records its latents after every step.
 We compare those latents step by step (relative L2) and the decoded frames (PSNR, SSIM where frames are
-large enough), and check which experts each side used.
+large enough), and check which experts each side used. Our side encodes with torch_ref's encoders (the
+ones diffusers runs), so the comparison isolates the JAX DiT, scheduler and VAE; the JAX encoders have their
+own parity (`parity.encoders`).
 """
 
 from __future__ import annotations
@@ -16,9 +18,7 @@ from typing import Any
 import numpy as np
 
 from parity import metrics
-
-STEP_TOL = 1e-4  # relative L2 of the latents after each step, float32
-FRAME_PSNR_MIN = 40.0  # dB, final frames in [0, 1]
+from parity.tolerances import FRAME_PSNR_MIN, SAMPLER_TOL as STEP_TOL
 
 
 @dataclasses.dataclass
@@ -94,8 +94,9 @@ def pipeline_parity(folder: str | os.PathLike, settings, *, prompt: str = "a cat
                     negative_prompt: str = "blurry, low quality", image=None) -> PipelineParity:
     """Run both pipelines on `folder` with `settings` (fp32, CPU-sized) and compare."""
     from jax_impl.pipeline import Pipeline
+    from parity.encoders import TORCH_ENCODERS
 
-    pipe = Pipeline(Path(folder))
+    pipe = Pipeline(Path(folder), encoders=TORCH_ENCODERS)
     text_only = image is None
     noise = np.asarray(np.random.default_rng(settings.seed).standard_normal(pipe.latent_shape(settings)), np.float32)
     ours_steps: list[np.ndarray] = []

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from weights.atomic import atomic_write  # also imported from here by callers
+from weights.atomic import atomic_write
 
 PathLike = str | os.PathLike
 

@@ -18,10 +18,8 @@ import numpy as np
 from parity import metrics
 from parity.metrics import RANGE_SIGNED
 from parity.report import Report, compare_layers, measured_bf16_layers
+from parity.tolerances import BF16_FACTOR, BF16_FLOOR, FP32_TOL
 
-FP32_TOL = 1e-5
-BF16_FACTOR = 2.0
-BF16_FLOOR = 1e-6
 
 
 def make_video(cfg, *, frames: int = 5, height: int | None = None, width: int | None = None, batch: int = 1,
@@ -80,7 +78,7 @@ def run_jax(folder, video: np.ndarray, dtype: str):
     production path, `WanVAE.stream`, is checked against diffusers in tests/test_vae_tiling.py)."""
     import jax.numpy as jnp
 
-    from weights.vae_io import load_vae
+    from jax_impl.loading import load_vae
 
     model = load_vae(folder, dtype=jnp.dtype(dtype))
     mean, et = model.encode(jnp.asarray(video), capture=True)
@@ -108,9 +106,10 @@ def _flatten(mean, dec, taps) -> dict[str, np.ndarray]:
 
 def vae_parity(folder: str | Path, *, dtype: str = "float32", video: np.ndarray | None = None, **video_kwargs) -> Report:
     """Compare every captured VAE layer with diffusers' on the VAE folder `folder` (diffusers layout)."""
-    from weights.vae_io import VaeCheckpoint
+    from weights.checkpoint import Checkpoint
+    from weights.vae_map import VAE
 
-    cfg = VaeCheckpoint(folder).config
+    cfg = Checkpoint(folder, VAE).config
     if video is None:
         video = make_video(cfg, **video_kwargs)
     if dtype not in ("float32", "bfloat16"):
@@ -146,8 +145,8 @@ def vae_parity(folder: str | Path, *, dtype: str = "float32", video: np.ndarray 
 
 def preset_parity(preset: str = "tiny-wan2.1", *, dtype: str = "float32", seed: int = 0, workdir: str | None = None,
                   **video_kwargs) -> Report:
-    """Parity on a freshly written random-weight VAE folder of a `jax_impl.vae_config` preset."""
-    from jax_impl.vae_config import get_vae_preset
+    """Parity on a freshly written random-weight VAE folder of a `weights.configs.vae` preset."""
+    from weights.configs.vae import get_vae_preset
     from torch_ref.vae import write_vae_folder
 
     cfg = get_vae_preset(preset)
@@ -171,9 +170,11 @@ def tiled_parity(folder: str | Path, tiling, *, frames: int = 5, height: int, wi
 
     from jax_impl.vae_tiling import plan
     from torch_ref.vae import load_vae_torch, run_vae_tiled
-    from weights.vae_io import VaeCheckpoint, load_vae
+    from jax_impl.loading import load_vae
+    from weights.checkpoint import Checkpoint
+    from weights.vae_map import VAE
 
-    cfg = VaeCheckpoint(folder).config
+    cfg = Checkpoint(folder, VAE).config
     video = make_video(cfg, frames=frames, height=height, width=width, seed=seed)
     torch_model = load_vae_torch(folder)
     rmean, _ = run_vae_tiled(torch_model, tiling, video=video)

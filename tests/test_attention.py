@@ -16,10 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernels
-from kernels.attention import resolve_backend
+from kernels.backends import resolve_backend
 from kernels.splash import _splash_padded, fit_blocks
+from parity.tolerances import FP32_TOL
 
-FP32_TOL = 1e-5
 BF16_FACTOR = 2.0  # splash in bf16 may be at most this many times as wrong as xla/torch in bf16
 SMALL = dict(block_q=128, block_kv=128, block_kv_compute=128)  # small blocks keep interpret mode fast
 ROOT = Path(__file__).resolve().parents[1]

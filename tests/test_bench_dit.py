@@ -12,9 +12,10 @@ def test_flop_count_matches_hand_count():
     sys.path.insert(0, str(ROOT / "bench"))
     from dit import dit_flops, latent_grid
 
-    from jax_impl.presets import get_preset
+    from weights.configs.presets import get_preset
 
-    assert latent_grid(480, 832, 81) == (21, 60, 104)
+    assert latent_grid("wan2.1-t2v-1.3b", 480, 832, 81) == (21, 60, 104)
+    assert latent_grid("wan2.2-ti2v-5b", 704, 1280, 121) == (31, 44, 80)  # its VAE compresses 16x
     cfg = get_preset("wan2.1-t2v-1.3b").transformer
     L, D, F, S = 21 * 30 * 52, 1536, 8960, 512
     per_block = 8 * L * D * D + 4 * L * L * D + 4 * L * D * D + 4 * S * D * D + 4 * L * S * D + 4 * L * D * F

@@ -2,8 +2,8 @@ import json
 import subprocess
 import sys
 
-from jax_impl.cli import main
-from jax_impl.presets import PRESETS
+from wanport.cli import main
+from weights.configs.presets import PRESETS
 
 
 def test_presets_one_per_line(capsys):
@@ -12,9 +12,25 @@ def test_presets_one_per_line(capsys):
 
 
 def test_help_lists_subcommands_and_examples():
-    out = subprocess.run([sys.executable, "-m", "jax_impl.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "wanport.cli", "--help"], capture_output=True, text=True, check=True).stdout
     for word in ("presets", "make-tiny", "parity", "examples:"):
         assert word in out
+
+
+HEAVY = ("jax", "flax", "torch", "diffusers", "transformers")
+
+
+def test_help_imports_no_jax_or_torch():
+    """`wanport --help` answers without starting jax or torch: the parser imports every command module, and
+    each imports them inside its `run` only."""
+    code = (
+        "import sys\n"
+        "from wanport.cli import build_parser\n"
+        "build_parser().format_help()\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_make_tiny_then_parity_json(tmp_path, capsys):

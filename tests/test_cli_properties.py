@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from jax_impl.cli import main
+from wanport.cli import main
 
 MAX_FULL_RUNS = {"generate": 6, "convert": 15}  # a tiny generate run takes a second or more, a convert 0.1 s
 
@@ -133,7 +133,8 @@ def conv_env(tiny_ckpt, tmp_path_factory):
 @given(data=st.data())
 def test_convert_options_end_in_a_verified_folder_or_a_one_line_error(conv_env, capsys, data):
     from weights.convert import verify
-    from weights.dit_io import DitCheckpoint
+    from weights.checkpoint import Checkpoint
+    from weights.dit_map import DIT
 
     conv_env["n"] += 1
     ex = conv_env["root"] / f"ex{conv_env['n']}"
@@ -167,7 +168,7 @@ def test_convert_options_end_in_a_verified_folder_or_a_one_line_error(conv_env, 
         conv_env["full_runs"] += 1
         assert verify(dst_path) == []
         model = dst_path / "transformer" if src == "pipeline" else dst_path
-        assert DitCheckpoint(model).layout == to
+        assert Checkpoint(model, DIT).layout == to
         assert not (dst_path / "keep.txt").exists()  # a forced replacement leaves nothing of the old folder
     assert not (src_path / "inside").exists()
     shutil.rmtree(ex)

@@ -4,8 +4,9 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from jax_impl.config import ConfigError, DitConfig
-from jax_impl.presets import PRESETS, get_preset
+from weights.configs.base import ConfigError
+from weights.configs.dit import DitConfig
+from weights.configs.presets import PRESETS, get_preset
 
 
 def _meta_model(cfg: DitConfig) -> WanTransformer3DModel:

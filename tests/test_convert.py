@@ -19,11 +19,12 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from jax_impl.presets import PRESETS
-from weights.cli import add_subcommands, main as cli_main
+from weights.configs.presets import PRESETS
+from wanport.cli import main as cli_main
+from wanport.commands.convert import add_parser
 from weights.convert import DELAY_ENV, convert, is_dit_folder, parse_size, plan_shards
-from weights.dit_io import DitCheckpoint, convert_dit
-from weights.dit_map import LAYOUTS
+from weights.checkpoint import Checkpoint
+from weights.dit_map import DIT, LAYOUTS
 from weights.manifest import MANIFEST_NAME, read_manifest, verify
 from weights.safetensors_io import CheckpointError, CheckpointReader, TensorSpec, load_tensors, save_tensors
 
@@ -92,7 +93,7 @@ def test_layouts_differ_and_keep_their_config_format(layouts):
     wan_keys = set(CheckpointReader(ckpts["wan"] / "transformer").keys())
     assert any(k.startswith("img_emb.") for k in wan_keys) and "head.head.weight" in wan_keys
     for lay in LAYOUTS:  # the image branch is detected back from the img_emb keys
-        assert DitCheckpoint(ckpts[lay] / "transformer").config.has_image_tokens
+        assert Checkpoint(ckpts[lay] / "transformer", DIT).config.has_image_tokens
 
 
 def test_pipeline_other_files_copied_unchanged(tiny_ckpt, tmp_path):
@@ -157,7 +158,7 @@ def test_load_dit_identical_across_layouts(layouts, preset):
     import jax.numpy as jnp
     from flax import nnx
 
-    from weights.dit_io import load_dit
+    from jax_impl.loading import load_dit
 
     ckpts = layouts(preset)
     models = {lay: load_dit(p / "transformer") for lay, p in ckpts.items()}
@@ -329,7 +330,7 @@ def test_verify_names_file_and_tensor(tiny_ckpt, tmp_path):
 
 def _run_cli(args, env=None, **kw):
     e = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
-    return subprocess.Popen([sys.executable, "-m", "weights.cli", "convert", *args], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+    return subprocess.Popen([sys.executable, "-m", "wanport.cli", "convert", *args], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
 
 def _kill_mid_conversion(src: Path, dst: Path, extra=()) -> None:
@@ -375,7 +376,7 @@ def test_cli_convert_and_verify(tiny_ckpt, tmp_path, capsys):
     import argparse
 
     parser = argparse.ArgumentParser(prog="wanport")
-    add_subcommands(parser.add_subparsers(dest="command"))
+    add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["convert", str(tiny_ckpt("tiny-wan2.2-ti2v-5b")), str(tmp_path / "o"), "--to", "wan", "--shard-size", "30KB", "--no-progress"])
     assert args.func(args) == 0
     assert len(list((tmp_path / "o" / "transformer").glob("*-of-*.safetensors"))) > 1
@@ -392,7 +393,7 @@ def test_cli_convert_and_verify(tiny_ckpt, tmp_path, capsys):
 
 def test_convert_dit_keeps_its_signature(tiny_ckpt, tmp_path):
     seen = []
-    out = convert_dit(tiny_ckpt("tiny-wan2.1-t2v-1.3b") / "transformer", tmp_path / "o", "flax", on_tensor=lambda n, b: seen.append(n))
+    out = convert(tiny_ckpt("tiny-wan2.1-t2v-1.3b") / "transformer", tmp_path / "o", "flax", progress=lambda n, b: seen.append(n))
     assert (out / "flax_model.safetensors").is_file() and "patch_kernel" in seen
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from parity.dit import make_inputs
-from weights.dit_io import load_dit
+from jax_impl.loading import load_dit
 
 
 @pytest.fixture(scope="module")

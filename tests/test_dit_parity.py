@@ -5,7 +5,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from parity.dit import FP32_TOL, compare_dit, dit_parity, load_models, make_inputs
+from parity.tolerances import FP32_TOL
+from parity.dit import compare_dit, dit_parity, load_models, make_inputs
 from torch_ref.checkpoints import TRANSFORMER_DIRS
 from tests.conftest import TINY_DIT_PRESETS
 

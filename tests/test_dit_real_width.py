@@ -10,7 +10,8 @@ cancel out, and batch 2 catches per-sample broadcasting slips. Text is shorter t
 
 import pytest
 
-from parity.dit import FP32_TOL, compare_dit, load_models, make_inputs
+from parity.tolerances import FP32_TOL
+from parity.dit import compare_dit, load_models, make_inputs
 
 GRID = dict(batch=2, frames=3, height=10, width=14)  # latents; tokens 3 x 5 x 7 with patch (1, 2, 2)
 T2V, I2V, A14B, TI2V = (f"tiny-hd128-{n}" for n in ("wan2.1-t2v-1.3b", "wan2.1-i2v-14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b"))
@@ -65,7 +66,7 @@ def test_fp32_real_head_width(models, preset, expert, text_len, prompt_len):
 def test_rope_split_equals_diffusers(head_dim):
     from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
-    from jax_impl.config import DitConfig
+    from weights.configs.dit import DitConfig
 
     ref = WanRotaryPosEmbed(head_dim, (1, 2, 2), 16)
     assert DitConfig(attention_head_dim=head_dim).rope_split == (ref.t_dim, ref.h_dim, ref.w_dim)

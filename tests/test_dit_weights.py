@@ -6,8 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from weights.dit_io import DitCheckpoint, load_dit, save_dit
-from weights.dit_map import dit_entries
+from jax_impl.loading import load_dit, save_dit
+from weights.checkpoint import Checkpoint
+from weights.dit_map import DIT, dit_entries
 from weights.safetensors_io import CheckpointError, CheckpointReader, load_tensors, save_tensors
 
 
@@ -66,13 +67,13 @@ def test_missing_unexpected_misshaped_keys_are_named(tiny_ckpt, tmp_path):
     src = tiny_ckpt("tiny-wan2.1-t2v-1.3b") / "transformer"
     missing = _rewrite(src, tmp_path / "missing", lambda t: t.pop("blocks.1.ffn.net.2.bias"))
     with pytest.raises(CheckpointError, match=r"missing 1 tensor\(s\): blocks.1.ffn.net.2.bias"):
-        DitCheckpoint(missing)
+        Checkpoint(missing, DIT)
     extra = _rewrite(src, tmp_path / "extra", lambda t: t.update({"blocks.9.attn1.to_q.weight": np.zeros((2, 2), np.float32)}))
     with pytest.raises(CheckpointError, match=r"unexpected 1 tensor\(s\): blocks.9.attn1.to_q.weight"):
-        DitCheckpoint(extra)
+        Checkpoint(extra, DIT)
     bad = _rewrite(src, tmp_path / "bad", lambda t: t.update({"proj_out.weight": np.zeros((64, 30), np.float32)}))
     with pytest.raises(CheckpointError, match=r"proj_out.weight: checkpoint \[64, 30\], config expects \[64, 32\]"):
-        DitCheckpoint(bad)
+        Checkpoint(bad, DIT)
 
 
 def test_config_that_does_not_match_weights(tiny_ckpt, tmp_path):
@@ -81,12 +82,12 @@ def test_config_that_does_not_match_weights(tiny_ckpt, tmp_path):
     cfg = json.loads((dst / "config.json").read_text()) | {"num_layers": 3}
     (dst / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="missing 27 tensor.*blocks.2.*config.json belongs to these weights"):
-        DitCheckpoint(dst)
+        Checkpoint(dst, DIT)
 
 
 def test_pipeline_folder_hint(tiny_ckpt):
     with pytest.raises(CheckpointError, match="did you mean .*transformer"):
-        DitCheckpoint(tiny_ckpt("tiny-wan2.1-t2v-1.3b"))
+        Checkpoint(tiny_ckpt("tiny-wan2.1-t2v-1.3b"), DIT)
 
 
 def test_tiny_checkpoint_is_deterministic_and_refuses_overwrite(tmp_path):

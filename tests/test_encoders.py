@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jax_impl.config import ConfigError
-from jax_impl.encoders.config import ClipProcessorConfig, ClipVisionConfig, Umt5Config
+from weights.configs.base import ConfigError
+from weights.configs.encoders import ClipProcessorConfig, ClipVisionConfig, Umt5Config
 from parity.encoders import model_parity, pipeline_parity, write_encoder
 from weights.safetensors_io import CheckpointError, load_tensors, save_tensors
 
@@ -131,7 +131,7 @@ def test_clip_configs():
 
 
 def test_activation_tables_agree():
-    from jax_impl.encoders.config import ACTIVATIONS as NAMES
+    from weights.configs.encoders import ACTIVATIONS as NAMES
     from jax_impl.layers import ACTIVATIONS
 
     assert set(NAMES) == set(ACTIVATIONS)
@@ -163,7 +163,7 @@ def test_layer_parity_bf16_within_transformers_own_error(folders, model, key):
 def test_bf16_keeps_wo_float32(folders):
     import jax.numpy as jnp
 
-    from weights.encoder_io import load_umt5
+    from jax_impl.loading import load_umt5
 
     model = load_umt5(folders["odd_text"], dtype=jnp.bfloat16)
     assert model.layers.wo.value.dtype == jnp.float32  # transformers' _keep_in_fp32_modules = ["wo"]
@@ -172,7 +172,7 @@ def test_bf16_keeps_wo_float32(folders):
 
 # --- loading -------------------------------------------------------------------------------------------------
 def _umt5_output(folder, ids, mask):
-    from weights.encoder_io import load_umt5
+    from jax_impl.loading import load_umt5
 
     return np.asarray(load_umt5(folder)(ids, mask))
 
@@ -207,7 +207,7 @@ def test_tied_embedding_names(folders, tmp_path):
 
 def test_transformers4_clip_names(folders, tmp_path):
     """transformers 4 files: `vision_model.` prefix and the position_ids buffer."""
-    from weights.encoder_io import load_clip_vision
+    from jax_impl.loading import load_clip_vision
 
     src = folders["odd_image"]
     old = _rewrite(src, tmp_path / "old", lambda t: {f"vision_model.{k}": v for k, v in t.items()}
@@ -218,7 +218,7 @@ def test_transformers4_clip_names(folders, tmp_path):
 
 
 def test_loading_errors_name_the_problem(folders, tmp_path):
-    from weights.encoder_io import load_clip_vision, load_umt5
+    from jax_impl.loading import load_clip_vision, load_umt5
 
     src = folders["odd_text"]
     missing = _rewrite(src, tmp_path / "m", lambda t: {k: v for k, v in t.items() if "block.1.layer.0.SelfAttention.q" not in k})
@@ -320,7 +320,7 @@ def test_jax_encoders_run_without_torch(folders, tmp_path):
 
 # --- command line and bench -----------------------------------------------------------------------------------
 def test_parity_command_for_encoders(tmp_path, capsys):
-    from jax_impl.cli import main
+    from wanport.cli import main
 
     rc = main(["parity", "--model", "text-encoder", "--preset", "odd", "--batch", "2", "--text-len", "30",
                "--json", str(tmp_path / "t.json")])

@@ -17,17 +17,19 @@ from jax_impl.fantasyworld import bicross as jbi
 from jax_impl.fantasyworld import camera as jcam
 from jax_impl.fantasyworld import geometry as jgeo
 from jax_impl.fantasyworld import heads as jheads
-from jax_impl.fantasyworld.loading import build_loaded, load_params
+from jax_impl.loading import build_loaded, load_params
 from parity.metrics import rel_l2
 from torch_ref.fantasyworld import bicross as tbi
 from torch_ref.fantasyworld import geometry as tgeo
 from torch_ref.fantasyworld.camera import plucker_rays
 from torch_ref.fantasyworld.checkpoint import build_model
-from weights.fantasyworld_config import FantasyWorldConfig
-from weights.fantasyworld_map import FLAX, TORCH, FwEntry, fantasyworld_entries, relayout
+from parity.tolerances import FP32_TOL
+from weights.configs.fantasyworld import FantasyWorldConfig
+from weights.entry import Entry
+from weights.fantasyworld_map import FLAX, TORCH, fantasyworld_entries, relayout
 from weights.safetensors_io import CheckpointError
 
-TOL = 1e-5
+TOL = FP32_TOL
 CFG = FantasyWorldConfig.tiny()
 F_, H_, W_ = 3, 3, 4  # tiny token grid: latent frames, rows, columns
 P_ = CFG.patch_start + H_ * W_
@@ -41,7 +43,7 @@ def ref():
 def flax_weights(model: torch.nn.Module, prefix: str) -> dict[str, np.ndarray]:
     """The map's entries under `prefix`, prefix stripped, applied to the torch model's tensors."""
     cut = len(prefix) + 1
-    entries = [FwEntry(e.diffusers[cut:], e.wan, e.flax[cut:], e.shape, e.kind)
+    entries = [Entry(e.diffusers[cut:], e.wan, e.flax[cut:], e.shape, e.kind)
                for e in fantasyworld_entries(CFG) if e.diffusers.startswith(prefix + ".")]
     state = {k[cut:]: v.detach().numpy() for k, v in model.state_dict().items() if k.startswith(prefix + ".")}
     return relayout(state, entries, TORCH, FLAX, prefix)

@@ -19,7 +19,7 @@ from torch_ref.fantasyworld.checkpoint import (
 )
 from torch_ref.fantasyworld.heads import CameraHead, ResidualConvUnit, TemporalUpsampler
 from torch_ref.fantasyworld.model import wan_attention_half, wan_ffn_half
-from weights.fantasyworld_config import FantasyWorldConfig
+from weights.configs.fantasyworld import FantasyWorldConfig
 from weights.fantasyworld_map import fantasyworld_entries
 from weights.safetensors_io import CheckpointError
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from jax_impl.config import ConfigError
+from weights.configs.base import ConfigError
 from torch_ref.fantasyworld.camera import plucker_rays
-from weights.fantasyworld_config import FantasyWorldConfig
+from weights.configs.fantasyworld import FantasyWorldConfig
 from weights.trajectory import TrajectoryError, ray_cameras, read_trajectory, released_ray_intrinsics
 
 

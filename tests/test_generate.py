@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from jax_impl.cli import main
+from wanport.cli import main
 from jax_impl.media import read_mp4
-from jax_impl.pipeline import GenerateSettings, Pipeline
+from jax_impl.pipeline import JAX_ENCODERS, EncoderSet, GenerateSettings, Pipeline
 from jax_impl.sampling import expert_for
 
+ROOT = Path(__file__).resolve().parents[1]
 PRESET = "tiny-wan2.1-i2v-14b"
 SMALL = ["--frames", "5", "--height", "32", "--width", "32", "--steps", "3", "--prompt", "a cat"]
 
@@ -57,7 +61,8 @@ def test_generate_writes_mp4_with_requested_frames_and_resumes(tiny_ckpt, image_
 
 
 def test_stage_files_carry_settings_and_refuse_wrong_stage(tiny_ckpt, image_file, tmp_path):
-    from jax_impl.stages import load_stage
+    from jax_impl.conditioning import ConcatCondition
+    from jax_impl.stages import Encoded, load_stage
     from weights.safetensors_io import CheckpointError
 
     out = tmp_path / "v.mp4"
@@ -67,9 +72,12 @@ def test_stage_files_carry_settings_and_refuse_wrong_stage(tiny_ckpt, image_file
     assert meta["settings"]["seed"] == 7 and meta["inputs"]["seed"] == 7 and meta["inputs"]["frames"] == 5
     assert len(meta["key"]) == 64 and meta["inputs"]["weights"]["transformer"]
     assert arrays["latents"].shape == (1, 2, 4, 4, 16) and arrays["latents"].dtype == np.float32
-    encoded, _ = load_stage(tmp_path / "v.stages" / "encoded.safetensors", "encoded")
-    assert set(encoded) == {"prompt_embeds", "negative_prompt_embeds", "image_embeds", "condition"}
-    assert encoded["condition"].shape == (1, 2, 4, 4, 20)  # 4 mask + 16 latent channels
+    arrays, meta = load_stage(tmp_path / "v.stages" / "encoded.safetensors", "encoded")
+    assert set(arrays) == {"prompt_embeds", "negative_prompt_embeds", "image_embeds", "condition.mask_latent"}
+    assert meta["conditioning"] == "concat"
+    encoded = Encoded.from_stage(arrays, meta)  # read back into the typed condition
+    assert isinstance(encoded.condition, ConcatCondition) and set(encoded) == set(arrays) - {"condition.mask_latent"}
+    assert encoded.condition.mask_latent.shape == (1, 2, 4, 4, 20)  # 4 mask + 16 latent channels
     with pytest.raises(CheckpointError, match="holds stage 'latents'"):
         load_stage(tmp_path / "v.stages" / "latents.safetensors", "encoded")
 
@@ -180,16 +188,16 @@ def test_pipeline_folder_in_converted_layouts_gives_the_same_latents(tiny_ckpt, 
     """A pipeline folder whose transformers were converted to the original-Wan or Flax layout loads as is."""
     from jax_impl.media import load_image
     from weights.convert import convert
-    from weights.dit_map import detect_layout
+    from weights.dit_map import DIT
     from weights.safetensors_io import CheckpointReader
 
     converted = convert(tiny_ckpt(PRESET), tmp_path / layout, to=layout)
-    assert detect_layout(CheckpointReader(converted / "transformer").keys()) == layout
+    assert DIT.detect_layout(CheckpointReader(converted / "transformer").keys()) == layout
     s = GenerateSettings(frames=5, height=32, width=32, steps=2, guidance=4.0)
     img = load_image(image_file)
     ours = Pipeline(converted)
     enc = ours.encode(s, prompt="a dog", image=img)
-    np.testing.assert_array_equal(enc["condition"], pipe.encode(s, prompt="a dog", image=img)["condition"])
+    np.testing.assert_array_equal(enc.condition.mask_latent, pipe.encode(s, prompt="a dog", image=img).condition.mask_latent)
     np.testing.assert_allclose(ours.denoise(enc, s, progress=False), pipe.denoise(enc, s, progress=False),
                                rtol=1e-6, atol=1e-6)
 
@@ -248,3 +256,69 @@ def test_precomputed_embeddings_replace_the_encoders(tiny_ckpt, image_file, tmp_
     assert main(["generate", "--checkpoint", str(ckpt), "--image", str(image_file), "--embeddings", str(emb),
                  *[a for a in SMALL if a not in ("--prompt", "a cat")], "--out", str(out)]) == 0
     np.testing.assert_array_equal(read_mp4(out)[0], read_mp4(ref)[0])
+
+
+# --- the torch-free path: `wanport generate` with the default (JAX) encoders ----------------------------------
+_NO_TORCH = """
+import sys
+
+for name in ("torch", "torchvision", "torchaudio"):
+    sys.modules[name] = None  # `import torch` raises ImportError and find_spec says absent: an install without it
+from wanport.cli import main
+
+rc = main(sys.argv[1:])
+loaded = sorted(m for m, mod in sys.modules.items() if mod is not None and m.split(".")[0] == "torch")
+print("torch modules:", loaded)
+sys.exit(rc or (3 if loaded else 0))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("encoders", ["jax", "torch"])
+def test_generate_with_jax_encoders_needs_no_torch(tiny_ckpt, image_file, tmp_path, encoders):
+    """The default `wanport generate` (JAX encoders) runs where torch cannot be imported (as if not installed);
+    the same run with --encoders torch fails there, which shows the blocker bites."""
+    out = tmp_path / "v.mp4"
+    args = ["generate", "--checkpoint", str(tiny_ckpt(PRESET)), "--image", str(image_file), "--prompt", "a cat",
+            "--frames", "5", "--height", "32", "--width", "32", "--steps", "2", "--out", str(out)]
+    if encoders == "torch":
+        args += ["--encoders", "torch"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-c", _NO_TORCH, *args], capture_output=True, text=True, timeout=300,
+                       cwd=ROOT, env=env)
+    if encoders == "jax":
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "torch modules: []" in p.stdout and read_mp4(out)[0].shape[0] == 5
+    else:
+        assert p.returncode == 2 and "--encoders torch needs torch" in p.stderr, p.stderr[-3000:]
+        assert not out.exists()
+
+
+def test_pipeline_takes_any_encoder_set_builds_it_on_first_use_and_keys_the_stage_by_its_name(tiny_ckpt):
+    """Encoders come in through the interface: a set whose factories record their calls is built only when a
+    stage encodes, its arrays are what the pipeline embeds, and its name is part of the encode stage's key."""
+    built = []
+
+    def text(folder):
+        built.append("text")
+        return lambda prompts: np.full((len(prompts), 7, pipe.dit_config.text_dim), 0.5, np.float32)
+
+    def image(folder):
+        built.append("image")
+        return lambda images: np.full((1, 3, pipe.dit_config.image_dim), 0.25, np.float32)
+
+    pipe = Pipeline(tiny_ckpt(PRESET), encoders=EncoderSet("fake", text, image))
+    assert built == []
+    settings = GenerateSettings(frames=5, height=32, width=32, steps=1)
+    from PIL import Image
+
+    encoded = pipe.encode(settings, prompt="a cat", image=Image.new("RGB", (40, 48)))
+    assert sorted(built) == ["image", "text"]
+    assert (encoded["prompt_embeds"] == 0.5).all() and (encoded["image_embeds"] == 0.25).all()
+    key = dict(prompt="a", negative_prompt="", files={"image": "x"})
+    assert pipe.encode_inputs(settings, embedding_names=(), **key)["encoders"] == "fake"
+    jax_pipe = Pipeline(tiny_ckpt(PRESET), load_encoders=False)
+    assert jax_pipe.encoders is JAX_ENCODERS
+    assert jax_pipe.encode_inputs(settings, embedding_names=(), **key)["encoders"] == "jax"
+    every = ("prompt_embeds", "negative_prompt_embeds", "image_embeds")
+    assert pipe.encode_inputs(settings, embedding_names=every, **key)["encoders"] is None  # no encoder runs

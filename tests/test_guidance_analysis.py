@@ -15,7 +15,7 @@ from flax import nnx
 import pytest
 from PIL import Image
 
-from jax_impl.cli import main
+from wanport.cli import main
 from jax_impl.pipeline import GenerateSettings, Pipeline
 from jax_impl.sampling import DenoiseInputs, expert_for, model_input
 from parity import guidance
@@ -56,7 +56,7 @@ def _collect(pipe, encoded, settings):
 
 def _inputs(encoded):
     return DenoiseInputs(text=encoded["prompt_embeds"], negative_text=encoded.get("negative_prompt_embeds"),
-                         image=encoded.get("image_embeds"), condition=encoded.get("condition"))
+                         image=encoded.get("image_embeds"), condition=encoded.condition)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -81,7 +81,8 @@ def test_truncation_at_all_steps_is_full_guidance_and_at_zero_is_unguided(i2v):
         np.testing.assert_array_equal(_denoise(pipe, encoded, dataclasses.replace(SETTINGS, guidance_steps=n)), full)
     zero = _denoise(pipe, encoded, dataclasses.replace(SETTINGS, guidance_steps=0))
     scale_one = _denoise(pipe, encoded, dataclasses.replace(SETTINGS, guidance=1.0))
-    no_negative = _denoise(pipe, {k: v for k, v in encoded.items() if k != "negative_prompt_embeds"}, SETTINGS)
+    no_negative = _denoise(pipe, dataclasses.replace(
+        encoded, embeddings={k: v for k, v in encoded.items() if k != "negative_prompt_embeds"}), SETTINGS)
     np.testing.assert_array_equal(zero, scale_one)
     np.testing.assert_array_equal(zero, no_negative)
     assert not np.array_equal(zero, full), "guidance must change the result, or the test proves nothing"
@@ -116,7 +117,7 @@ def test_run_truncation_rows_and_common_frames(i2v, image):
     assert short.row["compared_frames"] == 1 and short.row["temporal_mse"] is None
     assert short.row["psnr_per_frame"] == metrics.video_psnr(pipe.decode(short.latents), ref_video[:, :1],
                                                              metrics.RANGE_SIGNED).values.tolist()
-    from jax_impl.sampling import initial_noise
+    from jax_impl.noise import initial_noise
 
     noise = initial_noise(SETTINGS.seed, pipe.latent_shape(SETTINGS))[:, :1]
     np.testing.assert_array_equal(short.latents, _denoise(pipe, pipe.encode(
@@ -143,7 +144,7 @@ def test_cfg_gap_matches_independent_recomputation(i2v):
     assert all(r["cfg_mse"] > 0 and r["scale"] == 5.0 for r in records[:3])
     # 2) from calling the model directly, cond and uncond as two batch-1 calls, at steps 0 and 2
     noise = pipe.latent_shape(settings)
-    from jax_impl.sampling import initial_noise
+    from jax_impl.noise import initial_noise
 
     before = {0: initial_noise(settings.seed, noise), 2: steps[1]["latents"]}
     for i, x in before.items():
@@ -210,7 +211,7 @@ def test_cli_cfg_tiny_default_writes_report_and_plots(tmp_path, capsys):
 
 
 def test_cli_truncation_writes_table_plots_and_contact_sheet(tiny_ckpt, tmp_path, capsys):
-    from jax_impl.demo import DEMO_IMAGE
+    from wanport.commands.demo import DEMO_IMAGE
 
     out = tmp_path / "trunc"
     rc = main(["analyze", "truncation", "--checkpoint", str(tiny_ckpt(I2V)), "--image", str(DEMO_IMAGE),

@@ -10,11 +10,11 @@ import pytest
 import torch
 from diffusers import WanImageToVideoPipeline
 
-from jax_impl.conditioning import encode_condition, first_frame_keep
-from jax_impl.vae_config import get_vae_preset
+from jax_impl.conditioning import ConcatCondition, FirstFrameCondition, encode_condition
+from weights.configs.vae import get_vae_preset
 from parity.metrics import rel_l2
 from torch_ref.vae import load_vae_torch, write_vae_folder
-from weights.vae_io import load_vae
+from jax_impl.loading import load_vae
 
 FRAMES, HEIGHT, WIDTH = 9, 32, 48  # 3 latent frames, non-square
 
@@ -60,9 +60,9 @@ def test_concat_condition_equals_diffusers(vaes, batch, with_last):
     _, ref = _diffusers(torch_vae, False, image, batch, last)
     ref = _channels_last(ref)  # [B, F, h, w, 4 + 16]
     ours = encode_condition(jax_vae, "concat", image, FRAMES, batch=batch, last_image=last)
-    assert ours.kind == "concat" and ours.tensor.shape == ref.shape == (batch, 3, 4, 6, 20)
-    np.testing.assert_array_equal(ours.tensor[..., :4], ref[..., :4])  # the mask, exactly
-    assert rel_l2(ours.tensor[..., 4:], ref[..., 4:]) < 1e-5
+    assert isinstance(ours, ConcatCondition) and ours.mask_latent.shape == ref.shape == (batch, 3, 4, 6, 20)
+    np.testing.assert_array_equal(ours.mask_latent[..., :4], ref[..., :4])  # the mask, exactly
+    assert rel_l2(ours.mask_latent[..., 4:], ref[..., 4:]) < 1e-5
     # what the mask says: frame 0 fills all 4 slots of latent frame 0; a last image the last slot
     assert ref[:, 0, ..., :4].min() == 1 and ref[:, 1, ..., :4].max() == 0
     assert ref[:, 2, ..., 3].min() == (1 if with_last else 0) and ref[:, 2, ..., :3].max() == 0
@@ -72,9 +72,9 @@ def test_first_frame_condition_equals_diffusers(vaes):
     torch_vae, jax_vae = vaes["tiny-wan2.2"]
     image = _image(2)
     _, ref, ref_keep = _diffusers(torch_vae, True, image, 2)
-    ours = encode_condition(jax_vae, "first_frame", image, FRAMES, batch=2)
+    ours = encode_condition(jax_vae, "first_frame", image, FRAMES, batch=2, patch=(1, 1, 1))
     ref = _channels_last(ref)
-    assert ours.kind == "first_frame" and ours.tensor.shape == ref.shape == (2, 1, 2, 3, 48)
-    assert rel_l2(ours.tensor, ref) < 1e-5
-    keep = first_frame_keep(3, 2, 3)
-    np.testing.assert_array_equal(keep, _channels_last(ref_keep))
+    assert isinstance(ours, FirstFrameCondition) and ours.latent.shape == ref.shape == (2, 1, 2, 3, 48)
+    assert rel_l2(ours.latent, ref) < 1e-5
+    np.testing.assert_array_equal(ours.denoise_mask, _channels_last(ref_keep))  # 1 on the frames denoised
+    np.testing.assert_array_equal(ours.token_timestep_factors, np.repeat([0.0, 1.0, 1.0], 2 * 3))

@@ -32,8 +32,8 @@ def test_every_mutation_applies_to_todays_code():
 
 def test_vanished_text_fails_loudly():
     mc = _module()
-    gone = mc.Mutation("gone", "-", "jax_impl/config.py", (("no such text", "x"),), ("tests",))
-    with pytest.raises(mc.MutationError, match="'no such text' not found in jax_impl/config.py.*update this entry"):
+    gone = mc.Mutation("gone", "-", "weights/configs/dit.py", (("no such text", "x"),), ("tests",))
+    with pytest.raises(mc.MutationError, match="'no such text' not found in weights/configs/dit.py.*update this entry"):
         mc.mutate("some code", gone)
     twice = mc.Mutation("twice", "-", "f.py", (("a", "b"),), ("tests",))
     with pytest.raises(mc.MutationError, match="found 2 times"):

@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 
 from jax_impl.pipeline import GenerateSettings, Pipeline
-from parity.pipeline import FRAME_PSNR_MIN, STEP_TOL, diffusers_pipeline, pipeline_parity
+from parity.encoders import TORCH_ENCODERS
+from parity.pipeline import diffusers_pipeline, pipeline_parity
+from parity.tolerances import FRAME_PSNR_MIN, SAMPLER_TOL as STEP_TOL
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def test_encoders_match_diffusers(tiny_ckpt, image):
     import torch
 
     folder = tiny_ckpt("tiny-wan2.1-i2v-14b")
-    ours = Pipeline(folder)
+    ours = Pipeline(folder, encoders=TORCH_ENCODERS)  # the JAX encoders' parity: tests/test_encoders.py
     ref = diffusers_pipeline(folder)
     prompts = ["A cat   walks on the beach &amp; the sea", ""]
     with torch.no_grad():

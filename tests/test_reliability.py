@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jax_impl.cli import main
+from wanport.cli import main
 
 I2V = "tiny-wan2.1-i2v-14b"
 A14B = "tiny-wan2.2-i2v-a14b"
@@ -121,7 +121,7 @@ def test_non_finite_latents_stop_with_step_and_expert_and_write_nothing(tiny_ckp
 
 
 def test_non_finite_causal_block_is_named(tiny_ckpt, tmp_path, capsys):
-    from jax_impl.presets import get_preset
+    from weights.configs.presets import get_preset
     from weights.safetensors_io import save_tensors
 
     emb = tmp_path / "huge.safetensors"  # finite, but overflows inside the model
@@ -148,7 +148,7 @@ def _truncate(path: Path) -> None:
     ("tokenizer/tokenizer.json", lambda p: p.write_text(p.read_text()[:-50])),
 ])
 def test_convert_refuses_damaged_components_before_writing(tiny_ckpt, tmp_path, capsys, part, damage):
-    from weights.cli import main as convert_main
+    from wanport.cli import main as convert_main
 
     src = tmp_path / "src"
     shutil.copytree(tiny_ckpt(I2V), src)
@@ -173,7 +173,7 @@ def test_generate_on_truncated_encoder_is_a_clear_error(tiny_ckpt, image, tmp_pa
 # --- case 4: concurrent converts to one DST ----------------------------------------------------------------
 def _convert_proc(src: Path, dst: Path, delay: str = "0.05", *extra: str) -> subprocess.Popen:
     env = {**os.environ, "WANPORT_CONVERT_TENSOR_DELAY": delay, "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen([sys.executable, "-m", "jax_impl.cli", "convert", str(src), str(dst), "--to", "flax",
+    return subprocess.Popen([sys.executable, "-m", "wanport.cli", "convert", str(src), str(dst), "--to", "flax",
                              "--no-progress", *extra], env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -188,7 +188,8 @@ def _wait_for(pred, timeout: float = 120.0) -> None:
 @pytest.mark.slow
 def test_concurrent_converts_to_one_destination(tiny_ckpt, tmp_path):
     """The second conversion to a DST being written is refused (lock); the first one's output is intact."""
-    from weights.convert import lock_path, verify
+    from weights.atomic import lock_path
+    from weights.convert import verify
 
     src, dst = tiny_ckpt(T2V), tmp_path / "dst"
     first = _convert_proc(src, dst)
@@ -205,11 +206,11 @@ def test_concurrent_converts_to_one_destination(tiny_ckpt, tmp_path):
 
 def test_final_rename_never_replaces_a_destination_that_appeared(tmp_path):
     """Without force, a DST that appears while the output is being written is kept, the new output dropped."""
-    from weights.convert import lock_path, staged_output
+    from weights.atomic import atomic_folder, lock_path
 
     dst = tmp_path / "dst"
     with pytest.raises(FileExistsError, match="appeared while this conversion ran"):
-        with staged_output(dst) as tmp:
+        with atomic_folder(dst) as tmp:
             (tmp / "new.txt").write_text("new")
             dst.mkdir()
             (dst / "theirs.txt").write_text("theirs")
@@ -220,17 +221,17 @@ def test_final_rename_never_replaces_a_destination_that_appeared(tmp_path):
 def test_lock_of_a_dead_process_is_taken_over_a_live_one_refused(tmp_path):
     import socket
 
-    from weights.convert import lock_path, staged_output
+    from weights.atomic import atomic_folder, lock_path
 
     dst = tmp_path / "dst"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock_path(dst).write_text(f"{int(dead.stdout)} {socket.gethostname()}\n")
-    with staged_output(dst) as tmp:
+    with atomic_folder(dst) as tmp:
         (tmp / "a").write_text("a")
     assert _files(dst) == ["a"] and not lock_path(dst).exists()
     lock_path(tmp_path / "other").write_text(f"{os.getppid()} {socket.gethostname()}\n")
     with pytest.raises(FileExistsError, match="delete the lock file if no conversion is running"):
-        with staged_output(tmp_path / "other"):
+        with atomic_folder(tmp_path / "other"):
             pass
     assert lock_path(tmp_path / "other").exists()  # someone else's lock is left alone
 
@@ -307,7 +308,8 @@ def test_config_field_types_are_checked_with_file_and_field(tiny_ckpt, image, tm
 
 
 def test_original_wan_config_types_are_checked(tiny_ckpt, tmp_path):
-    from jax_impl.config import ConfigError, DitConfig
+    from weights.configs.base import ConfigError
+    from weights.configs.dit import DitConfig
 
     with pytest.raises(ConfigError, match=r"cfg\.json: field 'num_layers' is \"two\" \(str\); expected int"):
         DitConfig.from_wan_dict({"dim": 32, "num_heads": 2, "in_dim": 16, "out_dim": 16, "ffn_dim": 64,
@@ -335,8 +337,8 @@ def test_last_image_changes_the_a14b_condition(tiny_ckpt, image, tmp_path):
     pipe = Pipeline(tiny_ckpt(A14B))
     s = GenerateSettings(frames=5, height=32, width=32, steps=2)
     img = load_image(image)
-    with_last = pipe.encode(s, prompt="a cat", image=img, last_image=img)["condition"]
-    without = pipe.encode(s, prompt="a cat", image=img)["condition"]
+    with_last = pipe.encode(s, prompt="a cat", image=img, last_image=img).condition.mask_latent
+    without = pipe.encode(s, prompt="a cat", image=img).condition.mask_latent
     assert with_last[0, -1, 0, 0, 3] == 1.0 and without[0, -1, 0, 0, 3] == 0.0  # mask of the last pixel frame
 
 
@@ -411,7 +413,7 @@ def test_experts_that_differ_are_named(tiny_ckpt, tmp_path):
 # --- case 11: Ctrl-C -------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_ctrl_c_during_convert_cleans_up_and_exits_130(tiny_ckpt, tmp_path):
-    from weights.convert import lock_path
+    from weights.atomic import lock_path
 
     dst = tmp_path / "dst"
     proc = _convert_proc(tiny_ckpt(T2V), dst, "0.2")
@@ -429,7 +431,7 @@ def test_ctrl_c_during_convert_cleans_up_and_exits_130(tiny_ckpt, tmp_path):
 def test_ctrl_c_during_generate_exits_130_without_temp_files(tiny_ckpt, image, tmp_path):
     out = tmp_path / "o" / "v.mp4"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen([sys.executable, "-m", "jax_impl.cli", "generate", "--checkpoint", str(tiny_ckpt(I2V)),
+    proc = subprocess.Popen([sys.executable, "-m", "wanport.cli", "generate", "--checkpoint", str(tiny_ckpt(I2V)),
                              "--image", str(image), *SMALL, "--steps", "200", "--out", str(out)],
                             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()  # "[1/3] encoded: ..." once the encode stage is written

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jax_impl.cli import main
-from jax_impl.presets import get_preset
+from wanport.cli import main
+from weights.configs.presets import get_preset
 from jax_impl.stages import load_stage
 
 PRESET = "tiny-wan2.2-i2v-a14b"  # image concat conditioning, two experts, takes a last image
@@ -94,6 +94,7 @@ CASES = [
     Case("dtype", {"--dtype": "bfloat16"}, (True, False), "dtype"),  # encoders and VAE run in float32 anyway
     Case("attention-same", {"--backend": "xla"}, (True, True)),  # auto is xla on CPU: the same computation
     Case("attention", {"--backend": "splash"}, (True, False), "attention"),
+    Case("encoders", {"--encoders": "torch"}, (False, False), "encoders"),  # JAX (default) -> torch encoders
     Case("frames", {"--frames": "9"}, (False, False), "frames"),
     Case("size", {"--height": "48"}, (False, False), "height"),
     Case("fps", {"--fps": "8"}, (True, True)),  # decode only: never cached
@@ -189,7 +190,7 @@ def test_weights_identity_manifest_and_stat(tiny_ckpt, tmp_path):
     import os
 
     from weights.convert import convert
-    from weights.identity import folder_identity
+    from weights.checkpoint import folder_identity
 
     conv = convert(tiny_ckpt("tiny-wan2.1-t2v-1.3b"), tmp_path / "flax", to="flax")
     ident = folder_identity(conv / "transformer")

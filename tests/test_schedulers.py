@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-from jax_impl.config import ConfigError
+from weights.configs.base import ConfigError
 from jax_impl.schedulers import (
     Schedule,
     SchedulerConfig,

@@ -29,7 +29,7 @@ import numpy as np, jax, jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from jax_impl.dit import WanTransformer
-from jax_impl.presets import get_preset
+from weights.configs.presets import get_preset
 from jax_impl import sharding as S
 from kernels.context_parallel import SequenceSplit, split_attention
 from parity.dit import make_inputs

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from jax_impl.presets import PRESETS
+from weights.configs.presets import PRESETS
 from torch_ref.checkpoints import write_tiny_checkpoint
 
 TINY = [name for name in PRESETS if name.startswith("tiny-")]

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from jax_impl.presets import get_preset
+from weights.configs.presets import get_preset
 from parity.dit import make_inputs
+from parity.tolerances import FP32_TOL
 from torch_ref.capture import run_dit
 from torch_ref.models import build_transformer
 from torch_ref.torchax_route import make_env, run_dit_torchax
 
-FP32_TOL = 1e-5
 SMALL = dict(block_q=128, block_kv=128, block_kv_compute=128)
 
 

@@ -13,7 +13,7 @@ import torch
 from flax import nnx
 
 from jax_impl.vae import Conv, ConvSettings, WanVAE
-from jax_impl.vae_config import TINY_WAN21_VAE
+from weights.configs.vae import TINY_WAN21_VAE
 from parity.metrics import rel_l2
 
 # (kernel, stride, spatial pad): the causal 3x3x3 conv, the upsampler's 3x1x1 time conv, the downsampler's

@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jax_impl.config import ConfigError
-from jax_impl.presets import PRESETS
+from weights.configs.base import ConfigError
+from weights.configs.presets import PRESETS
 from jax_impl.vae import VaeInputError, WanVAE
-from jax_impl.vae_config import TINY_WAN21_VAE, TINY_WAN22_VAE, VaeConfig
+from weights.configs.vae import TINY_WAN21_VAE, TINY_WAN22_VAE, VaeConfig
 from torch_ref.vae import write_vae_folder
 from weights.safetensors_io import CheckpointError
-from weights.vae_io import VaeCheckpoint, load_vae
+from jax_impl.loading import load_vae
+from weights.checkpoint import Checkpoint
+from weights.vae_map import VAE
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,7 @@ def test_config_does_not_match_weights(tmp_path):
     assert "encoder.conv_in.weight: checkpoint [8, 3, 3, 3, 3], config expects [16, 3, 3, 3, 3]" in msg
     # a Wan2.2 config on Wan2.1 weights: names missing and unexpected tensors
     with pytest.raises(CheckpointError, match="missing .*unexpected|mis-shaped"):
-        VaeCheckpoint(folder, config=TINY_WAN22_VAE)
+        Checkpoint(folder, VAE, config=TINY_WAN22_VAE)
 
 
 def test_weights_loaded_bit_exact(tmp_path):
@@ -106,7 +108,7 @@ def test_map_covers_real_configs(name):
     import torch
     from diffusers import AutoencoderKLWan
 
-    from jax_impl.vae_config import get_vae_preset
+    from weights.configs.vae import get_vae_preset
     from weights.vae_map import vae_entries
 
     cfg = get_vae_preset(name)

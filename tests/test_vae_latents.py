@@ -10,7 +10,7 @@ import pytest
 
 import jax_impl.latents as latents
 from jax_impl.latents import decode_latents, denormalize, encode_video, normalize
-from jax_impl.vae_config import TINY_WAN21_VAE, TINY_WAN22_VAE, WAN21_MEAN, WAN21_STD, WAN22_MEAN, WAN22_STD, VaeConfig
+from weights.configs.vae import TINY_WAN21_VAE, TINY_WAN22_VAE, VaeConfig, WAN21_MEAN, WAN21_STD, WAN22_MEAN, WAN22_STD
 
 
 def _z(cfg, seed=0):
@@ -116,7 +116,7 @@ def test_pipeline_and_cli_pass_vae_options(tiny_ckpt, monkeypatch, tmp_path):
     """`wanport generate --vae-tile on` reaches the pipeline; the pipeline loads the VAE in the options' dtype
     and decodes with their tile mode."""
     import jax_impl.pipeline as pipeline
-    from jax_impl.cli import main
+    from wanport.cli import main
     from jax_impl.latents import VaeOptions
     from jax_impl.vae import WanVAE
 

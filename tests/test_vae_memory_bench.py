@@ -19,7 +19,7 @@ _DECODE = textwrap.dedent(
     import jax, jax.numpy as jnp
     from flax import nnx
     from jax_impl.vae import WanVAE
-    from jax_impl.vae_config import TINY_WAN21_VAE
+    from weights.configs.vae import TINY_WAN21_VAE
     frames = int(sys.argv[1])
     m = WanVAE(TINY_WAN21_VAE, rngs=nnx.Rngs(0))
     z = jnp.ones((1, (frames - 1) // 4 + 1, 8, 8, 16)) * 0.1   # 64x64 pixels

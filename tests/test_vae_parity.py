@@ -8,8 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from jax_impl.vae_config import TINY_WAN21_VAE, TINY_WAN22_VAE
-from parity.vae import FP32_TOL, psnr, vae_parity
+from weights.configs.vae import TINY_WAN21_VAE, TINY_WAN22_VAE
+from parity.tolerances import FP32_TOL
+from parity.vae import psnr, vae_parity
 from torch_ref.vae import write_vae_folder
 
 CONFIGS = {"tiny-wan2.1": TINY_WAN21_VAE, "tiny-wan2.2": TINY_WAN22_VAE}
@@ -56,7 +57,7 @@ def test_parity_detects_a_wrong_weight(folders, tmp_path):
     import jax.numpy as jnp
 
     from parity import vae as pv
-    from weights.vae_io import load_vae
+    from jax_impl.loading import load_vae
 
     real = pv.run_jax
 

@@ -17,11 +17,12 @@ import pytest
 
 from jax_impl import vae_memory, vae_tiling
 from jax_impl.vae import VaeInputError
-from jax_impl.vae_config import TINY_WAN21_VAE, TINY_WAN22_VAE
+from weights.configs.vae import TINY_WAN21_VAE, TINY_WAN22_VAE
 from jax_impl.vae_tiling import Tiling
-from parity.vae import FP32_TOL, tiled_parity
+from parity.tolerances import FP32_TOL
+from parity.vae import tiled_parity
 from torch_ref.vae import write_vae_folder
-from weights.vae_io import load_vae
+from jax_impl.loading import load_vae
 
 # (config, tiling, frame height, frame width): Wan2.1 56x80 -> encode 3x4 tiles, decode 3x4; Wan2.2 (patch 2,
 # tile sizes in patchified pixels when encoding, as diffusers counts them) 80x112 -> encode 2x2, decode 3x4.

@@ -13,7 +13,7 @@ from diffusers import WanTransformer3DModel
 from flax import nnx
 
 from jax_impl.dit import WanTransformer
-from jax_impl.presets import PRESETS, get_preset
+from weights.configs.presets import PRESETS, get_preset
 from tests.wan_original_layout import PUBLISHED, wan_state_dict_shapes
 from torch_ref.models import diffusers_kwargs
 from weights.dit_map import dit_entries

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("jax_impl", "torch_ref", "weights", "parity", "kernels")
+PACKAGES = ("wanport", "parity", "jax_impl", "torch_ref", "weights", "kernels")
 COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis", "*.egg-info", "results")
 PER_MUTANT_TIMEOUT_S = 300
 
@@ -60,18 +60,16 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "rope-split",
         "rotary channels split head_dim // 4 per spatial axis instead of 2 * (head_dim // 6) (equal at 16, not at 128)",
-        "jax_impl/config.py",
+        "weights/configs/dit.py",
         (("hw = 2 * (self.attention_head_dim // 6)", "hw = self.attention_head_dim // 4"),),
         (REAL_WIDTH_FP32,),
     ),
     Mutation(
         "patch-kernel-hw-swap",
-        "the patch-embedding kernel's height and width axes swapped in both directions of the map (round trips stay exact)",
-        "weights/dit_map.py",
-        (
-            ("np.ascontiguousarray(x.transpose(2, 3, 4, 1, 0))", "np.ascontiguousarray(x.transpose(2, 4, 3, 1, 0))"),
-            ("np.ascontiguousarray(x.transpose(4, 3, 0, 1, 2))", "np.ascontiguousarray(x.transpose(4, 3, 0, 2, 1))"),
-        ),
+        "conv3d kernels (the DiT's patch embedding among them) with height and width axes swapped in both directions "
+        "of the map (round trips stay exact)",
+        "weights/entry.py",
+        (('"conv3d": (2, 3, 4, 1, 0),', '"conv3d": (2, 4, 3, 1, 0),'),),
         (REAL_WIDTH_FP32, "tests/test_dit_parity.py"),
     ),
     Mutation(
@@ -84,8 +82,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "shift-formula",
         "the flow shift applied inverted: sigma / (shift - (shift - 1) sigma) instead of shift sigma / (1 + (shift - 1) sigma)",
-        "jax_impl/schedulers.py",
-        (("return shift * sigma / (1 + (shift - 1) * sigma)", "return sigma / (shift - (shift - 1) * sigma)"),),
+        "weights/configs/scheduler.py",
+        (("return scale * sigma / (one + minus_one * sigma)", "return sigma / (scale - minus_one * sigma)"),),
         ("tests/test_schedulers.py",),
     ),
     Mutation(
@@ -108,6 +106,49 @@ MUTATIONS: tuple[Mutation, ...] = (
         "jax_impl/dit.py",
         (("self._heads(self.norm_k_img(self.k_img(context_img)))", "self._heads(self.norm_k(self.k(context_img)))"),),
         ("tests/test_dit_real_width.py", "-k", "fp32 and wan2.1-i2v", "tests/test_dit_parity.py"),
+    ),
+    Mutation(
+        "block-stack-ignores-start",
+        "a sub-range of the stacked blocks starts at block 0 whatever its start (FantasyWorld's blocks 16..39)",
+        "jax_impl/dit.py",
+        (("stacked = jax.tree.map(lambda a: a[layers], stacked)", "stacked = jax.tree.map(lambda a: a[: layers.stop], stacked)"),),
+        ("tests/test_dit_hooks.py", "-k", "sub_range"),
+    ),
+    Mutation(
+        "ffn-mod-shift-scale-swap",
+        "the attention half hands the feed-forward half its modulation as (scale, shift, gate)",
+        "jax_impl/dit.py",
+        (("return x, (shift_ff, scale_ff, gate_ff)", "return x, (scale_ff, shift_ff, gate_ff)"),),
+        ("tests/test_dit_hooks.py", "-k", "halves"),
+    ),
+    Mutation(
+        "rope-traced-offset",
+        "rotary tables of a traced frame offset (the cache's block counter) start one frame late",
+        "jax_impl/rope.py",
+        (("jax.lax.dynamic_slice_in_dim(jnp.asarray(full), frame_offset, n, 0)", "jax.lax.dynamic_slice_in_dim(jnp.asarray(full), frame_offset + 1, n, 0)"),),
+        ("tests/test_causal.py", "-k", "rope_offsets"),
+    ),
+    Mutation(
+        "noise-one-stream",
+        "every sample of a batch draws the same noise (the sample index is not folded into the key)",
+        "jax_impl/noise.py",
+        (("k = jax.random.fold_in(key, i)", "k = key"),),
+        ("tests/test_noise.py",),
+    ),
+    Mutation(
+        "first-frame-finalize-swap",
+        "TI2V's first-frame condition keeps the sample on frame 0 and the image latent on the denoised frames",
+        "jax_impl/conditioning.py",
+        (("return (1 - self.denoise_mask) * self.latent + self.denoise_mask * latents",
+          "return self.denoise_mask * self.latent + (1 - self.denoise_mask) * latents"),),
+        ("tests/test_conditioning_types.py",),
+    ),
+    Mutation(
+        "stage-condition-kind-lost",
+        "the encode stage file records every condition as kind 'none' (read back as the wrong type)",
+        "jax_impl/stages.py",
+        (('return {"conditioning": self.condition.KIND}', 'return {"conditioning": "none"}'),),
+        ("tests/test_conditioning_types.py",),
     ),
     Mutation(
         "time-embedding-sin-cos",

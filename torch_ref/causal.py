@@ -4,7 +4,7 @@ diffusers has no causal Wan, so the forward pass here is written out over the su
 `WanTransformer3DModel` (patch_embedding, condition_embedder, blocks[i].attn1/attn2/ffn/norms, proj_out)
 with attention done by `torch.nn.functional.scaled_dot_product_attention` and a boolean mask or a cache.
 It is the reference for `jax_impl.causal` and follows the same configuration and checks
-(`jax_impl.causal.CausalConfig`, `check_causal_inputs`), but keeps its cache deliberately simple:
+(`weights.configs.causal`: `CausalConfig`, `check_causal_inputs`), but keeps its cache deliberately simple:
 a dict of committed blocks' keys/values in temporal order, blocks falling out of the window deleted.
 So the two sides share semantics, not data structures.
 
@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jax_impl.causal import CausalConfig, block_causal_mask, check_causal_inputs, condition_channels
+from weights.configs.causal import CausalConfig, block_causal_mask, check_causal_inputs, condition_channels
+from weights.configs.dit import DitConfig
 
 
 def _t(x, like: torch.nn.Module | None = None, dtype=None) -> torch.Tensor:
@@ -31,8 +32,6 @@ def _t(x, like: torch.nn.Module | None = None, dtype=None) -> torch.Tensor:
 
 
 def _cfg(model):
-    from jax_impl.config import DitConfig
-
     return DitConfig.from_dict(dict(model.config))
 
 

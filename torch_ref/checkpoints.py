@@ -12,8 +12,8 @@ import json
 import os
 from pathlib import Path
 
-from jax_impl.presets import Preset, get_preset
-from jax_impl.vae_config import get_vae_preset
+from weights.configs.presets import Preset, get_preset
+from weights.configs.vae import get_vae_preset
 from torch_ref.encoders import write_tiny_encoders
 from torch_ref.models import build_transformer
 from torch_ref.vae import build_vae
@@ -59,7 +59,7 @@ def write_tiny_checkpoint(
     """
     preset = get_preset(preset) if isinstance(preset, str) else preset
     out = Path(out)
-    with atomic_folder(out, force=force) as tmp:
+    with atomic_folder(out, force=force, writer="wanport make-tiny", job="write") as tmp:
         for i in range(preset.num_experts):
             model = build_transformer(preset.transformer, seed=seed + i)
             kwargs = {"safe_serialization": True}

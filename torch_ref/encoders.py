@@ -1,10 +1,12 @@
 """Prompt and image encoders of the Wan pipelines (UMT5 text encoder, CLIP ViT image encoder), run in torch.
 
-The JAX pipeline's first stage runs these through `transformers` on the CPU or GPU and hands numpy arrays
-to the denoiser, so the encoders are computed exactly as the diffusers pipelines compute them: the same
-prompt cleaning, 512-token padding with the embeddings past each prompt's length zeroed, and the CLIP
-penultimate hidden state as image tokens. `write_tiny_encoders` writes small random-weight encoders,
-a tokenizer and an image processor in the folder layout the diffusers pipelines load.
+These run through `transformers` on the CPU or GPU and return numpy arrays computed exactly as the diffusers
+pipelines compute them: the same prompt cleaning, 512-token padding with the embeddings past each prompt's
+length zeroed, and the CLIP penultimate hidden state as image tokens. `TextEncoder` and `ImageEncoder`
+satisfy the Protocols of `jax_impl.pipeline` structurally (this package never imports jax_impl):
+`wanport generate --encoders torch` hands them to the JAX pipeline, whose default is the Flax pair in
+`jax_impl.encoders`. `write_tiny_encoders` writes small random-weight encoders, a tokenizer and an image
+processor in the folder layout the diffusers pipelines load.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from jax_impl.encoders.prompt import MAX_TEXT_TOKENS, clean_prompt
+from weights.configs.prompt import MAX_TEXT_TOKENS, clean_prompt
 from torch_ref.perturb import perturb_constant_parameters
 
 

@@ -7,7 +7,7 @@ import os
 import torch
 from diffusers import WanTransformer3DModel
 
-from jax_impl.config import DitConfig
+from weights.configs.dit import DitConfig
 from torch_ref.perturb import perturb_constant_parameters
 
 

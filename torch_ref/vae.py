@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 
-from jax_impl.vae_config import VaeConfig
+from weights.configs.vae import VaeConfig
 from torch_ref.capture import to_numpy
 from torch_ref.perturb import perturb_constant_parameters
 from weights.atomic import atomic_folder

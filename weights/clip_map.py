@@ -1,6 +1,6 @@
 """The name/layout map of the CLIP vision tower between transformers' CLIPVisionModel and our Flax model.
 
-One `Entry` per tensor (the DiT map's type; the transformers name fills the `diffusers` and `wan` slots),
+One `Entry` per tensor (`weights.entry`; the transformers name in the `diffusers` slot, no `wan` name),
 with the Flax path of `jax_impl.encoders.clip.ClipVisionEncoder` (layer index after "layers"). Linear weights
 are transposed to [in, out]; the patch-embedding conv kernel keeps torch's [D, C, P, P] (the model
 contracts it as is). Files written by transformers 4 prefix every name with `vision_model.` and may hold
@@ -9,15 +9,15 @@ the `position_ids` buffer; `canonical_keys` removes both.
 
 from __future__ import annotations
 
-from jax_impl.encoders.config import ClipVisionConfig
-from weights.dit_map import Entry
+from weights.configs.encoders import ClipVisionConfig
+from weights.entry import Entry, WeightMap
 
 PREFIX = "vision_model."
 BUFFERS = ("embeddings.position_ids",)
 
 
 def _entry(name: str, flax: str, shape: tuple[int, ...], kind: str = "copy") -> Entry:
-    return Entry(name, name, flax, shape, kind)
+    return Entry(name, None, flax, shape, kind)
 
 
 def _linear(e: list[Entry], name: str, flax: str, d_in: int, d_out: int) -> None:
@@ -61,4 +61,14 @@ def canonical_keys(keys: list[str]) -> dict[str, str]:
     return out
 
 
-__all__ = ["clip_vision_entries", "canonical_keys"]
+CLIP = WeightMap(
+    what="CLIP vision tower",
+    subfolder="image_encoder",
+    signatures={"diffusers": ()},
+    entries=clip_vision_entries,
+    read_config=lambda raw, keys, source: ClipVisionConfig.from_dict(raw, source=source),
+    canonical_keys=canonical_keys,
+    prefer="model",
+)
+
+__all__ = ["CLIP", "clip_vision_entries", "canonical_keys"]

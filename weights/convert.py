@@ -11,29 +11,25 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
-import shutil
-import socket
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
+import ml_dtypes
 import numpy as np
 
-from jax_impl.config import DitConfig
 from weights import manifest as mf
-from weights.dit_map import LAYOUTS
-from weights.atomic import check_output_path, rename_noreplace
+from weights.atomic import TEMP_TAGS, atomic_folder, check_output_path
+from weights.checkpoint import Checkpoint
+from weights.configs.dit import DitConfig
+from weights.dit_map import DIT, LAYOUTS
+from weights.entry import FORMAT_KEY
 from weights.safetensors_io import CheckpointError, TensorSpec, validate_tree, write_safetensors
 
 WEIGHT_STEM = {"diffusers": "diffusion_pytorch_model", "wan": "diffusion_pytorch_model", "flax": "flax_model"}
-FORMAT_KEY = "wanport_layout"
 DIT_CLASSES = ("WanTransformer3DModel", "WanModel")
 DELAY_ENV = "WANPORT_CONVERT_TENSOR_DELAY"  # test hook: seconds to sleep after each tensor
-_TMP_TAG = ".wanport-tmp-"
-_OLD_TAG = ".wanport-old-"
-_LOCK_TAG = ".wanport-lock"
+CAST_DTYPES = {"float32": np.float32, "fp32": np.float32, "bfloat16": ml_dtypes.bfloat16, "bf16": ml_dtypes.bfloat16}
 
 ProgressFn = Callable[[str, int], None]
 
@@ -120,103 +116,29 @@ def config_dict(cfg: DitConfig, layout: str) -> dict:
     return cfg.to_wan_dict() if layout == "wan" else cfg.to_dict()
 
 
-# --- atomic output --------------------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def write_model(out: Path, cfg: DitConfig, layout: str, specs: list[TensorSpec], produce: Callable[[str], np.ndarray],
+                manifest: dict, *, prefix: str = "", shard_size: int | None = None,
+                on_tensor: ProgressFn | None = None) -> None:
+    """config.json and the weights of one DiT in `layout` into `out`, every file recorded in `manifest`
+    (under `prefix`, the model's folder inside a pipeline)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config_dict(cfg, layout), indent=2) + "\n")
+    sha, size = mf.hash_file(out / "config.json")
+    mf.add_file(manifest, prefix + "config.json", sha, size)
+    for fname, (sha, size, records) in write_weights(out, layout, specs, produce, shard_size=shard_size,
+                                                     on_tensor=on_tensor).items():
+        mf.add_file(manifest, prefix + fname, sha, size, records if fname.endswith(".safetensors") else None)
 
 
-def clean_stale(dst: Path) -> None:
-    """Remove temp folders a killed conversion left next to `dst` (their owning process is gone)."""
-    if not dst.parent.is_dir():
-        return
-    for p in dst.parent.glob(f".{dst.name}{_TMP_TAG}*"):
-        m = re.match(rf"\.{re.escape(dst.name)}{re.escape(_TMP_TAG)}(\d+)-", p.name)
-        if m and not _pid_alive(int(m.group(1))):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def lock_path(dst: Path) -> Path:
-    return dst.parent / f".{dst.name}{_LOCK_TAG}"
-
-
-@contextmanager
-def output_lock(dst: Path) -> Iterator[Path]:
-    """Hold an exclusive lock on writing `dst`: a lock file next to it, created with O_CREAT|O_EXCL and
-    removed at the end. A lock left by a dead process of this host is taken over."""
-    lock = lock_path(dst)
-    host = socket.gethostname()
-    for attempt in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            try:
-                pid_text, _, owner = lock.read_text(encoding="utf-8").strip().partition(" ")
-                pid = int(pid_text)
-            except (OSError, ValueError):
-                pid, owner = -1, ""
-            if attempt == 0 and owner == host and pid > 0 and not _pid_alive(pid):
-                lock.unlink(missing_ok=True)  # its conversion was killed
-                continue
-            raise FileExistsError(
-                f"{dst} is being written by another wanport convert (process {pid} on {owner or 'unknown host'}, "
-                f"lock file {lock}); wait for it to finish, or delete the lock file if no conversion is running"
-            ) from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(f"{os.getpid()} {host}\n")
-        yield lock
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-@contextmanager
-def staged_output(dst: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder of `dst`; on success it is renamed to `dst`, on any failure
-    (Ctrl-C included) it is removed. An existing `dst` stays untouched unless `force`, and then it is
-    replaced only after the new folder is complete. Writers of the same `dst` exclude each other by a
-    lock file, and without `force` the final rename never replaces a `dst` that appeared meanwhile."""
-    dst = Path(dst)
-    if (dst.exists() or dst.is_symlink()) and not force:
-        raise FileExistsError(f"{dst} already exists; pass --force (force=True) to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with output_lock(dst):
-        if (dst.exists() or dst.is_symlink()) and not force:
-            raise FileExistsError(f"{dst} already exists; pass --force (force=True) to replace it")
-        clean_stale(dst)
-        tmp = dst.parent / f".{dst.name}{_TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
-        tmp.mkdir()
-        try:
-            yield tmp
-            if force and (dst.exists() or dst.is_symlink()):
-                old = dst.parent / f".{dst.name}{_OLD_TAG}{os.getpid()}-{secrets.token_hex(4)}"
-                os.replace(dst, old)
-                try:
-                    os.replace(tmp, dst)
-                except BaseException:
-                    os.replace(old, dst)  # put the old output back
-                    raise
-                if old.is_dir() and not old.is_symlink():
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    old.unlink()
-            else:
-                try:
-                    rename_noreplace(tmp, dst)
-                except FileExistsError:
-                    raise FileExistsError(
-                        f"{dst} appeared while this conversion ran (written by another process); it was kept and "
-                        "this output discarded. Pass --force to replace it"
-                    ) from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+def write_model_folder(dst: str | os.PathLike, cfg: DitConfig, layout: str, specs: list[TensorSpec],
+                       produce: Callable[[str], np.ndarray], *, source: str, force: bool = False,
+                       shard_size: int | None = None, on_tensor: ProgressFn | None = None) -> Path:
+    """A model folder (config + weights + manifest) written whole or not at all (`weights.atomic`)."""
+    with atomic_folder(dst, force=force) as tmp:
+        manifest = mf.new_manifest(layout=layout, source=source)
+        write_model(tmp, cfg, layout, specs, produce, manifest, shard_size=shard_size, on_tensor=on_tensor)
+        mf.write_manifest(tmp, manifest)
+    return Path(dst)
 
 
 # --- conversion -----------------------------------------------------------------------------------
@@ -229,22 +151,21 @@ def is_dit_folder(folder: Path) -> bool:
     return isinstance(raw, dict) and raw.get("_class_name") in DIT_CLASSES
 
 
-def _np_dtype(name: str | None):
+def cast_dtype(name: str | None) -> np.dtype | None:
+    """The numpy dtype of a `--dtype` name (None: keep each tensor's dtype)."""
     if name is None:
         return None
-    from weights.dit_io import _np_dtype as table
-
-    return np.dtype(table(name))
+    if name not in CAST_DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; use float32 or bfloat16")
+    return np.dtype(CAST_DTYPES[name])
 
 
 class _Job:
     """One DiT folder to convert: opened (validated) before any output exists."""
 
     def __init__(self, src: Path, rel: str, to: str, cast, allow_pickle: bool):
-        from weights.dit_io import DitCheckpoint
-
         self.rel = rel
-        self.ckpt = DitCheckpoint(src, allow_pickle=allow_pickle)
+        self.ckpt = Checkpoint(src, DIT, allow_pickle=allow_pickle)
         self.specs: list[TensorSpec] = []
         self.by_name = {}
         self.cast = cast
@@ -263,13 +184,8 @@ class _Job:
         return x.astype(self.cast) if self.cast is not None and x.dtype != self.cast else x
 
     def write(self, out: Path, manifest: dict, shard_size: int | None, on_tensor: ProgressFn | None) -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config_dict(self.ckpt.config, self.to), indent=2) + "\n")
-        prefix = f"{self.rel}/" if self.rel else ""
-        sha, size = mf.hash_file(out / "config.json")
-        mf.add_file(manifest, prefix + "config.json", sha, size)
-        for fname, (sha, size, records) in write_weights(out, self.to, self.specs, self.produce, shard_size=shard_size, on_tensor=on_tensor).items():
-            mf.add_file(manifest, prefix + fname, sha, size, records if fname.endswith(".safetensors") else None)
+        write_model(out, self.ckpt.config, self.to, self.specs, self.produce, manifest,
+                    prefix=f"{self.rel}/" if self.rel else "", shard_size=shard_size, on_tensor=on_tensor)
 
 
 def _copy_tree(src: Path, dst: Path, rel: str, manifest: dict) -> None:
@@ -303,7 +219,7 @@ def convert(
         raise ValueError(f"unknown layout {to!r}; choose one of {', '.join(LAYOUTS)}")
     src, dst = Path(src), Path(dst)
     limit = parse_size(shard_size) if shard_size is not None else None
-    cast = _np_dtype(dtype)
+    cast = cast_dtype(dtype)
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a folder")
     s, d = src.resolve(), dst.resolve()
@@ -321,7 +237,7 @@ def convert(
         jobs.append(_Job(src, "", to, cast, allow_pickle))
     elif (src / "model_index.json").is_file():
         for child in sorted(src.iterdir()):
-            if child.name == mf.MANIFEST_NAME or any(tag in child.name for tag in (_TMP_TAG, _OLD_TAG, _LOCK_TAG)):
+            if child.name == mf.MANIFEST_NAME or any(tag in child.name for tag in TEMP_TAGS):
                 continue
             if child.is_dir() and is_dit_folder(child):
                 jobs.append(_Job(child, child.name, to, cast, allow_pickle))
@@ -359,7 +275,7 @@ def convert(
             time.sleep(delay)
 
     try:
-        with staged_output(dst, force=force) as tmp:
+        with atomic_folder(dst, force=force) as tmp:
             for job in jobs:
                 job.write(tmp / job.rel if job.rel else tmp, manifest, limit, on_tensor)
             for c in copies:

@@ -1,8 +1,9 @@
 """The one name/layout map of the Wan DiT between diffusers, the original Wan repository and Flax.
 
-Every tensor of a model appears once, as an `Entry` naming it in each layout, with its diffusers
-shape and the layout change to Flax. Loading, converting and the key checks all read this list, so a
-missing, extra or mis-shaped tensor is reported by name in whichever layout the user has.
+Every tensor of a model appears once, as an `Entry` (`weights.entry`) naming it in each layout, with its
+diffusers shape and the layout change to Flax. Loading, converting and the key checks all read this list
+(through `DIT`, the map the checkpoint engine opens DiT folders with), so a missing, extra or mis-shaped
+tensor is reported by name in whichever layout the user has.
 
 Flax checkpoint keys are the paths of `jax_impl.dit.WanTransformer`'s parameters with the layer
 index after "blocks" (`blocks.3.self_attn.q.kernel`); the model stores the blocks stacked.
@@ -10,69 +11,10 @@ index after "blocks" (`blocks.3.self_attn.q.kernel`); the model stores the block
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
-
-from jax_impl.config import DitConfig
-from weights.safetensors_io import CheckpointError
-
-LAYOUTS = ("diffusers", "wan", "flax")
-
-
-def transpose2d(x: np.ndarray, rows: int = 128) -> np.ndarray:
-    """A contiguous transpose done in bands of rows: about 3x faster than `ascontiguousarray(x.T)` on
-    large matrices (the band stays in cache), and the same bits."""
-    if x.ndim != 2 or x.size < 1 << 16:
-        return np.ascontiguousarray(x.T)
-    r, c = x.shape
-    out = np.empty((c, r), dtype=x.dtype)
-    for i in range(0, r, rows):
-        out[:, i : i + rows] = x[i : i + rows].T
-    return out
-
-
-@dataclass(frozen=True)
-class Entry:
-    diffusers: str
-    wan: str
-    flax: str
-    shape: tuple[int, ...]  # torch-side (diffusers and wan share layouts)
-    kind: str  # "linear" (transposed in Flax), "conv3d" (channels-last in Flax), "copy"
-
-    def name(self, layout: str) -> str:
-        return getattr(self, layout)
-
-    def flax_shape(self) -> tuple[int, ...]:
-        if self.kind == "linear":
-            return self.shape[::-1]
-        if self.kind == "conv3d":
-            o, i, t, h, w = self.shape
-            return (t, h, w, i, o)
-        return self.shape
-
-    def layout_shape(self, layout: str) -> tuple[int, ...]:
-        return self.flax_shape() if layout == "flax" else self.shape
-
-    def to_flax(self, x: np.ndarray) -> np.ndarray:
-        if self.kind == "linear":
-            return transpose2d(x)
-        if self.kind == "conv3d":
-            return np.ascontiguousarray(x.transpose(2, 3, 4, 1, 0))
-        return x
-
-    def from_flax(self, x: np.ndarray) -> np.ndarray:
-        if self.kind == "linear":
-            return transpose2d(x)
-        if self.kind == "conv3d":
-            return np.ascontiguousarray(x.transpose(4, 3, 0, 1, 2))
-        return x
-
-    def convert(self, x: np.ndarray, src: str, dst: str) -> np.ndarray:
-        """Re-lay a tensor from layout `src` to `dst`; a pure permutation, so bit-exact both ways."""
-        if src == dst or {src, dst} == {"diffusers", "wan"}:
-            return x
-        return self.to_flax(x) if dst == "flax" else self.from_flax(x)
+from weights.configs.dit import DitConfig
+from weights.entry import Entry, WeightMap
 
 
 def _linear(entries: list[Entry], d: str, w: str, f: str, d_in: int, d_out: int) -> None:
@@ -129,33 +71,24 @@ def dit_entries(cfg: DitConfig) -> list[Entry]:
     return e
 
 
-def detect_layout(keys: list[str] | set[str]) -> str:
-    """Which layout a set of checkpoint keys is in, from names only one layout uses."""
-    keys = set(keys)
-    if "patch_kernel" in keys:
-        return "flax"
-    if "proj_out.weight" in keys or any(k.startswith("condition_embedder.") for k in keys):
-        return "diffusers"
-    if "head.head.weight" in keys or any(k.startswith("time_embedding.") for k in keys):
-        return "wan"
-    raise ValueError("cannot tell the checkpoint layout: none of the diffusers, original-Wan or Flax DiT key names found")
+def read_dit_config(raw: dict[str, Any], keys: list[str], source: str) -> DitConfig:
+    """diffusers' config.json, or the original repository's ("WanModel"; its image branch read from the weights)."""
+    if raw.get("_class_name") == "WanModel":
+        return DitConfig.from_wan_dict(raw, any(k.startswith("img_emb.") for k in keys), source=source)
+    return DitConfig.from_dict(raw, source=source)
 
 
-def check_keys(entries: list[Entry], found: dict[str, tuple[int, ...]], layout: str, source: str) -> None:
-    """Raise one error listing every missing, unexpected and mis-shaped tensor (names and both shapes)."""
-    expected = {en.name(layout): en.layout_shape(layout) for en in entries}
-    missing = [k for k in expected if k not in found]
-    extra = [k for k in found if k not in expected and not k.endswith("norm_added_q.weight")]
-    bad = [f"{k}: checkpoint {list(found[k])}, config expects {list(s)}" for k, s in expected.items() if k in found and tuple(found[k]) != tuple(s)]
-    if missing or extra or bad:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-        if extra:
-            parts.append(f"unexpected {len(extra)} tensor(s): {', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}")
-        if bad:
-            parts.append("mis-shaped: " + "; ".join(bad[:8]))
-        raise CheckpointError(
-            f"{source} ({layout} layout) does not match its config: " + " | ".join(parts)
-            + ". Check that config.json belongs to these weights (preset, layer count, I2V vs T2V)."
-        )
+DIT = WeightMap(
+    what="model",
+    subfolder="transformer",
+    signatures={
+        "diffusers": ("proj_out.weight", "condition_embedder."),
+        "wan": ("head.head.weight", "time_embedding."),
+        "flax": ("patch_kernel",),
+    },
+    entries=dit_entries,
+    read_config=read_dit_config,
+    hint="Check that config.json belongs to these weights (preset, layer count, I2V vs T2V).",
+    ignore=("norm_added_q.weight",),  # diffusers' I2V attention has it; Wan never uses it
+)
+LAYOUTS = DIT.layouts

@@ -1,68 +1,28 @@
 """The one name/layout map of FantasyWorld: our torch reference <-> the released `model.pth` <-> Flax.
 
-Every tensor appears once as an `Entry` (the DiT map's type): `diffusers` holds the key in our PyTorch
+Every tensor appears once as an `Entry` (`weights.entry`): `diffusers` holds the key in our PyTorch
 reference (`torch_ref.fantasyworld`, whose Wan half is diffusers' WanTransformer3DModel under `wan.`),
 `wan` the key in the released checkpoint (the public code's module tree: `pipe.dit.*`,
 `IRGBlock.N.{x_dit,x_agg,bicross_attention}.*`, `vggt.*`, `camera_condition.pose_encoder.*`), `flax`
-the parameter path in `jax_impl.fantasyworld` (our module tree, `kernel`/`scale` leaves). `FwEntry`
-adds the layout changes of 2D/1D/transposed convolutions and of (C, 1, 1, 1) gains.
+the parameter path in `jax_impl.fantasyworld` (our module tree, `kernel`/`scale` leaves). The one `Entry`
+type (`weights.entry`) covers its 2D/1D/transposed convolutions and (C, 1, 1, 1) gains.
 
 The per-module builders take path prefixes so one module can be mapped alone (parity tests).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from weights.dit_map import Entry, dit_entries
-from weights.fantasyworld_config import FantasyWorldConfig
+from weights.configs.fantasyworld import FantasyWorldConfig
+from weights.dit_map import dit_entries
+from weights.entry import Entry, describe_mismatch
+from weights.safetensors_io import CheckpointError
 
 TORCH, RELEASED, FLAX = "diffusers", "wan", "flax"  # Entry field names used for our three layouts
 
 
-@dataclass(frozen=True)
-class FwEntry(Entry):
-    """Entry with the extra kinds: conv2d (O,I,H,W -> H,W,I,O), conv1d (O,I,K -> K,I,O),
-    conv_transpose2d (I,O,H,W -> H,W,I,O) and flatten ((C,1,1,1) -> (C,))."""
-
-    def flax_shape(self) -> tuple[int, ...]:
-        s = self.shape
-        if self.kind == "conv2d":
-            return (s[2], s[3], s[1], s[0])
-        if self.kind == "conv1d":
-            return (s[2], s[1], s[0])
-        if self.kind == "conv_transpose2d":
-            return (s[2], s[3], s[0], s[1])
-        if self.kind == "flatten":
-            return (int(np.prod(s)),)
-        return super().flax_shape()
-
-    def to_flax(self, x: np.ndarray) -> np.ndarray:
-        if self.kind == "conv2d":
-            return np.ascontiguousarray(x.transpose(2, 3, 1, 0))
-        if self.kind == "conv1d":
-            return np.ascontiguousarray(x.transpose(2, 1, 0))
-        if self.kind == "conv_transpose2d":
-            return np.ascontiguousarray(x.transpose(2, 3, 0, 1))
-        if self.kind == "flatten":
-            return x.reshape(-1)
-        return super().to_flax(x)
-
-    def from_flax(self, x: np.ndarray) -> np.ndarray:
-        if self.kind == "conv2d":
-            return np.ascontiguousarray(x.transpose(3, 2, 0, 1))
-        if self.kind == "conv1d":
-            return np.ascontiguousarray(x.transpose(2, 1, 0))
-        if self.kind == "conv_transpose2d":
-            return np.ascontiguousarray(x.transpose(2, 3, 0, 1))
-        if self.kind == "flatten":
-            return x.reshape(self.shape)
-        return super().from_flax(x)
-
-
-Entries = list[FwEntry]
+Entries = list[Entry]
 _LEAF = {"linear": "kernel", "conv3d": "kernel", "conv2d": "kernel", "conv1d": "kernel", "conv_transpose2d": "kernel"}
 
 
@@ -75,7 +35,7 @@ def _add(e: Entries, t: str, r: str, shape, kind: str = "copy") -> None:
     f = t
     if t.endswith(".weight"):
         f = t[: -len("weight")] + _LEAF.get(kind, "scale")
-    e.append(FwEntry(t, r, f, tuple(shape), kind))
+    e.append(Entry(t, r, f, tuple(shape), kind))
 
 
 def _linear(e: Entries, t: str, r: str, d_in: int, d_out: int, bias: bool = True) -> None:
@@ -246,7 +206,7 @@ def wan_entries(cfg: FantasyWorldConfig) -> Entries:
             r = f"{_released_wan_block(cfg, int(i))}.{rest}"
         else:
             r = f"pipe.dit.{r}"
-        out.append(FwEntry(f"wan.{en.diffusers}", r, f"wan.{en.flax}", en.shape, en.kind))
+        out.append(Entry(f"wan.{en.diffusers}", r, f"wan.{en.flax}", en.shape, en.kind))
     return out
 
 
@@ -271,17 +231,9 @@ def relayout(tensors: dict[str, np.ndarray], entries: Entries, src: str, dst: st
     """Rename and re-lay every tensor from layout `src` to `dst` (TORCH, RELEASED or FLAX).
 
     Raises one error listing missing, unexpected and mis-shaped tensors (names in the source layout)."""
-    from weights.safetensors_io import CheckpointError
-
     by_src = {en.name(src): en for en in entries}
-    missing = [k for k in by_src if k not in tensors]
-    extra = [k for k in tensors if k not in by_src]
-    bad = [f"{k}: {list(np.shape(tensors[k]))} vs expected {list(en.layout_shape(src))}"
-           for k, en in by_src.items() if k in tensors and tuple(np.shape(tensors[k])) != tuple(en.layout_shape(src))]
-    if missing or extra or bad:
-        parts = []
-        for what, items in (("missing", missing), ("unexpected", extra), ("mis-shaped", bad)):
-            if items:
-                parts.append(f"{what} {len(items)}: {', '.join(items[:6])}{' ...' if len(items) > 6 else ''}")
-        raise CheckpointError(f"{source} does not match the FantasyWorld config ({src} layout): " + " | ".join(parts))
+    problems = describe_mismatch({k: en.layout_shape(src) for k, en in by_src.items()},
+                                 {k: np.shape(v) for k, v in tensors.items()}, unit="")
+    if problems:
+        raise CheckpointError(f"{source} does not match the FantasyWorld config ({src} layout): {problems}")
     return {en.name(dst): en.convert(np.asarray(tensors[en.name(src)]), src, dst) for en in entries}

@@ -2,7 +2,8 @@
 
 Written next to a converted checkpoint (`wanport_manifest.json`) so a later `wanport convert --verify`
 can tell a complete, unmodified copy from a truncated download or a flipped bit, and name which file
-and which tensor differ. File hashes catch any change; tensor hashes say where it is.
+and which tensor differ. File hashes catch any change; tensor hashes say where it is. The digests of
+files and JSON values here also key resumable stages (`jax_impl.stages`, `weights.checkpoint.identity`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ def add_file(manifest: dict[str, Any], rel: str, sha256: str, size: int, tensors
 
 def tensor_record(dtype, shape, sha256: str) -> dict[str, Any]:
     return {"dtype": dtype_name(dtype), "shape": list(shape), "sha256": sha256}
+
+
+def digest_json(obj: Any) -> str:
+    """sha256 of the canonical JSON of `obj` (sorted keys, no whitespace): equal values, equal digests."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (read in chunks)."""
+    return hash_file(path)[0]
 
 
 def hash_file(path: str | os.PathLike) -> tuple[str, int]:

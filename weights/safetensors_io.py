@@ -442,10 +442,11 @@ def _torch_to_numpy_dtype(tdtype, what: str) -> np.dtype:
     return np.dtype(table[tdtype])
 
 
-def open_reader(folder: str | os.PathLike, allow_pickle: bool = False):
-    """The reader for a model folder: safetensors always; pickled weights only when explicitly allowed."""
+def open_reader(folder: str | os.PathLike, allow_pickle: bool = False, prefer: str = "diffusion_pytorch_model"):
+    """The reader for a model folder: safetensors always (`prefer`: the file stem to read when a folder holds
+    several single files); pickled weights only when explicitly allowed."""
     folder = Path(folder)
     if allow_pickle and folder.is_dir() and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.safetensors.index.json")):
         if any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir()):
             return PickleReader(folder)
-    return CheckpointReader(folder)
+    return CheckpointReader(folder, prefer=prefer)

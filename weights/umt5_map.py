@@ -1,7 +1,7 @@
 """The name/layout map of the UMT5 encoder between transformers' UMT5EncoderModel and our Flax model.
 
-One `Entry` per tensor (the DiT map's type): the transformers name (in the `diffusers` and `wan` slots: the
-original Wan release's T5 file is a pickle with other names and is not mapped), the Flax path of
+One `Entry` per tensor (`weights.entry`): the transformers name (in the `diffusers` slot; the original Wan
+release's T5 file is a pickle with other names and is not mapped, so `wan` is None), the Flax path of
 `jax_impl.encoders.umt5.Umt5Encoder` with the layer index after "layers", the torch shape and the layout
 change (linear weights transposed to [in, out]).
 
@@ -11,15 +11,15 @@ The token embedding is tied: transformers stores `shared.weight`, older or hand-
 
 from __future__ import annotations
 
-from jax_impl.encoders.config import Umt5Config
-from weights.dit_map import Entry
+from weights.configs.encoders import Umt5Config
+from weights.entry import Entry, WeightMap
 
 EMBED = "shared.weight"
 EMBED_ALIAS = "encoder.embed_tokens.weight"
 
 
 def _entry(name: str, flax: str, shape: tuple[int, ...], kind: str) -> Entry:
-    return Entry(name, name, flax, shape, kind)
+    return Entry(name, None, flax, shape, kind)
 
 
 def umt5_entries(cfg: Umt5Config) -> list[Entry]:
@@ -53,4 +53,14 @@ def canonical_keys(keys: list[str]) -> dict[str, str]:
     return out
 
 
-__all__ = ["umt5_entries", "canonical_keys", "EMBED", "EMBED_ALIAS"]
+UMT5 = WeightMap(
+    what="UMT5 text encoder",
+    subfolder="text_encoder",
+    signatures={"diffusers": ()},
+    entries=umt5_entries,
+    read_config=lambda raw, keys, source: Umt5Config.from_dict(raw, source=source),
+    canonical_keys=canonical_keys,
+    prefer="model",
+)
+
+__all__ = ["UMT5", "umt5_entries", "canonical_keys", "EMBED", "EMBED_ALIAS"]

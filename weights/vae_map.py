@@ -1,71 +1,16 @@
 """The one name/layout map of the Wan VAE (AutoencoderKLWan) between diffusers and Flax.
 
-Every tensor appears once as an `Entry`: its diffusers name, its Flax path (`jax_impl.vae.WanVAE`'s
-parameter path joined with "."), its diffusers shape and the layout change:
-Conv3d (O, I, T, H, W) -> (T, H, W, I, O); Conv2d (O, I, H, W) -> (H, W, I, O); the RMS-norm gains
-(C, 1, 1[, 1]) -> (C,). The list is built from the config alone, so a folder's tensors are checked
-before any model is built.
+Every tensor appears once as an `Entry` (`weights.entry`; no original-release name): its diffusers name,
+its Flax path (`jax_impl.vae.WanVAE`'s parameter path joined with "."), its diffusers shape and the layout
+change: Conv3d (O, I, T, H, W) -> (T, H, W, I, O); Conv2d (O, I, H, W) -> (H, W, I, O); the RMS-norm gains
+(C, 1, 1[, 1]) -> (C,) ("flatten"). The list is built from the config alone, so a folder's tensors are
+checked before any model is built. `VAE` is the map the checkpoint engine opens VAE folders with.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
-
-from jax_impl.vae_config import VaeConfig
-from weights.safetensors_io import CheckpointError
-
-LAYOUTS = ("diffusers", "flax")
-
-
-@dataclass(frozen=True)
-class Entry:
-    diffusers: str
-    flax: str
-    shape: tuple[int, ...]  # diffusers (torch) shape
-    kind: str  # "conv3d", "conv2d", "gain" (squeeze the broadcast axes) or "copy"
-
-    def name(self, layout: str) -> str:
-        return getattr(self, layout)
-
-    def flax_shape(self) -> tuple[int, ...]:
-        if self.kind == "conv3d":
-            o, i, t, h, w = self.shape
-            return (t, h, w, i, o)
-        if self.kind == "conv2d":
-            o, i, h, w = self.shape
-            return (h, w, i, o)
-        if self.kind == "gain":
-            return self.shape[:1]
-        return self.shape
-
-    def layout_shape(self, layout: str) -> tuple[int, ...]:
-        return self.flax_shape() if layout == "flax" else self.shape
-
-    def to_flax(self, x: np.ndarray) -> np.ndarray:
-        if self.kind == "conv3d":
-            return np.ascontiguousarray(x.transpose(2, 3, 4, 1, 0))
-        if self.kind == "conv2d":
-            return np.ascontiguousarray(x.transpose(2, 3, 1, 0))
-        if self.kind == "gain":
-            return np.ascontiguousarray(x.reshape(x.shape[0]))
-        return x
-
-    def from_flax(self, x: np.ndarray) -> np.ndarray:
-        if self.kind == "conv3d":
-            return np.ascontiguousarray(x.transpose(4, 3, 0, 1, 2))
-        if self.kind == "conv2d":
-            return np.ascontiguousarray(x.transpose(3, 2, 0, 1))
-        if self.kind == "gain":
-            return np.ascontiguousarray(x.reshape(self.shape))
-        return x
-
-    def convert(self, x: np.ndarray, src: str, dst: str) -> np.ndarray:
-        """Re-lay a tensor from `src` to `dst` layout; a pure permutation/reshape, bit-exact both ways."""
-        if src == dst:
-            return x
-        return self.to_flax(x) if dst == "flax" else self.from_flax(x)
+from weights.configs.vae import VaeConfig
+from weights.entry import Entry, WeightMap
 
 
 class _Builder:
@@ -73,15 +18,15 @@ class _Builder:
         self.entries: list[Entry] = []
 
     def conv3d(self, d: str, f: str, c_in: int, c_out: int, k: tuple[int, int, int]) -> None:
-        self.entries.append(Entry(f"{d}.weight", f"{f}.kernel", (c_out, c_in, *k), "conv3d"))
-        self.entries.append(Entry(f"{d}.bias", f"{f}.bias", (c_out,), "copy"))
+        self.entries.append(Entry(f"{d}.weight", None, f"{f}.kernel", (c_out, c_in, *k), "conv3d"))
+        self.entries.append(Entry(f"{d}.bias", None, f"{f}.bias", (c_out,), "copy"))
 
     def conv2d(self, d: str, f: str, c_in: int, c_out: int, k: int) -> None:
-        self.entries.append(Entry(f"{d}.weight", f"{f}.kernel", (c_out, c_in, k, k), "conv2d"))
-        self.entries.append(Entry(f"{d}.bias", f"{f}.bias", (c_out,), "copy"))
+        self.entries.append(Entry(f"{d}.weight", None, f"{f}.kernel", (c_out, c_in, k, k), "conv2d"))
+        self.entries.append(Entry(f"{d}.bias", None, f"{f}.bias", (c_out,), "copy"))
 
     def norm(self, d: str, f: str, dim: int, images: bool = False) -> None:
-        self.entries.append(Entry(f"{d}.gamma", f"{f}.gamma", (dim, 1, 1) if images else (dim, 1, 1, 1), "gain"))
+        self.entries.append(Entry(f"{d}.gamma", None, f"{f}.gamma", (dim, 1, 1) if images else (dim, 1, 1, 1), "flatten"))
 
     def resblock(self, p: str, c_in: int, c_out: int) -> None:
         self.norm(f"{p}.norm1", f"{p}.norm1", c_in)
@@ -161,31 +106,11 @@ def vae_entries(cfg: VaeConfig) -> list[Entry]:
     return b.entries
 
 
-def detect_layout(keys: list[str] | set[str]) -> str:
-    keys = set(keys)
-    if "encoder.conv_in.kernel" in keys:
-        return "flax"
-    if "encoder.conv_in.weight" in keys:
-        return "diffusers"
-    raise ValueError("cannot tell the VAE checkpoint layout: neither encoder.conv_in.weight nor encoder.conv_in.kernel found")
-
-
-def check_keys(entries: list[Entry], found: dict[str, tuple[int, ...]], layout: str, source: str) -> None:
-    """Raise one error listing every missing, unexpected and mis-shaped tensor (names and both shapes)."""
-    expected = {en.name(layout): en.layout_shape(layout) for en in entries}
-    missing = [k for k in expected if k not in found]
-    extra = [k for k in found if k not in expected]
-    bad = [f"{k}: checkpoint {list(found[k])}, config expects {list(s)}" for k, s in expected.items()
-           if k in found and tuple(found[k]) != tuple(s)]
-    if missing or extra or bad:
-        parts = []
-        if bad:
-            parts.append("mis-shaped: " + "; ".join(bad[:8]) + (" ..." if len(bad) > 8 else ""))
-        if missing:
-            parts.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-        if extra:
-            parts.append(f"unexpected {len(extra)} tensor(s): {', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}")
-        raise CheckpointError(
-            f"{source} ({layout} layout) does not match its VAE config: " + " | ".join(parts)
-            + ". Check that vae/config.json belongs to these weights (Wan2.1 vs Wan2.2 VAE, base_dim, z_dim)."
-        )
+VAE = WeightMap(
+    what="VAE",
+    subfolder="vae",
+    signatures={"diffusers": ("encoder.conv_in.weight",), "flax": ("encoder.conv_in.kernel",)},
+    entries=vae_entries,
+    read_config=lambda raw, keys, source: VaeConfig.from_dict(raw, source=source),
+    hint="Check that vae/config.json belongs to these weights (Wan2.1 vs Wan2.2 VAE, base_dim, z_dim).",
+)

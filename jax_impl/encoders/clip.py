@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import kernels
-from jax_impl.encoders.config import ClipVisionConfig
+from weights.configs.encoders import ClipVisionConfig
 from jax_impl.layers import ACTIVATIONS, F32, Dense, LayerNorm, fused_dense
 
 Taps = dict[str, jax.Array]

@@ -22,9 +22,9 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from jax_impl.encoders.config import ClipProcessorConfig
 from jax_impl.frozen_jit import frozen_jit
-from weights.encoder_io import load_clip_vision
+from jax_impl.loading import load_clip_vision
+from weights.configs.encoders import ClipProcessorConfig
 from weights.safetensors_io import CheckpointError
 
 

@@ -20,8 +20,8 @@ import numpy as np
 from flax import nnx
 
 from jax_impl.frozen_jit import frozen_jit
-from jax_impl.encoders.prompt import MAX_TEXT_TOKENS, clean_prompt
-from weights.encoder_io import load_umt5
+from jax_impl.loading import load_umt5
+from weights.configs.prompt import MAX_TEXT_TOKENS, clean_prompt
 from weights.safetensors_io import CheckpointError
 
 

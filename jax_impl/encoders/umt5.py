@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_impl.encoders.config import Umt5Config
+from weights.configs.encoders import Umt5Config
 from jax_impl.layers import ACTIVATIONS, F32, dense
 
 Taps = dict[str, jax.Array]

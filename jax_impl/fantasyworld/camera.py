@@ -14,7 +14,7 @@ from flax import nnx
 
 from jax_impl.fantasyworld.ops import Conv, GroupNorm, pixel_unshuffle
 from jax_impl.layers import F32, Dense, LayerNorm, gelu_exact
-from weights.fantasyworld_config import FantasyWorldConfig
+from weights.configs.fantasyworld import FantasyWorldConfig
 
 
 def plucker_rays(c2w: jax.Array, intrinsics: jax.Array, height: int, width: int) -> jax.Array:

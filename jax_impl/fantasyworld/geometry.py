@@ -17,7 +17,7 @@ import kernels
 from jax_impl.dit import timestep_embedding
 from jax_impl.fantasyworld.ops import Conv
 from jax_impl.layers import F32, Dense, LayerNorm, gelu_exact
-from weights.fantasyworld_config import FantasyWorldConfig
+from weights.configs.fantasyworld import FantasyWorldConfig
 
 Mod = tuple[jax.Array, ...]  # six [rows, 1, D] modulation vectors
 

@@ -19,7 +19,7 @@ from flax import nnx
 from jax_impl.fantasyworld.geometry import GeometryBlock
 from jax_impl.fantasyworld.ops import BlockConvTranspose, Conv, resize_bilinear
 from jax_impl.layers import F32, Dense, LayerNorm, gelu_exact
-from weights.fantasyworld_config import FantasyWorldConfig
+from weights.configs.fantasyworld import FantasyWorldConfig
 
 
 def _plain_ln(x: jax.Array, eps: float) -> jax.Array:

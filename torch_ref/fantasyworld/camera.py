@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from weights.fantasyworld_config import FantasyWorldConfig
+from weights.configs.fantasyworld import FantasyWorldConfig
 
 TEXT_TOKENS = 512  # diffusers' Wan cross-attention takes every token before the last 512 as image tokens
 

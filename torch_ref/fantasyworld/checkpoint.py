@@ -16,7 +16,7 @@ import torch
 
 from torch_ref.fantasyworld.model import FantasyWorld
 from weights.atomic import atomic_folder
-from weights.fantasyworld_config import FantasyWorldConfig
+from weights.configs.fantasyworld import FantasyWorldConfig
 from weights.fantasyworld_map import RELEASED, TORCH, fantasyworld_entries, relayout
 from weights.safetensors_io import CheckpointError, load_tensors, save_tensors
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from torch_ref.fantasyworld.geometry import GeometryBlock
-from weights.fantasyworld_config import FantasyWorldConfig
+from weights.configs.fantasyworld import FantasyWorldConfig
 
 
 def activate_pose(pose: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch_ref.fantasyworld.bicross import BiCrossAttention, rope3d_tables
 from torch_ref.fantasyworld.camera import AdaptedCrossAttention, CameraAdapter, CameraPoseEncoder
 from torch_ref.fantasyworld.geometry import GeometryBlock, GeometryEmbed, frame_positions, rope2d_tables
 from torch_ref.fantasyworld.heads import CameraHead, DPTHead
-from weights.fantasyworld_config import FantasyWorldConfig
+from weights.configs.fantasyworld import FantasyWorldConfig
 
 Taps = dict[str, torch.Tensor]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from jax_impl.config import ConfigError, JsonConfig
+from weights.configs.base import ConfigError, JsonConfig
 
 # transformers activation names -> the function our models apply (jax_impl.encoders.{umt5,clip}.ACTIVATIONS)
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "quick_gelu", "relu", "silu")

@@ -15,8 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from wanport.args import GENERATE_SIZES, add_generate_arguments, default_dtype, encoders_from_args, settings_from_args
+from wanport.commands.demo import DEMO_IMAGE, DEMO_PROMPT
+
 TINY_DEFAULTS = {"frames": 17, "height": 64, "width": 64, "steps": 10}
-FULL_DEFAULTS = {"frames": 81, "height": 480, "width": 832, "steps": 40}
+FULL_DEFAULTS = GENERATE_SIZES
 DEFAULT_PRESET = "tiny-wan2.1-i2v-14b"
 
 CFG_DOC = __doc__ + """
@@ -75,23 +78,8 @@ examples:
 """
 
 
-def _tune_parser(p: argparse.ArgumentParser, default_out: str) -> None:
-    from jax_impl.generate import add_generate_arguments
-
-    add_generate_arguments(p)
-    # analyze may run without a checkpoint (the tiny default) and then has its own size defaults
-    for action in p._actions:
-        if "--checkpoint" in action.option_strings:
-            action.required = False
-            action.help = "pipeline folder as for `wanport generate`; default: write the tiny --preset into OUT/tiny/"
-        if action.dest == "image":
-            action.help += "; without --checkpoint: the bundled demo image"
-        if action.dest == "prompt":
-            action.help += "; without --checkpoint: the bundled demo prompt"
-        if action.dest in TINY_DEFAULTS:
-            action.help = (f"{action.help.split(' (default')[0].split('; default')[0]}; default "
-                           f"{FULL_DEFAULTS[action.dest]} with --checkpoint, {TINY_DEFAULTS[action.dest]} without")
-    p.set_defaults(**{k: None for k in TINY_DEFAULTS})
+def _add_options(p: argparse.ArgumentParser, default_out: str) -> None:
+    add_generate_arguments(p, tiny=TINY_DEFAULTS)
     p.add_argument("--preset", default=DEFAULT_PRESET,
                    help=f"tiny preset written when --checkpoint is omitted (default {DEFAULT_PRESET}; "
                         "tiny-wan2.2-i2v-a14b has two experts, tiny-wan2.2-ti2v-5b conditions on the first frame)")
@@ -100,9 +88,11 @@ def _tune_parser(p: argparse.ArgumentParser, default_out: str) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> dict[str, Any]:
-    from jax_impl.demo import DEMO_IMAGE, DEMO_PROMPT
-    from jax_impl.generate import default_dtype, settings_from_args
+    # lazy: `wanport --help` must not start jax and torch (measured: 10.7 s -> 0.2 s)
     from jax_impl.media import load_image
+    from jax_impl.pipeline import Pipeline
+    from torch_ref.checkpoints import write_tiny_checkpoint
+    from weights.safetensors_io import load_tensors
 
     out = Path(args.out)
     tiny = args.checkpoint is None
@@ -120,20 +110,15 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     last_image = load_image(args.last_image) if args.last_image else None
     embeddings = None
     if args.embeddings:
-        from weights.safetensors_io import load_tensors
-
         embeddings = load_tensors(args.embeddings)[0]
     checkpoint = Path(args.checkpoint) if not tiny else out / "tiny" / args.preset
     if tiny and not (checkpoint / "model_index.json").is_file():
-        from torch_ref.checkpoints import write_tiny_checkpoint
-
         write_tiny_checkpoint(args.preset, checkpoint, seed=args.seed, force=True)
         print(f"wrote the tiny {args.preset} pipeline (random weights): {checkpoint}")
-    from jax_impl.pipeline import Pipeline
-
     dtype = default_dtype(args.dtype)
     t0 = time.perf_counter()
-    pipe = Pipeline(checkpoint, dtype=dtype, attention_backend=args.backend, load_encoders=embeddings is None)
+    pipe = Pipeline(checkpoint, dtype=dtype, attention_backend=args.backend, load_encoders=embeddings is None,
+                    encoders=encoders_from_args(args))
     load_s = time.perf_counter() - t0
     pipe.check_settings(settings, image is not None)
     meta = {
@@ -142,7 +127,7 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
         "negative_prompt": args.negative_prompt, "embeddings": args.embeddings,
         "settings": dataclasses.asdict(settings), "num_experts": len(pipe.experts),
         "boundary_ratio": pipe.boundary_ratio, "conditioning": pipe.conditioning, "dtype": dtype,
-        "attention_backend": args.backend, "device": _device(), "load_s": load_s,
+        "attention_backend": args.backend, "encoders": args.encoders, "device": _device(), "load_s": load_s,
     }
     return {"out": out, "pipe": pipe, "settings": settings, "image": image, "last_image": last_image,
             "embeddings": embeddings, "meta": meta}
@@ -156,6 +141,7 @@ def _device() -> str:
 
 
 def _cfg(args: argparse.Namespace) -> int:
+    # lazy: `wanport --help` must not start jax and torch (measured: 10.7 s -> 0.2 s)
     from jax_impl.media import to_uint8, write_mp4
     from parity.guidance import record_cfg, write_cfg_report
 
@@ -187,6 +173,7 @@ def _cfg(args: argparse.Namespace) -> int:
 
 
 def _truncation(args: argparse.Namespace) -> int:
+    # lazy: `wanport --help` must not start jax and torch (measured: 10.7 s -> 0.2 s)
     from jax_impl.media import write_mp4
     from parity.guidance import default_cuts, parse_int_list, run_truncation, write_truncation_report
 
@@ -227,7 +214,7 @@ def _truncation(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_subcommands(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     top = sub.add_parser("analyze", help="guidance analyses: per-step CFG gap (cfg), guidance truncation (truncation)",
                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                          epilog="examples:\n  wanport analyze cfg --out cfg-tiny\n"
@@ -238,13 +225,13 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
 
     p = asub.add_parser("cfg", help="MSE between conditional and unconditional predictions at every step",
                         description=CFG_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _tune_parser(p, "wanport-cfg")
+    _add_options(p, "wanport-cfg")
     p.add_argument("--no-video", action="store_true", help="skip decoding and writing video.mp4")
     p.set_defaults(func=_cfg)
 
     p = asub.add_parser("truncation", help="quality and time of guidance switched off after step N",
                         description=TRUNCATION_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _tune_parser(p, "wanport-truncation")
+    _add_options(p, "wanport-truncation")
     p.add_argument("--cut", metavar="N,N,...",
                    help="guidance on steps 0..N-1 only, for each N (0..--steps); default: 5 evenly spaced from 0 to "
                         "--steps (40 steps: 0,10,20,30,40)")

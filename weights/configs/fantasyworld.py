@@ -11,17 +11,15 @@ CPU in seconds.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
-from jax_impl.config import ConfigError, DitConfig
-from jax_impl.presets import get_preset
-from weights.atomic import atomic_write
+from weights.configs.base import ConfigError, JsonConfig
+from weights.configs.dit import DitConfig
+from weights.configs.presets import get_preset
 
 
 @dataclasses.dataclass(frozen=True)
-class FantasyWorldConfig:
+class FantasyWorldConfig(JsonConfig):
     wan: DitConfig
     branch_start: int = 16  # Wan blocks run plainly before the geometry branch starts
     adapter_blocks: int = 25  # Wan blocks 0 .. adapter_blocks-1 carry the camera adapter
@@ -63,9 +61,6 @@ class FantasyWorldConfig:
 
     def __post_init__(self) -> None:
         self.validate()
-
-    def replace(self, **changes: Any) -> "FantasyWorldConfig":
-        return dataclasses.replace(self, **changes)
 
     # ---------------------------------------------------------------- derived sizes
     @property
@@ -175,13 +170,3 @@ class FantasyWorldConfig:
             return cls(wan=DitConfig.from_dict(raw["wan"], source=f"{source} (wan)"), **kw)
         except TypeError as e:  # a wrongly typed field
             raise ConfigError(f"{source}: {e}") from None
-
-    def to_json(self, path: str | os.PathLike) -> None:
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        with atomic_write(path, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "FantasyWorldConfig":
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f), source=str(path))

@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from parity.report import Report
 
 MODELS = ("dit", "vae", "text-encoder", "image-encoder")
 
@@ -35,32 +30,19 @@ def _model_folder(path: Path, model: str) -> Path:
     return path
 
 
-def _dit_checkpoint_parity(folder: Path, **kw) -> Report:
-    """DiT parity on a folder in any layout the converter writes: diffusers reads a temporary
-    diffusers-layout conversion when the folder is in the original-Wan or Flax layout; ours reads it as is."""
-    from parity.dit import dit_parity
-    from weights.convert import convert
-    from weights.dit_io import DitCheckpoint
+def run(args: argparse.Namespace) -> int:
+    # lazy: `wanport --help` must not start jax and torch (measured: 10.7 s -> 0.2 s)
+    from parity import encoders, vae
+    from parity.dit import folder_parity, preset_parity
+    from weights.checkpoint import Checkpoint
+    from weights.vae_map import VAE
 
-    layout = DitCheckpoint(folder).layout
-    if layout == "diffusers":
-        return dit_parity(folder, **kw)
-    with tempfile.TemporaryDirectory(prefix="wanport-parity-") as tmp:
-        ref = convert(folder, Path(tmp) / "diffusers", to="diffusers")
-        report = dit_parity(folder, reference_folder=ref, **kw)
-    report.meta["layout"] = layout
-    return report
-
-
-def _parity(args: argparse.Namespace) -> int:
     if args.model not in MODELS:
         raise ValueError(f"--model {args.model} is not available; choose from {', '.join(MODELS)}")
     if (args.preset is None) == (args.checkpoint is None):
         raise ValueError("give exactly one of --preset (a fresh tiny checkpoint) or --checkpoint DIR")
     _check_sizes(args)
     if args.model in ("text-encoder", "image-encoder"):
-        from parity import encoders
-
         common = dict(dtype=args.dtype, seed=args.seed, batch=args.batch, text_len=args.text_len)
         if args.preset:
             report = encoders.preset_parity(args.model, args.preset, **common)
@@ -68,24 +50,18 @@ def _parity(args: argparse.Namespace) -> int:
             report = encoders.model_parity(args.model, args.checkpoint, **common)
     elif args.model == "vae":
         folder = _model_folder(Path(args.checkpoint), args.model) if args.checkpoint else None
-        from parity import vae
-
         shape = dict(batch=args.batch, frames=5 if args.frames is None else args.frames, height=args.height,
                      width=args.width)
         if args.preset:
             report = vae.preset_parity(args.preset, dtype=args.dtype, seed=args.seed, **shape)
         else:
-            from weights.vae_io import VaeCheckpoint
-
-            layout = VaeCheckpoint(folder).layout
+            layout = Checkpoint(folder, VAE).layout
             if layout != "diffusers":
                 raise ValueError(f"--checkpoint {folder} holds a {layout}-layout VAE; diffusers reads only its own "
                                  "layout (wanport convert copies VAEs unchanged: use the original vae/ folder)")
             report = vae.vae_parity(folder, dtype=args.dtype, seed=args.seed, **shape)
     else:
         folder = _model_folder(Path(args.checkpoint), args.model) if args.checkpoint else None
-        from parity.dit import preset_parity
-
         if args.prompt_len is not None and (args.prompt_len < 1 or (args.text_len and args.prompt_len > args.text_len)):
             raise ValueError(f"--prompt-len {args.prompt_len} must be between 1 and the text length (--text-len)")
 
@@ -96,7 +72,7 @@ def _parity(args: argparse.Namespace) -> int:
         if args.preset:
             report = preset_parity(args.preset, seed=args.seed, **common, **shape)
         else:
-            report = _dit_checkpoint_parity(folder, seed=args.seed, **common, **shape)
+            report = folder_parity(folder, seed=args.seed, **common, **shape)
     print(report.table())
     if args.json:
         report.write_json(args.json)
@@ -104,7 +80,7 @@ def _parity(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
-def add_subcommands(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "parity",
         help="compare our JAX model with diffusers layer by layer",
@@ -149,5 +125,5 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
         "--prompt-len", type=int, default=None,
         help="dit: zero the text rows past this many tokens, as the pipelines pad a short prompt (default: none zeroed)",
     )
-    p.set_defaults(func=_parity)
+    p.set_defaults(func=run)
 

@@ -1,8 +1,9 @@
-"""The one attention entry point used by every model in `jax_impl`.
+"""Attention on one device: the back-end registry and the local call behind `kernels.attention`.
 
 Layout is `[batch, seq, heads, head_dim]`, as `jax.nn.dot_product_attention`. Back-ends register in
 `BACKENDS`; `backend="auto"` picks the fastest one the current platform and dtype support:
 cuDNN on NVIDIA GPUs (half precision only), Splash on TPU, the plain XLA reference otherwise.
+`local_attention` is what both `kernels.attention` and each device of `kernels.context_parallel` run.
 """
 
 from __future__ import annotations
@@ -62,40 +63,13 @@ def _accepted_options(fn: AttentionFn) -> set[str]:
     return {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-def attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    backend: str = "auto",
-    mask: jax.Array | None = None,
-    sequence_split=None,
-    **options,
+def local_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = "auto", mask: jax.Array | None = None, **options
 ) -> jax.Array:
-    """softmax(q k^T / sqrt(head_dim)) v over `[batch, seq, heads, head_dim]` inputs.
-
-    q may have a different sequence length than k/v (cross-attention). The output has q's shape/dtype.
-    `options` go to the back-end (e.g. splash's `block_q`, `block_kv`, `interpret`; cudnn's
-    `cast_fp32`). An explicitly named back-end rejects options it does not know; with
-    backend="auto" options meant for a back-end that was not chosen are dropped, so one call site
-    can carry tuning for every platform. `mask` (boolean, broadcastable to [batch, heads, q_len, k_len],
-    True = attend) is never dropped: a back-end that cannot apply it raises instead.
-    `sequence_split` (a `kernels.context_parallel.SequenceSplit`) runs it context-parallel: q split by
-    sequence over a mesh axis, K/V gathered (self-attention) or replicated (cross-attention), then this
-    same function runs locally on each device.
-    """
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"attention wants [batch, seq, heads, head_dim] inputs, got {q.shape}, {k.shape}, {v.shape}")
-    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(f"attention shapes do not agree: q {q.shape}, k {k.shape}, v {v.shape}")
-    if q.shape[1] == 0 or k.shape[1] == 0:
-        raise ValueError(f"attention needs non-empty sequences: q {q.shape}, k {k.shape}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"attention wants one dtype for q, k, v; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if sequence_split is not None:
-        from kernels.context_parallel import split_attention
-
-        return split_attention(q, k, v, sequence_split, backend=backend, mask=mask, **options)
+    """Attention on the local device with the back-end `backend` stands for (inputs already checked by
+    `kernels.attention`). An explicitly named back-end rejects options it does not know; with
+    backend="auto" options meant for a back-end that was not chosen are dropped. `mask` is never dropped:
+    a back-end that cannot apply it raises instead."""
     name = resolve_backend(backend, q.dtype)
     fn = BACKENDS[name]
     accepted = _accepted_options(fn)
@@ -114,4 +88,4 @@ def attention(
     return fn(q, k, v, **options).astype(q.dtype)
 
 
-__all__ = ["attention", "available_backends", "resolve_backend", "BACKENDS", "xla_attention"]
+__all__ = ["local_attention", "available_backends", "resolve_backend", "BACKENDS", "xla_attention"]

@@ -1,8 +1,7 @@
 """`wanport convert`: the checkpoint converter's command line.
 
-`add_subcommands(sub)` registers the subcommand on the main CLI's argparse subparsers; `main()` runs
-it standalone (`python -m weights.cli convert ...`) without importing jax, which keeps the
-converter's memory and start-up small.
+Imports neither jax nor torch (the converter is numpy and safetensors only), which keeps its memory and
+start-up small: a 14B expert converts in a couple of hundred MB of RAM.
 """
 
 from __future__ import annotations
@@ -10,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from weights.convert import convert, verify
 from weights.dit_map import LAYOUTS
 
 _EPILOG = """\
@@ -35,7 +35,7 @@ original tensors bit for bit. Exit codes: 0 done, 1 --verify found differences, 
 """
 
 
-def add_subcommands(subparsers) -> None:
+def add_parser(subparsers) -> None:
     """Register `convert` on an argparse subparsers object (from `parser.add_subparsers()`)."""
     p = subparsers.add_parser(
         "convert",
@@ -54,55 +54,26 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin/.pt/.pth weights (read with torch.load(weights_only=True))")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--verify", metavar="DIR", help="check DIR against its wanport_manifest.json instead of converting")
-    p.set_defaults(func=run_convert)
+    p.set_defaults(func=run)
 
 
-def run_convert(args: argparse.Namespace) -> int:
-    """Run `convert` (or `convert --verify`); returns the exit code, printing errors without tracebacks."""
-    from weights.convert import convert, verify
-    from weights.safetensors_io import CheckpointError
-
-    try:
-        if args.verify:
-            if args.src or args.dst:
-                print("wanport convert: error: --verify takes only the folder to check", file=sys.stderr)
-                return 2
-            problems = verify(args.verify)
-            for line in problems:
-                print(f"MISMATCH {line}")
-            if problems:
-                print(f"{args.verify}: {len(problems)} problem(s) found", file=sys.stderr)
-                return 1
-            print(f"{args.verify}: OK, every file and tensor matches the manifest")
-            return 0
-        if not (args.src and args.dst and args.to):
-            print("wanport convert: error: convert needs SRC, DST and --to (or --verify DIR); see --help", file=sys.stderr)
-            return 2
-        out = convert(
-            args.src,
-            args.dst,
-            args.to,
-            dtype=args.dtype,
-            shard_size=args.shard_size,
-            force=args.force,
-            allow_pickle=args.allow_pickle,
-            progress=not args.no_progress,
-        )
-        print(f"wrote {out} ({args.to} layout)")
+def run(args: argparse.Namespace) -> int:
+    """Run `convert` (or `convert --verify`); returns the exit code (1: --verify found differences). Bad input
+    raises, and `wanport.cli.main` prints it as one line with exit code 2."""
+    if args.verify:
+        if args.src or args.dst:
+            raise ValueError("--verify takes only the folder to check")
+        problems = verify(args.verify)
+        for line in problems:
+            print(f"MISMATCH {line}")
+        if problems:
+            print(f"{args.verify}: {len(problems)} problem(s) found", file=sys.stderr)
+            return 1
+        print(f"{args.verify}: OK, every file and tensor matches the manifest")
         return 0
-    except (CheckpointError, FileExistsError, ValueError, OSError) as e:
-        # Bad input or an unusable destination: one line naming it, exit 2 (1 is --verify finding damage).
-        print(f"wanport convert: error: {e}", file=sys.stderr)
-        return 2
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="wanport")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_subcommands(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    if not (args.src and args.dst and args.to):
+        raise ValueError("convert needs SRC, DST and --to (or --verify DIR); see --help")
+    out = convert(args.src, args.dst, args.to, dtype=args.dtype, shard_size=args.shard_size, force=args.force,
+                  allow_pickle=args.allow_pickle, progress=not args.no_progress)
+    print(f"wrote {out} ({args.to} layout)")
+    return 0

@@ -1,117 +1,15 @@
-"""Model configurations as plain dataclasses.
+"""The Wan diffusion transformer's configuration, read and written as diffusers' or the original Wan config.json.
 
-One config type per model part. Each reads and writes the `config.json` that diffusers stores next to
-the weights, so a checkpoint folder fully describes the model and nothing is guessed from tensor shapes.
-This module imports neither torch nor jax: both sides and the converter share it.
+The config folder fully describes the model, so nothing is guessed from tensor shapes. Both sides (the Flax
+model, the diffusers reference) and the converter share it; it imports neither torch nor jax.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
-import types
-import typing
-from typing import Any
+from typing import Any, Sequence
 
-from weights.atomic import atomic_write
-
-PathLike = str | os.PathLike
-
-
-class ConfigError(ValueError):
-    """A config.json that does not describe a model this project can build."""
-
-
-def _check_keys(cls_name: str, raw: dict[str, Any], known: set[str], source: str) -> dict[str, Any]:
-    # Keys starting with "_" are diffusers bookkeeping (_class_name, _diffusers_version, ...).
-    fields = {k: v for k, v in raw.items() if not k.startswith("_")}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ConfigError(
-            f"{source}: unknown {cls_name} config keys {unknown}. This project knows {sorted(known)}; "
-            "check that the folder holds the right model (a transformer config in vae/, say)."
-        )
-    return fields
-
-
-def _type_name(tp: Any) -> str:
-    """How a JSON value of type `tp` is described to a person: 'int', 'number or null', 'list of 3 int'."""
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
-    if typing.get_origin(tp) is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"list of {_type_name(args[0])}"
-        return f"list of {len(args)} {_type_name(args[0])}"
-    return {int: "int", float: "number", bool: "true/false", str: "string", type(None): "null"}.get(tp, str(tp))
-
-
-def _matches(value: Any, tp: Any) -> bool:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, a) for a in args)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            return False
-        if len(args) == 2 and args[1] is Ellipsis:
-            return all(_matches(v, args[0]) for v in value)
-        return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if tp is type(None):
-        return value is None
-    return isinstance(value, tp)
-
-
-def check_field_types(values: dict[str, Any], types_: dict[str, Any], source: str) -> None:
-    """Raise ConfigError naming the file, the field and the expected type for the first value of `values`
-    whose key is in `types_` and whose value does not have that type (JSON lists stand for tuples; a
-    number must be finite; true/false is not a number)."""
-    for key, value in values.items():
-        if key in types_ and not _matches(value, types_[key]):
-            raise ConfigError(
-                f"{source}: field {key!r} is {json.dumps(value, default=str)[:80]} ({type(value).__name__}); "
-                f"expected {_type_name(types_[key])}"
-            )
-
-
-def field_types(cls: type) -> dict[str, Any]:
-    """The declared types of a config dataclass's fields (resolved from their annotations)."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-class JsonConfig:
-    """File and copy helpers shared by the config dataclasses (each defines from_dict/to_dict)."""
-
-    @classmethod
-    def from_json(cls, path: PathLike):
-        return cls.from_dict(_read_json(path), source=str(path))
-
-    def to_json(self, path: PathLike) -> None:
-        _write_json(path, self.to_dict())
-
-    def replace(self, **changes: Any):
-        return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def _diffusers_fields(cls, raw: dict[str, Any], source: str) -> dict[str, Any]:
-        """The dataclass fields of a diffusers config.json, after checking its keys and `_class_name`."""
-        fields = _check_keys(cls.__name__, raw, {f.name for f in dataclasses.fields(cls)}, source)
-        check_field_types(fields, field_types(cls), source)
-        cls_name = raw.get("_class_name", cls.DIFFUSERS_CLASS)
-        if cls_name != cls.DIFFUSERS_CLASS:
-            raise ConfigError(f"{source}: _class_name is {cls_name!r}, expected {cls.DIFFUSERS_CLASS!r}")
-        return fields
-
+from weights.configs.base import ConfigError, JsonConfig, check_field_types
 
 # Types of the original Wan repository's config.json keys that `DitConfig.from_wan_dict` reads.
 _WAN_FIELD_TYPES: dict[str, Any] = {
@@ -275,22 +173,62 @@ class DitConfig(JsonConfig):
         }
 
 
-
-def _read_json(path: PathLike) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    return raw
+# ------------------------------------------------------------------------------------------------
+# Input checks: one home for the DiT's shape rules and their messages (the Flax forward, the block-causal
+# paths of both sides and the pipeline call these before any work starts).
+# ------------------------------------------------------------------------------------------------
+def check_patch_grid(cfg: DitConfig, **sizes: int) -> None:
+    """Each latent size (`frames=`, `height=`, `width=`) must be a multiple of its patch size."""
+    patch = dict(zip(("frames", "height", "width"), cfg.patch_size))
+    for name, n in sizes.items():
+        if n % patch[name]:
+            raise ValueError(f"latent {name}={n} is not divisible by the patch size {patch[name]}; pad or resize the video")
 
 
-def _write_json(path: PathLike, data: dict[str, Any]) -> None:
-    """Write JSON atomically: a crash leaves either the old file or the new one, never half of one (nor a temp file)."""
-    text = json.dumps(data, indent=2, sort_keys=False) + "\n"  # serialise first: a bad value writes nothing
-    with atomic_write(path, "w", encoding="utf-8") as f:
-        f.write(text)
+def check_context(cfg: DitConfig, batch: int, text_shape: Sequence[int], image_shape: Sequence[int] | None) -> None:
+    """Text embeddings [batch, tokens, text_dim]; CLIP image tokens [batch, tokens, image_dim] exactly when the
+    model has image cross-attention (Wan2.1 I2V)."""
+    if len(text_shape) != 3 or text_shape[2] != cfg.text_dim:
+        raise ValueError(f"text embeddings must be [batch, tokens, {cfg.text_dim}], got {tuple(text_shape)}")
+    if text_shape[0] != batch:
+        raise ValueError(f"text embeddings have batch {text_shape[0]}, the latents have batch {batch}; pass one per sample")
+    if cfg.has_image_tokens and image_shape is None:
+        raise ValueError("this is an I2V model with CLIP image tokens: pass `image` [batch, 257, image_dim]")
+    if image_shape is not None:
+        if not cfg.has_image_tokens:
+            raise ValueError("this model has no image cross-attention; do not pass `image` tokens")
+        if len(image_shape) != 3 or image_shape[2] != cfg.image_dim:
+            raise ValueError(f"image tokens must be [batch, tokens, {cfg.image_dim}], got {tuple(image_shape)}")
+        if image_shape[0] != batch:
+            raise ValueError(f"image tokens have batch {image_shape[0]}, the latents have batch {batch}")
+
+
+def check_latent_channels(cfg: DitConfig, channels: int) -> None:
+    if channels != cfg.in_channels:
+        hint = " (I2V: 16 noise + 4 mask + 16 condition channels)" if cfg.in_channels == 36 else ""
+        raise ValueError(f"latents have {channels} channels, this model takes {cfg.in_channels}{hint}")
+
+
+def check_dit_inputs(
+    cfg: DitConfig,
+    latent_shape: Sequence[int],
+    timestep_shape: Sequence[int],
+    text_shape: Sequence[int],
+    image_shape: Sequence[int] | None = None,
+) -> int:
+    """Shapes of one DiT call (latents [B, F, H, W, C], timestep scalar/[B]/[B, tokens], text, image), checked
+    with messages that name the fix; returns the number of video tokens."""
+    if len(latent_shape) != 5:
+        raise ValueError(f"latents must be [batch, frames, height, width, channels], got shape {tuple(latent_shape)}")
+    b, f, h, w, c = (int(n) for n in latent_shape)
+    check_latent_channels(cfg, c)
+    check_patch_grid(cfg, frames=f, height=h, width=w)
+    check_context(cfg, b, text_shape, image_shape)
+    pt, ph, pw = cfg.patch_size
+    seq = (f // pt) * (h // ph) * (w // pw)
+    nt = len(timestep_shape)
+    if nt not in (0, 1, 2) or (nt >= 1 and timestep_shape[0] not in (1, b)):
+        raise ValueError(f"timestep must be a scalar, [batch] or [batch, tokens]; got {tuple(timestep_shape)}")
+    if nt == 2 and timestep_shape[1] != seq:
+        raise ValueError(f"per-token timesteps have {timestep_shape[1]} entries, the video has {seq} tokens")
+    return seq

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jax_impl.config import DitConfig
+from weights.configs.dit import DitConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,7 +20,7 @@ class Preset:
     num_experts: int = 1  # 2 for Wan2.2 A14B: `transformer` (high noise) and `transformer_2` (low noise)
     boundary_ratio: float | None = None  # high-noise expert while t >= boundary_ratio * 1000
     task: str = "t2v"  # t2v | i2v | ti2v
-    vae: str = "wan2.1"  # VAE preset name (jax_impl.vae_config); tiny presets use "tiny-" + vae
+    vae: str = "wan2.1"  # VAE preset name (weights.configs.vae); tiny presets use "tiny-" + vae
     flow_shift: float = 5.0  # the scheduler's shift written into scheduler/scheduler_config.json
 
     @property

@@ -1,0 +1,135 @@
+"""Argument groups shared by several subcommands, defined once, and their translation into settings objects.
+
+`add_generate_arguments` is what `generate` and the `analyze` commands (which generate) both take; the
+analyses run without a checkpoint on a tiny default, so they ask for the group with `tiny` sizes, and
+then --checkpoint is optional and the sizes default to "not given" (filled in once it is known whether a
+checkpoint was given). Light imports only: this module is loaded by `wanport --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from jax_impl.settings import GenerateSettings
+from weights.configs.causal import DEFAULT_TIMESTEPS, CausalConfig
+
+# generate's defaults for the size options, and how each one's help starts
+GENERATE_SIZES = {"frames": 81, "height": 480, "width": 832, "steps": 40}
+_SIZE_HELP = {
+    "frames": ("video length, 4k+1", " (default 81: 5 s at 16 fps)"),
+    "height": ("multiple of 16 (32 for TI2V-5B)", "; default 480"),
+    "width": ("multiple of 16 (32 for TI2V-5B)", "; default 832"),
+    "steps": ("denoising steps", " (default 40)"),
+}
+
+
+def add_generate_arguments(p: argparse.ArgumentParser, *, tiny: dict[str, int] | None = None) -> None:
+    """The options of one generation. `tiny` ({size option: value}): the command runs a tiny default pipeline
+    when --checkpoint is omitted; --checkpoint is then optional and the size options default to None."""
+    if tiny is None:
+        p.add_argument("--checkpoint", required=True, metavar="DIR",
+                       help="pipeline folder (model_index.json, transformer/[transformer_2/], vae/, scheduler/, "
+                            "encoders)")
+    else:
+        p.add_argument("--checkpoint", metavar="DIR",
+                       help="pipeline folder as for `wanport generate`; default: write the tiny --preset into "
+                            "OUT/tiny/")
+    no_ckpt = "" if tiny is None else "; without --checkpoint: the bundled demo {}"
+    p.add_argument("--image", metavar="IMG",
+                   help="first frame; required for image-to-video checkpoints. Any image PIL reads: EXIF rotation "
+                        "is applied, 16-bit and float images are scaled by their range, transparent pixels are "
+                        "composited on white" + no_ckpt.format("image"))
+    p.add_argument("--last-image", metavar="IMG",
+                   help="optional last frame; Wan2.2 I2V-A14B only (Wan2.1 I2V and TI2V cannot take one)")
+    p.add_argument("--prompt", help="what the video shows" + no_ckpt.format("prompt"))
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (default: empty)")
+    p.add_argument("--embeddings", metavar="FILE",
+                   help="precomputed prompt_embeds[, negative_prompt_embeds, image_embeds] (.safetensors) instead of "
+                        "running the text/image encoders")
+    for name in ("frames", "height", "width"):
+        _add_size(p, name, tiny)
+    _add_size(p, "steps", tiny)
+    p.add_argument("--shift", type=float, default=None,
+                   help="flow shift of the sampler; default: the checkpoint's scheduler config (Wan: 3 for 480p "
+                        "Wan2.1 I2V, 5 for 720p and Wan2.2). Applied before the timesteps are made.")
+    p.add_argument("--scheduler", choices=["unipc", "euler"], default=None,
+                   help="sampler (default: the checkpoint's, UniPC multistep for Wan)")
+    p.add_argument("--guidance", type=float, default=3.5,
+                   help="classifier-free guidance scale, a finite number >= 0; <= 1 turns guidance off (default 3.5)")
+    p.add_argument("--guidance-2", type=float, default=None,
+                   help="guidance for the low-noise expert of Wan2.2 A14B (default: same as --guidance)")
+    p.add_argument("--guidance-steps", type=int, default=None,
+                   help="guidance truncation: use CFG only for the first N steps (default: all)")
+    p.add_argument("--no-cfg-batch", dest="cfg_batch", action="store_false",
+                   help="run conditional and unconditional predictions as two calls instead of one batch of 2")
+    p.add_argument("--seed", type=int, default=0,
+                   help="noise seed in 0..2^32-1; the same seed gives the same video (default 0)")
+    p.add_argument("--batch", type=int, default=1, help="videos per run (default 1)")
+    p.add_argument("--fps", type=int, default=16, help="frames per second of the mp4 (default 16)")
+    p.add_argument("--backend", default="auto", choices=["auto", "xla", "cudnn", "splash"],
+                   help="attention back-end (default auto: cuDNN on GPU, Splash on TPU, XLA on CPU)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="DiT dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    p.add_argument("--encoders", default="jax", choices=["jax", "torch"],
+                   help="text and image encoders: jax (default: Flax UMT5 and CLIP, needs no torch) or torch "
+                        "(transformers' models, the reference); both float32. Part of the encode stage's resume key")
+
+
+def _add_size(p: argparse.ArgumentParser, name: str, tiny: dict[str, int] | None) -> None:
+    start, tail = _SIZE_HELP[name]
+    if tiny is not None:
+        tail = f"; default {GENERATE_SIZES[name]} with --checkpoint, {tiny[name]} without"
+    p.add_argument(f"--{name}", type=int, default=GENERATE_SIZES[name] if tiny is None else None, help=start + tail)
+
+
+def causal_from_args(args: argparse.Namespace) -> CausalConfig | None:
+    """A CausalConfig from --causal/--frames-per-block/--window/--causal-steps, or None."""
+    if not getattr(args, "causal", False):
+        for flag in ("frames_per_block", "window", "causal_steps"):
+            if getattr(args, flag, None) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} only applies with --causal")
+        return None
+    if args.frames_per_block is None:
+        raise ValueError("--causal needs --frames-per-block N (latent frames per block, e.g. 3)")
+    steps = DEFAULT_TIMESTEPS
+    if args.causal_steps:
+        try:
+            steps = tuple(float(t) for t in args.causal_steps.split(","))
+        except ValueError:
+            raise ValueError(f"--causal-steps wants comma-separated timesteps, e.g. 1000,750,500,250; got "
+                             f"{args.causal_steps!r}") from None
+    return CausalConfig(frames_per_block=args.frames_per_block, window=args.window, timesteps=steps,
+                        shift=args.causal_shift)
+
+
+def settings_from_args(args: argparse.Namespace) -> GenerateSettings:
+    return GenerateSettings(
+        frames=args.frames, height=args.height, width=args.width, steps=args.steps, shift=args.shift,
+        scheduler=args.scheduler, guidance=args.guidance, guidance_2=args.guidance_2,
+        guidance_steps=args.guidance_steps, cfg_batch=args.cfg_batch, seed=args.seed, batch=args.batch, fps=args.fps,
+    )
+
+
+def encoders_from_args(args: argparse.Namespace):
+    """The `jax_impl.pipeline.EncoderSet` that --encoders names: the one place the command line picks an encoder
+    implementation and hands it to the pipeline, which imports neither torch nor torch_ref itself."""
+    # lazy: jax only once a command runs, torch only for --encoders torch (the default run never imports it)
+    if args.encoders == "torch":
+        try:
+            from parity.encoders import TORCH_ENCODERS
+        except ImportError as e:
+            raise ValueError(f"--encoders torch needs torch, which cannot be imported here ({e}); install it, or use "
+                             "--encoders jax (the default), which needs no torch") from None
+        return TORCH_ENCODERS
+    from jax_impl.pipeline import JAX_ENCODERS
+
+    return JAX_ENCODERS
+
+
+def default_dtype(name: str | None) -> str:
+    """--dtype, or float32 on a CPU and bfloat16 on an accelerator (asks JAX, so call it from `run`)."""
+    if name:
+        return name
+    import jax
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
