@@ -11,6 +11,7 @@ for every other inference call (encoders, bench scripts).
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Callable, TypeVar
 
 import jax
@@ -32,12 +33,33 @@ def frozen_jit(fn: Callable[..., R] | None = None, *, static_argnames: tuple[str
         def pure(graphdef, state, *args, **kwargs):
             return fn(nnx.merge(graphdef, state), *args, **kwargs)
 
+        sig = inspect.signature(fn)
+        by_name = not any(p.kind is p.VAR_POSITIONAL for p in sig.parameters.values())
+
+        def arguments(module, args, kwargs) -> tuple[tuple, dict]:
+            # jax.jit matches static_argnames by keyword only: pass every argument by name (positionally
+            # given static arguments would otherwise be traced)
+            if not by_name:
+                return args, kwargs
+            bound = sig.bind(module, *args, **kwargs)
+            named = dict(list(bound.arguments.items())[1:])
+            extra = next((p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+            if extra in named:
+                named.update(named.pop(extra))
+            return (), named
+
         @functools.wraps(fn)
         def call(module: nnx.Module, *args, **kwargs) -> R:
             graphdef, state = nnx.split(module)
+            args, kwargs = arguments(module, args, kwargs)
             return pure(graphdef, state, *args, **kwargs)
 
-        call.lower = lambda module, *a, **k: pure.lower(*nnx.split(module), *a, **k)  # for memory_analysis()
+        def lower(module: nnx.Module, *args, **kwargs):  # for memory_analysis() / cost_analysis()
+            graphdef, state = nnx.split(module)
+            args, kwargs = arguments(module, args, kwargs)
+            return pure.lower(graphdef, state, *args, **kwargs)
+
+        call.lower = lower
         return call
 
     return wrap if fn is None else wrap(fn)

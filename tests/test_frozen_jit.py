@@ -29,3 +29,14 @@ def test_static_argnames_are_passed():
     call = frozen_jit(lambda m, x, *, double: m(x) * (2 if double else 1), static_argnames=("double",))
     x = jnp.ones((1, 4))
     np.testing.assert_allclose(np.asarray(call(m, x, double=True)), 2 * np.asarray(call(m, x, double=False)), rtol=1e-6)
+
+
+def test_static_argument_given_by_position():
+    m = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
+
+    def f(m, x, double=False):
+        return m(x) * (2 if double else 1)  # a Python branch: traced `double` would raise
+
+    call = frozen_jit(f, static_argnames=("double",))
+    x = jnp.ones((1, 4))
+    np.testing.assert_allclose(np.asarray(call(m, x, True)), 2 * np.asarray(call(m, x)), rtol=1e-6)
