@@ -2,7 +2,8 @@
 
 Layout is `[batch, seq, heads, head_dim]`, as `jax.nn.dot_product_attention`. Back-ends register in
 `BACKENDS`; `backend="auto"` picks the fastest one the current platform and dtype support:
-cuDNN on NVIDIA GPUs (half precision only), Splash on TPU, the plain XLA reference otherwise.
+cuDNN on NVIDIA GPUs (half precision only), Splash on TPU, the plain XLA reference otherwise. `cudnn_fp8`
+(cuDNN's FP8 flash attention, inference only) is used only when named.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels.cudnn import HALF_DTYPES, cudnn_attention
+from kernels.cudnn_fp8 import cudnn_fp8_attention
 from kernels.splash import splash_attention
 
 AttentionFn = Callable[..., jax.Array]
@@ -24,7 +26,12 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array |
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
-BACKENDS: dict[str, AttentionFn] = {"xla": xla_attention, "cudnn": cudnn_attention, "splash": splash_attention}
+BACKENDS: dict[str, AttentionFn] = {
+    "xla": xla_attention,
+    "cudnn": cudnn_attention,
+    "cudnn_fp8": cudnn_fp8_attention,  # never picked by "auto": FP8 error is a choice (kernels/cudnn_fp8.py)
+    "splash": splash_attention,
+}
 
 
 def available_backends() -> list[str]:
@@ -34,7 +41,7 @@ def available_backends() -> list[str]:
 
 def _supported(name: str) -> bool:
     platform = jax.default_backend()
-    if name == "cudnn":
+    if name.startswith("cudnn"):
         return platform == "gpu"
     return True
 
