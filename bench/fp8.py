@@ -1,32 +1,32 @@
-"""FP8 on Hopper, measured: GEMMs, cuDNN FP8 attention, the A14B forward, and the per-layer error it costs.
+"""FP8 on Hopper, measured: the A14B expert forward bf16 vs FP8 and the per-layer error FP8 costs (also GEMMs and
+cuDNN FP8 attention on request).
 
-Each part (and each variant of the forward) runs in its own subprocess with a timeout, so a crash, an
-unsupported kernel or an out-of-memory is reported as that row's error and the other rows still run. Every
-part prints a table and writes JSON under --out (fp8_<part>[_<size>].json).
+Every heavy piece (each forward variant at each size, the layer table, each optional part) runs in its own
+subprocess with its own timeout, and the whole run stops starting new pieces when --budget runs out, so a
+stall, a crash or an out-of-memory becomes that row's error while the rest still runs and the JSON is written.
 
-  python bench/fp8.py gemm      --out DIR                    # (a) ~1.5 min on an H100
-  python bench/fp8.py attention --out DIR                    # (b) ~2 min
-  python bench/fp8.py forward   --out DIR --size 480x832     # (c) ~4 min: bf16 / fp8 linears / + fp8 attention
-  python bench/fp8.py forward   --out DIR --size 720x1280    # (c) ~6 min
-  python bench/fp8.py layers    --out DIR                    # (d) ~4 min
-  python bench/fp8.py all --tiny --out DIR                   # every part on tiny shapes: CPU smoke run (CI)
+  python bench/fp8.py --json bench/results/fp8_h100.json     # the lead's run: forward 480p+720p, layers 480p
+  python bench/fp8.py --tiny --json /tmp/fp8_tiny.json       # the same on tiny shapes: a CPU smoke run (CI)
+  python bench/fp8.py --parts gemm,attention --json X.json   # GEMMs and cuDNN FP8 attention (~3.5 min)
 
-(a) bf16 vs FP8 GEMMs at the A14B's shapes (fused q/k/v, o, fc1, fc2 at 480p's 32760 tokens): per-token x
-    per-channel, per-tensor x per-tensor, the dequantise-then-dot pattern of bench/gpu_profile.py, and
-    weight-only FP8; ms, TFLOP/s, rel L2 vs a float32 product, and whether the compiled HLO calls
-    `__cublas$lt$matmul$f8`.
-(b) cuDNN FP8 flash attention (kernels/cudnn_fp8.py) vs bf16 cuDNN at 40 heads x 128: self-attention over
-    32760 and 75600 tokens, cross-attention 32760 x 512; ms, TFLOP/s, rel L2 vs a float32 reference computed
-    on 2 heads x 1024 query rows (a full float32 reference at 75600 tokens would not fit).
-(c) one A14B expert forward with random weights (bench/common.py), quantised after building
-    (jax_impl.fp8.quantize_model): bf16, FP8 linears, FP8 linears + FP8 attention; seconds, speed-up, the
-    compiled forward's memory (XLA memory analysis: arguments + temporaries) and the process peak (which
-    includes the bf16 weights before quantisation), and each output's rel L2 vs the bf16 output.
-(d) per-layer rel L2 (the DiT's capture taps: patch embedding, each block's self_attn / cross_attn / ffn /
-    output, head, output) of the FP8 DiT and the bf16 DiT against the float32 DiT (matmuls at HIGHEST), all
-    from the same full-size random weights, on a short clip (--layers-size, default 480x832x5 frames: 3120
-    tokens) so 160 float32 taps fit in host memory. Random weights do not show what trained weights (with
-    outlier channels) would.
+Default parts, on one H100 (estimates from the bf16 A14B forward at 480p: 3.0 s, setup ~20 s, compile ~30 s):
+  forward 480x832x81  bf16 ~70 s, fp8 ~70 s (build 20 s, quantise ~10 s, compile ~30 s, 1 warm-up + 3 timed)
+  forward 720x1280x81 bf16 ~110 s, fp8 ~100 s (about 3.5x the 480p forward: attention grows with tokens squared)
+  layers  480x832x81  ~100 s (bf16 forward keeping the 40 block outputs, quantise in place, FP8 forward compared)
+  total about 7-8 minutes; --budget 560 s keeps it inside a 10-minute call (pieces that would start later are
+  reported as skipped). Each subprocess starts JAX and builds its own random weights.
+
+forward: one A14B expert (wan2.2-i2v-a14b) with random N(0, 0.02) weights (bench/common.py random_module, filled
+  leaf by leaf in bf16), FP8 by jax_impl.fp8.quantize_model (block linears e4m3, per-channel weights, per-token
+  activations); per variant the best of --iters timed calls after --warmup, speed-up vs bf16, TFLOP/s, the compiled
+  forward's memory (XLA memory analysis: arguments + temporaries), the process's peak device memory (includes the
+  bf16 weights before quantisation), the count of cuBLASLt FP8 GEMMs in the compiled HLO, and rel L2 vs bf16.
+  --variants bf16,fp8,fp8-attn adds FP8 linears + cuDNN FP8 attention (kernels/cudnn_fp8.py, not yet measured).
+layers: parity.layer_error.fp8_layer_errors: rel L2 of every block's output (with --sublayers also self_attn /
+  cross_attn / ffn), the head and the output, FP8 DiT vs bf16 DiT on the same full-size random weights and input.
+  Random weights do not show what trained weights (with outlier channels) would.
+gemm: bf16 vs FP8 GEMMs at the A14B's shapes (fused q/k/v, o, fc1, fc2 at 32760 tokens), several scalings.
+attention: cuDNN FP8 flash attention vs bf16 cuDNN at 40 heads x 128, rel L2 vs a float32 reference sample.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,7 +51,6 @@ PRESET = "wan2.2-i2v-a14b"
 TINY_PRESET = "tiny-wan2.2-i2v-a14b"
 FP8_CALL = "__cublas$lt$matmul$f8"
 FP8_ATTENTION_CALL = "__cudnn$fmhaSoftmaxF8"
-LAYER_VARIANTS = ("fp32", "bf16", "fp8", "fp8-attn")  # layers: fp32 is the reference
 OPTIONAL = ("fp8-attn", "fp8 cudnn", "fp8 kernel only")  # cuDNN FP8 attention: reported when unsupported, not fatal
 
 
@@ -268,10 +268,9 @@ def forward_child(args) -> dict:
         res["quantize_s"] = time.perf_counter() - t0
     res["weights_bytes"] = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
 
-    with fp8.dit_fused_dense_bridge():  # until jax_impl/dit.py fuses FP8 q/k/v itself
-        t0 = time.perf_counter()
-        graphdef, state = nnx.split(model)
-        compiled = jax.jit(lambda state, *a: nnx.merge(graphdef, state)(*a)).lower(state, *inputs).compile()
+    t0 = time.perf_counter()
+    graphdef, state = nnx.split(model)
+    compiled = jax.jit(lambda state, *a: nnx.merge(graphdef, state)(*a)).lower(state, *inputs).compile()
     res["compile_s"] = time.perf_counter() - t0
     ma = compiled.memory_analysis()
     res["forward_bytes"] = {k: getattr(ma, k, None) for k in
@@ -285,7 +284,8 @@ def forward_child(args) -> dict:
         out = jax.block_until_ready(compiled(state, *inputs))
         if i >= args.warmup:
             times.append(time.perf_counter() - s)
-    res.update(times=times, median_s=sorted(times)[len(times) // 2], peak_bytes=_peak_bytes(), device=_device(),
+    res.update(times=times, best_s=min(times), median_s=sorted(times)[len(times) // 2], peak_bytes=_peak_bytes(),
+               device=_device(),
                finite=bool(np.isfinite(np.asarray(out, np.float32)).all()))
     np.save(Path(args.out, f"forward_{variant}_{args.size[0]}x{args.size[1]}.npy"), np.asarray(out, np.float32))
     return res
@@ -305,15 +305,15 @@ def forward_summary(rows: list[dict], args) -> dict:
         f = Path(args.out, f"forward_{r['variant']}_{args.size[0]}x{args.size[1]}.npy")
         if "error" not in r and f.exists():
             outs[r["variant"]] = np.load(f)
-    base = next((r["median_s"] for r in rows if r["variant"] == "bf16" and "median_s" in r), None)
+    base = next((r["best_s"] for r in rows if r["variant"] == "bf16" and "best_s" in r), None)
     for r in rows:
-        if "median_s" in r:
-            r["tflops"] = flops / r["median_s"] / 1e12
-            r["speedup_vs_bf16"] = base / r["median_s"] if base else None
+        if "best_s" in r:
+            r["tflops"] = flops / r["best_s"] / 1e12
+            r["speedup_vs_bf16"] = base / r["best_s"] if base else None
             if "bf16" in outs and r["variant"] in outs:
                 r["rel_l2_vs_bf16"] = _rel_l2(outs[r["variant"]], outs["bf16"])
     print(f"\nA14B expert forward {args.size[0]}x{args.size[1]}x{args.frames} (grid {grid}, {flops / 1e12:.1f} TFLOP)")
-    print(f"{'variant':<10} {'median s':>9} {'TFLOP/s':>8} {'speed-up':>9} {'fwd GiB':>8} {'peak GiB':>9} "
+    print(f"{'variant':<10} {'best s':>9} {'TFLOP/s':>8} {'speed-up':>9} {'fwd GiB':>8} {'peak GiB':>9} "
           f"{'weights GiB':>11} {'fp8 GEMMs':>9} {'rel L2 vs bf16':>14}")
     for r in rows:
         if "error" in r:
@@ -324,7 +324,7 @@ def forward_summary(rows: list[dict], args) -> dict:
         peak = f"{r['peak_bytes'] / 2**30:.1f}" if r.get("peak_bytes") else "-"
         speed = f"{r['speedup_vs_bf16']:.2f}x" if r.get("speedup_vs_bf16") else "-"
         err = f"{r['rel_l2_vs_bf16']:.2e}" if "rel_l2_vs_bf16" in r else "-"
-        print(f"{r['variant']:<10} {r['median_s']:>9.3f} {r['tflops']:>8.1f} {speed:>9} {fwd / 2**30:>8.1f} {peak:>9} "
+        print(f"{r['variant']:<10} {r['best_s']:>9.3f} {r['tflops']:>8.1f} {speed:>9} {fwd / 2**30:>8.1f} {peak:>9} "
               f"{r['weights_bytes'] / 2**30:>11.1f} {r['fp8_gemms_in_hlo']:>9} {err:>14}")
     return {"grid": grid, "flops": flops, "rows": rows}
 
@@ -332,120 +332,73 @@ def forward_summary(rows: list[dict], args) -> dict:
 # ------------------------------------------------------------------------------------------------------------
 # (d) per-layer error
 def layers_child(args) -> dict:
-    """One model (args.variant: one of LAYER_VARIANTS) on the short clip; taps saved as float32 .npz for the parent."""
+    """parity.layer_error.fp8_layer_errors on the layers size: the bf16 model, then the same one quantised in place."""
     import jax
-    import numpy as np
-    from flax import nnx
 
-    from jax_impl import fp8
+    from parity.layer_error import fp8_layer_errors
 
     args = argparse.Namespace(**{**vars(args), "size": args.layers_size, "frames": args.layers_frames})
-    dtype = "float32" if args.variant == "fp32" else "bfloat16"
-    attention = {"fp32": "xla", "bf16": "cudnn", "fp8": "cudnn", "fp8-attn": "cudnn_fp8"}[args.variant]
-    if args.tiny:
-        attention = "xla"
-    _, grid, model, inputs = _model_and_inputs(args, dtype, attention)
-    if args.variant.startswith("fp8"):
-        fp8.quantize_model(model, act_scaling=args.act_scaling)
-
-    @nnx.jit
-    def fwd(model, *a):
-        return model(*a, capture=True)[1]
-
-    # the float32 reference at HIGHEST: true float32 matmuls, not the GPU's default TF32
-    precision = jax.default_matmul_precision("highest") if dtype == "float32" else contextlib.nullcontext()
-    with fp8.dit_fused_dense_bridge(), precision:
-        t0 = time.perf_counter()
-        taps = jax.block_until_ready(fwd(model, *inputs))
-        run_s = time.perf_counter() - t0
-    np.savez(Path(args.out, f"layers_{args.variant}.npz"), **{k: np.asarray(v, np.float32) for k, v in taps.items()})
-    return {"variant": args.variant, "run_s": run_s, "taps": len(taps), "grid": grid, "device": _device()}
+    t0 = time.perf_counter()
+    _, grid, model, inputs = _model_and_inputs(args, "bfloat16", "xla" if args.tiny else "cudnn")
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rows = fp8_layer_errors(model, inputs, sublayers=args.sublayers, act_scaling=args.act_scaling)
+    return {"grid": grid, "build_s": build_s, "run_s": time.perf_counter() - t0, "sublayers": args.sublayers,
+            "layers": [{"name": r.name, "rel_l2": r.rel_l2} for r in rows], "peak_bytes": _peak_bytes(),
+            "device": _device()}
 
 
-BLOCK_TAPS = ("self_attn", "cross_attn", "ffn", "output")
+def layers_summary(res: dict, args) -> dict:
+    from parity.layer_error import LayerError, format_layer_errors
 
-
-def layer_order(names) -> list[str]:
-    """Taps in forward order: embeddings (as captured), blocks by index, then head and output."""
-    def key(name: str) -> tuple[int, int, int]:
-        if name.startswith("blocks."):
-            _, index, part = name.split(".", 2)
-            return (1, int(index), BLOCK_TAPS.index(part))
-        if name in ("head", "output"):
-            return (2, ("head", "output").index(name), 0)
-        return (0, 0, 0)
-
-    return sorted(names, key=key)
-
-
-def layers_summary(rows: list[dict], args) -> dict:
-    import numpy as np
-
-    from parity.report import compare_layers
-
-    taps = {}
-    for v in LAYER_VARIANTS:
-        f = Path(args.out, f"layers_{v}.npz")
-        if f.exists() and any(r.get("variant") == v and "error" not in r for r in rows):
-            with np.load(f) as z:
-                taps[v] = {k: z[k] for k in z.files}
-    if not {"fp32", "bf16", "fp8"} <= set(taps):
-        print(f"layers: missing runs {sorted({'fp32', 'bf16', 'fp8'} - set(taps))}; no table")
-        return {"rows": rows, "layers": []}
-    order = layer_order(taps["fp32"])
-    others = [v for v in LAYER_VARIANTS if v in taps and v != "fp32"]
-    errs = {v: compare_layers(taps[v], taps["fp32"], float("inf"), order) for v in others}
-    fp8_vs_bf16 = compare_layers(taps["fp8"], taps["bf16"], float("inf"), order)
-    table = []
-    print(f"\nper-layer rel L2 vs the float32 DiT ({'tiny' if args.tiny else 'full-size'} random weights, "
-          f"{args.layers_size[0]}x{args.layers_size[1]}x{args.layers_frames})")
-    print(f"{'layer':<26} " + " ".join(f"{v:>12}" for v in others) + f" {'fp8 / bf16':>10} {'fp8 vs bf16':>12}")
-    for i, name in enumerate(order):
-        row = {"name": name, "shape": list(errs["bf16"][i].shape)}
-        row.update({f"{v}_vs_fp32": errs[v][i].rel_l2 for v in others})
-        row["fp8_vs_bf16"] = fp8_vs_bf16[i].rel_l2
-        b = row["bf16_vs_fp32"]
-        row["fp8_over_bf16"] = row["fp8_vs_fp32"] / b if b > 0 else float("inf")
-        table.append(row)
-        print(f"{name:<26} " + " ".join(f"{row[f'{v}_vs_fp32']:>12.3e}" for v in others)
-              + f" {row['fp8_over_bf16']:>10.1f} {row['fp8_vs_bf16']:>12.3e}")
-    for v in others:
-        worst = max(table, key=lambda r: r[f"{v}_vs_fp32"])
-        print(f"worst {v} layer: {worst['name']} {worst[f'{v}_vs_fp32']:.3e}")
-    return {"rows": rows, "layers": table}
+    if "layers" in res:
+        h, w = args.layers_size
+        print("\n" + format_layer_errors([LayerError(r["name"], r["rel_l2"]) for r in res["layers"]],
+                                        f"per-layer rel L2, FP8 vs bf16 DiT ({'tiny' if args.tiny else 'full-size'} "
+                                        f"random weights, {h}x{w}x{args.layers_frames})"))
+    return res
 
 
 # ------------------------------------------------------------------------------------------------------------
 CHILDREN = {"gemm": gemm_child, "attention": attention_child, "forward": forward_child, "layers": layers_child}
 
 
-def _child_cmd(args, part: str, variant: str | None) -> list[str]:
-    cmd = [sys.executable, os.path.abspath(__file__), part, "--child", "--out", args.out, "--size",
-           f"{args.size[0]}x{args.size[1]}", "--frames", str(args.frames), "--text-len", str(args.text_len),
+def _child_cmd(args, part: str, variant: str | None, size: tuple[int, int] | None) -> list[str]:
+    size = size or args.size
+    cmd = [sys.executable, os.path.abspath(__file__), "--part", part, "--child", "--out", args.out, "--size",
+           f"{size[0]}x{size[1]}", "--frames", str(args.frames), "--text-len", str(args.text_len),
            "--layers-size", f"{args.layers_size[0]}x{args.layers_size[1]}", "--layers-frames", str(args.layers_frames),
            "--warmup", str(args.warmup), "--iters", str(args.iters), "--act-scaling", args.act_scaling]
     if variant:
         cmd += ["--variant", variant]
     if args.tiny:
         cmd.append("--tiny")
+    if args.sublayers:
+        cmd.append("--sublayers")
     return cmd
 
 
-def run_child(args, part: str, variant: str | None = None) -> dict:
-    """Run one part (one variant) in a subprocess; its result, or {"error": ...} naming what went wrong."""
-    label = f"{part}{' ' + variant if variant else ''}"
-    print(f"[{label}] running (timeout {args.timeout} s)", flush=True)
+def run_child(args, part: str, variant: str | None = None, size: tuple[int, int] | None = None) -> dict:
+    """Run one part (one variant, one size) in a subprocess with its own timeout (the smaller of --timeout and
+    what is left of --budget); its result, or {"error": ...} naming what went wrong."""
+    label = " ".join(x for x in (part, variant, size and f"{size[0]}x{size[1]}") if x)
+    left = int(args.deadline - time.monotonic())
+    timeout = min(args.timeout, left)
+    if timeout < 30:
+        return {"variant": variant, "error": f"skipped: {left} s left of the --budget of {args.budget} s"}
+    print(f"[{label}] running (timeout {timeout} s)", flush=True)
     t0 = time.perf_counter()
     try:
-        p = subprocess.run(_child_cmd(args, part, variant), capture_output=True, text=True, timeout=args.timeout)
+        p = subprocess.run(_child_cmd(args, part, variant, size), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"variant": variant, "error": f"did not finish within {args.timeout} s"}
+        return {"variant": variant, "error": f"did not finish within {timeout} s"}
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     if p.returncode or not line:
         tail = " | ".join((p.stderr or p.stdout).strip().splitlines()[-4:])
         return {"variant": variant, "error": f"exit {p.returncode}: {tail}"}
     res = json.loads(line[-1][len("RESULT "):])
-    print(f"[{label}] done in {time.perf_counter() - t0:.0f} s", flush=True)
+    res["wall_s"] = time.perf_counter() - t0
+    print(f"[{label}] done in {res['wall_s']:.0f} s", flush=True)
     return res
 
 
@@ -454,32 +407,27 @@ def run_part(args, part: str) -> dict:
         res = run_child(args, "gemm")
         if "rows" in res:
             gemm_table(res)
-        name = "fp8_gemm.json"
-    elif part == "attention":
+        return res
+    if part == "attention":
         res = run_child(args, "attention")
         if "rows" in res:
             attention_table(res)
-        name = "fp8_attention.json"
-    elif part == "forward":
-        res = forward_summary([run_child(args, "forward", v) for v in args.variants], args)
-        name = f"fp8_forward_{args.size[0]}x{args.size[1]}.json"
-    else:
-        variants = [v for v in LAYER_VARIANTS if not (args.tiny and v == "fp8-attn")]  # no cuDNN on a CPU
-        res = layers_summary([run_child(args, "layers", v) for v in variants], args)
-        name = "fp8_layers.json"
-    meta = {"part": part, "date": datetime.date.today().isoformat(), "tiny": args.tiny,
-            "preset": TINY_PRESET if args.tiny else PRESET, "act_scaling": args.act_scaling, "versions": _versions()}
+        return res
     if part == "forward":
-        meta.update(size=list(args.size), frames=args.frames, text_len=args.text_len)
-    if part == "layers":
-        meta.update(size=list(args.layers_size), frames=args.layers_frames, text_len=args.text_len)
-    Path(args.out, name).write_text(json.dumps({**meta, **res}, indent=2, default=str) + "\n")
-    print(f"wrote {Path(args.out, name)}", flush=True)
-    return res
+        out = {}
+        for size in args.sizes:
+            sized = argparse.Namespace(**{**vars(args), "size": size})
+            rows = [run_child(args, "forward", v, size) for v in args.variants]
+            out[f"{size[0]}x{size[1]}"] = {"frames": args.frames, **forward_summary(rows, sized)}
+        return out
+    res = layers_summary(run_child(args, "layers"), args)
+    return {"size": list(args.layers_size), "frames": args.layers_frames, **res}
 
 
-def _failed(res: dict) -> bool:
+def _failed(part: str, res: dict) -> bool:
     """A part failed if its subprocess did, or any row did other than the optional cuDNN FP8 attention ones."""
+    if part == "forward":
+        return any(_failed("rows", r) for r in res.values())
     if "error" in res:
         return True
     rows = res.get("rows", [])
@@ -510,46 +458,78 @@ def _size(text: str) -> tuple[int, int]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=PARTS + ("all",), help="which measurement (all: every part in turn)")
-    ap.add_argument("--out", default="fp8-bench", help="folder for the JSON (and the forward outputs / layer taps)")
-    ap.add_argument("--size", type=_size, default=(480, 832), help="forward: HEIGHTxWIDTH in pixels (default 480x832)")
-    ap.add_argument("--frames", type=int, default=81, help="forward: video frames, 4k+1 (default 81)")
+    ap.add_argument("--parts", default="forward,layers",
+                    help=f"comma list of {', '.join(PARTS)} (default forward,layers: the lead's one GPU run)")
+    ap.add_argument("--json", help="write every part's results here as one JSON file (e.g. bench/results/fp8_h100.json)")
+    ap.add_argument("--out", help="scratch folder for the forward outputs (default: a temporary folder)")
+    ap.add_argument("--sizes", default="480x832,720x1280", help="forward: comma list of HEIGHTxWIDTH in pixels")
+    ap.add_argument("--frames", type=int, default=81, help="video frames, 4k+1 (default 81)")
     ap.add_argument("--text-len", type=int, default=512, help="text tokens (default 512, the UMT5 padding)")
     ap.add_argument("--layers-size", type=_size, default=(480, 832), help="layers: HEIGHTxWIDTH (default 480x832)")
-    ap.add_argument("--layers-frames", type=int, default=5, help="layers: frames (default 5: 3120 tokens at 480x832)")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"forward: comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--layers-frames", type=int, default=81, help="layers: frames (default 81)")
+    ap.add_argument("--sublayers", action="store_true",
+                    help="layers: also compare each block's self_attn / cross_attn / ffn (4x the reference taps' memory: "
+                         "use a short clip, e.g. --layers-frames 21, at full size)")
+    ap.add_argument("--variants", default="bf16,fp8", help=f"forward: comma list of {', '.join(VARIANTS)}")
     ap.add_argument("--act-scaling", default="token", choices=("token", "tensor"), help="FP8 activation scaling")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--timeout", type=int, default=420, help="seconds per subprocess (default 420)")
-    ap.add_argument("--tiny", action="store_true", help="tiny preset and shapes: a CPU smoke run")
+    ap.add_argument("--warmup", type=int, default=1, help="forward calls before timing (default 1)")
+    ap.add_argument("--iters", type=int, default=3, help="timed forward calls; the best counts (default 3)")
+    ap.add_argument("--timeout", type=int, default=240, help="seconds per subprocess (default 240)")
+    ap.add_argument("--budget", type=int, default=560,
+                    help="seconds for the whole run (default 560, under a 10-minute call); later parts are skipped")
+    ap.add_argument("--tiny", action="store_true", help="tiny preset and shapes: the whole script on a CPU in seconds")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)
+    ap.add_argument("--size", type=_size, default=(480, 832), help=argparse.SUPPRESS)
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.tiny:
-        args.size, args.frames, args.text_len = (32, 32), 5, 16
-        args.layers_size, args.layers_frames = (32, 48), 5
+        args.sizes, args.frames, args.text_len = "32x32", 5, 16
+        args.layers_size, args.layers_frames, args.sublayers = (32, 48), 5, True
         args.warmup, args.iters = 1, 2
     for frames in (args.frames, args.layers_frames):
         if (frames - 1) % 4:
             ap.error(f"frames must be 4k+1 (the VAE's causal time compression), got {frames}")
-    if args.tiny and args.variants == ",".join(VARIANTS):
-        args.variants = "bf16,fp8"  # a CPU has no cuDNN: fp8-attn would rerun fp8 with XLA attention
+    try:
+        args.sizes = [_size(t) for t in args.sizes.split(",") if t.strip()]
+    except argparse.ArgumentTypeError as e:
+        ap.error(str(e))
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         ap.error(f"unknown forward variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if set(parts) - set(PARTS):
+        ap.error(f"unknown part(s) {sorted(set(parts) - set(PARTS))}; choose from {', '.join(PARTS)}")
     if args.child:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
         print("RESULT " + json.dumps(CHILDREN[args.part](args), default=str), flush=True)
         return 0
+    if args.json and Path(args.json).is_dir():
+        ap.error(f"--json {args.json} is a folder; give a file name, e.g. {Path(args.json, 'fp8_h100.json')}")
 
     from jax_impl.runtime import configure_xla
 
     configure_xla()  # children inherit XLA_FLAGS
-    parts = PARTS if args.part == "all" else (args.part,)
-    results = {p: run_part(args, p) for p in parts}
-    return 1 if any(_failed(r) for r in results.values()) else 0
+    args.deadline = time.monotonic() + args.budget
+    with contextlib.ExitStack() as stack:
+        if args.out is None:
+            args.out = stack.enter_context(tempfile.TemporaryDirectory(prefix="fp8-bench-"))
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        results = {p: run_part(args, p) for p in parts}
+    doc = {"date": datetime.date.today().isoformat(), "tiny": args.tiny, "preset": TINY_PRESET if args.tiny else PRESET,
+           "act_scaling": args.act_scaling, "weight_scaling": "channel", "text_len": args.text_len,
+           "warmup": args.warmup, "iters": args.iters, "versions": _versions(), **results}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(args.json).with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        os.replace(tmp, args.json)
+        print(f"wrote {args.json}", flush=True)
+    failed = [p for p, r in results.items() if _failed(p, r)]
+    if failed:
+        print(f"failed: {', '.join(failed)}", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from flax import nnx
 import kernels
 from kernels.context_parallel import SequenceSplit, pad_axis
 from jax_impl.config import DitConfig
-from jax_impl.layers import F32, Dense, LayerNorm, RMSNorm, fused_dense, gelu_exact, gelu_tanh
+from jax_impl.fp8 import fused_dense  # plain Dense layers fused as before; FP8 (Fp8Dense) ones fused in FP8
+from jax_impl.layers import F32, Dense, LayerNorm, RMSNorm, gelu_exact, gelu_tanh
 from jax_impl.rope import apply_rope, rope_tables
 
 if not getattr(kernels, "WANPORT_KERNELS", False):  # a namesake package shadows ours

@@ -11,9 +11,9 @@ Which layers: `weights.fp8.is_fp8_linear` (the blocks' attention and feed-forwar
 why the embeddings, time projection and head stay bf16). `quantize_model` swaps those `Dense` modules of a
 loaded model for `Fp8Dense` in place, so any checkpoint can run in FP8 without an FP8 file.
 
-Wiring into the DiT (until done, `dit_fused_dense_bridge` patches it for tests and benches): the self-attention
-q/k/v and the cross-attention k/v go through `layers.fused_dense`, which concatenates `Dense` kernels; it must
-become `fused_dense` from here, which fuses FP8 layers too and falls back to the plain one for `Dense`.
+Wiring into the DiT: the self-attention q/k/v and the cross-attention k/v go through `fused_dense` from here
+(jax_impl/dit.py imports it), which fuses FP8 layers in FP8 and plain `Dense` ones as `layers.fused_dense` does;
+concatenating e4m3 kernels as plain ones would multiply them unscaled.
 
 High-precision first/last steps (xDiT runs them unquantised) are a sampling choice: `step_uses_fp8` says which
 steps run in FP8, and a sampler alternates between two models (an FP8 one and a bf16 one kept on the host,
@@ -23,7 +23,6 @@ FP8 weights with bf16 activations (weight-only; one more compiled step, no extra
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 from typing import Callable, Iterator
@@ -250,26 +249,9 @@ def step_uses_fp8(step: int, num_steps: int, *, high_precision_first: int = 0, h
     return high_precision_first <= step < num_steps - high_precision_last
 
 
-@contextlib.contextmanager
-def dit_fused_dense_bridge() -> Iterator[None]:
-    """Make jax_impl.dit use `fused_dense` from here while the block is active (trace FP8 models inside it).
-
-    Temporary: once jax_impl/dit.py imports `fused_dense` from this module, delete this. Without it, the DiT's
-    fused q/k/v would concatenate e4m3 kernels and multiply them unscaled."""
-    import jax_impl.dit as dit
-
-    old = dit.fused_dense
-    dit.fused_dense = fused_dense
-    try:
-        yield
-    finally:
-        dit.fused_dense = old
-
-
 __all__ = [
     "Fp8Dense",
     "dequantize",
-    "dit_fused_dense_bridge",
     "fp8_dense",
     "fp8_layers",
     "fused_dense",

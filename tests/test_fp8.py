@@ -1,12 +1,13 @@
 """FP8 (e4m3) weights and matmuls: quantisation arithmetic, scale conventions on disk, the scaled FP8 matmul,
-the Fp8Dense layer, a tiny Wan DiT with FP8 block linears, and cuDNN FP8 attention's wiring.
+the Fp8Dense layer, a tiny Wan DiT with FP8 block linears, FP8 checkpoints, and cuDNN FP8 attention's wiring.
 
-The tiny-DiT tolerance is measured, not chosen: FP8 block linears vs the bf16 DiT, rel L2 per captured tap,
-over tiny-wan2.1-t2v-1.3b, tiny-wan2.1-i2v-14b, tiny-wan2.2-i2v-a14b, tiny-wan2.2-ti2v-5b and
-tiny-hd128-wan2.1-t2v-1.3b, seeds 0-2 (latents 3x10x14, 7 text tokens, 5 image tokens, t=500): worst 5.9e-2
-on the blocks' self_attn / cross_attn / ffn taps, 2.7e-2 on block outputs, head and output; 0 before the
-blocks (those layers are not quantised). The bf16 DiT's own error vs float32 was at most 7.5e-3 on the same
-taps. Tolerances below: 1.4x the worst seen.
+The tiny-DiT tolerance is measured, not chosen: FP8 block linears vs the bf16 DiT, rel L2 per captured tap
+(parity.layer_error.fp8_layer_errors), over tiny-wan2.1-t2v-1.3b, tiny-wan2.1-i2v-14b, tiny-wan2.2-i2v-a14b,
+tiny-wan2.2-ti2v-5b and tiny-hd128-wan2.1-t2v-1.3b, seeds 0-2 (latents 3x10x14, 7 text tokens, 5 image tokens,
+t=500; measured 2026-11-25): worst 7.25e-2 on the blocks' self_attn / cross_attn / ffn taps (tiny-wan2.1-i2v-14b
+seed 0, blocks.1.self_attn), 2.88e-2 on block outputs, head and output; 0 before the blocks (those layers are
+not quantised). The bf16 DiT's own error vs float32 (matmuls at HIGHEST) was at most 7.8e-3 on the same taps.
+Rule: tolerance = the worst seen x 1.4, rounded to 0.10 and 0.04.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from weights.safetensors_io import CheckpointError, load_tensors, read_header, s
 
 ROOT = Path(__file__).resolve().parents[1]
 E4M3 = ml_dtypes.float8_e4m3fn
-TOL_SUBLAYER = 0.08  # blocks.*.{self_attn, cross_attn, ffn}: worst measured 5.9e-2
-TOL_OUTPUT = 0.04  # blocks.*.output, head, output: worst measured 2.7e-2
+TOL_SUBLAYER = 0.10  # blocks.*.{self_attn, cross_attn, ffn}: worst measured 7.25e-2
+TOL_OUTPUT = 0.04  # blocks.*.output, head, output: worst measured 2.88e-2
 
 
 def _rng(seed=0):
@@ -359,12 +360,15 @@ def test_quantize_model_replaces_exactly_the_block_linears():
     assert model.blocks.ffn.fc1.kernel[...].shape == (2, 32, 64)  # the stacked layer axis is kept
     assert model.blocks.ffn.fc1.kernel_scale[...].shape == (2, 64)
     with pytest.raises(ValueError, match="no Dense layer"):
-        fp8.quantize_model(model, select=lambda path: True)  # nothing left to quantise
+        fp8.quantize_model(model, select=lambda path: path.startswith("blocks."))  # no block Dense left
 
 
 @pytest.mark.slow
 def test_tiny_dit_with_fp8_linears_stays_within_the_measured_tolerance_of_bf16():
+    """The FP8 DiT's taps vs the bf16 DiT's, once through the model's own capture and once through
+    parity.layer_error (which compares inside the forward): the two agree, and every tap is within tolerance."""
     from jax_impl.presets import get_preset
+    from parity.layer_error import fp8_layer_errors, format_layer_errors
 
     cfg = get_preset("tiny-wan2.1-i2v-14b").transformer
     r = _rng(0)
@@ -375,18 +379,24 @@ def test_tiny_dit_with_fp8_linears_stays_within_the_measured_tolerance_of_bf16()
     ref = run(_tiny_dit(jnp.bfloat16), lat, jnp.array([500.0]), text, img)
     model = _tiny_dit(jnp.bfloat16)
     fp8.quantize_model(model)
-    with fp8.dit_fused_dense_bridge():
-        got = run(model, lat, jnp.array([500.0]), text, img)
+    got = run(model, lat, jnp.array([500.0]), text, img)
     assert set(got) == set(ref)
+    captured = {}
     for name in ref:
         a, b = np.asarray(got[name], np.float64), np.asarray(ref[name], np.float64)
-        err = np.linalg.norm(a - b) / np.linalg.norm(b)
+        err = captured[name] = np.linalg.norm(a - b) / np.linalg.norm(b)
         if not name.startswith("blocks.") and name not in ("head", "output"):
             assert err == 0.0, name  # embeddings and time projection are not quantised
         elif name.endswith(("self_attn", "cross_attn", "ffn")):
             assert 5e-3 < err <= TOL_SUBLAYER, (name, err)
         else:
             assert 1e-3 < err <= TOL_OUTPUT, (name, err)
+    rows = fp8_layer_errors(_tiny_dit(jnp.bfloat16), (lat, jnp.array([500.0]), text, img))
+    assert [row.name for row in rows][-2:] == ["head", "output"] and {row.name for row in rows} == set(ref)
+    for row in rows:
+        assert row.rel_l2 == pytest.approx(captured[row.name], rel=1e-3, abs=1e-6), row
+    table = format_layer_errors(rows)
+    assert "worst block tap: blocks." in table and table.count("\n") == len(rows) - 4 * cfg.num_layers + cfg.num_layers + 2
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -447,28 +457,142 @@ def test_cudnn_fp8_attention_is_close_to_float32_attention():
 
 # ------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_fp8_bench_tiny_run_writes_every_table(tmp_path):
-    """bench/fp8.py all --tiny on the CPU: every part runs in its subprocess and writes JSON; the per-layer table
-    has every tap in forward order, FP8 leaves the embeddings alone and adds error inside the blocks."""
-    p = subprocess.run([sys.executable, str(ROOT / "bench" / "fp8.py"), "all", "--tiny", "--out", str(tmp_path)],
+def test_fp8_bench_tiny_run_writes_the_forward_and_layer_tables(tmp_path):
+    """bench/fp8.py --tiny on the CPU: the lead's default parts (forward bf16 vs fp8, per-layer table) each run in
+    their subprocess and land in the one --json file; FP8 leaves the embeddings alone and adds error in the blocks."""
+    out = tmp_path / "results" / "fp8.json"
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "fp8.py"), "--tiny", "--json", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    gemm = json.loads((tmp_path / "fp8_gemm.json").read_text())
-    assert {r["impl"] for r in gemm["rows"]} >= {"bf16", "fp8 token x channel", "fp8 tensor x tensor"}
-    assert all("ms" in r for r in gemm["rows"])
-    attention = json.loads((tmp_path / "fp8_attention.json").read_text())
-    fp8_rows = [r for r in attention["rows"] if r["impl"].startswith("fp8")]
-    assert fp8_rows and all("error" in r for r in fp8_rows)  # no cuDNN on a CPU: reported, and the run still passed
-    forward = json.loads((tmp_path / "fp8_forward_32x32.json").read_text())
-    assert [r["variant"] for r in forward["rows"]] == ["bf16", "fp8"]
-    assert all(r["finite"] and r["median_s"] > 0 for r in forward["rows"])
-    assert forward["rows"][1]["fp8_layers"] == 10 and 0 < forward["rows"][1]["rel_l2_vs_bf16"] < 0.1
-    layers = json.loads((tmp_path / "fp8_layers.json").read_text())["layers"]
+    assert "per-layer rel L2, FP8 vs bf16" in p.stdout and "speed-up" in p.stdout
+    doc = json.loads(out.read_text())
+    rows = doc["forward"]["32x32"]["rows"]
+    assert [r["variant"] for r in rows] == ["bf16", "fp8"]
+    assert all(r["finite"] and 0 < r["best_s"] <= r["median_s"] for r in rows)
+    assert all(r["forward_bytes"]["argument_size_in_bytes"] > 0 for r in rows)
+    assert rows[1]["fp8_layers"] == 10 and 0 < rows[1]["rel_l2_vs_bf16"] < TOL_OUTPUT
+    assert rows[1]["weights_bytes"] < rows[0]["weights_bytes"]
+    layers = doc["layers"]["layers"]
     names = [r["name"] for r in layers]
     assert names[0] == "patch_embedding" and names[-2:] == ["head", "output"]
     assert names.index("blocks.0.output") < names.index("blocks.1.self_attn")
     for r in layers:
-        if r["name"].startswith("blocks.") and r["name"].endswith(("self_attn", "ffn")):
-            assert r["fp8_vs_fp32"] > 2 * r["bf16_vs_fp32"], r
-        elif not r["name"].startswith("blocks.") and r["name"] not in ("head", "output"):
-            assert r["fp8_vs_bf16"] == 0.0, r
+        if r["name"].startswith("blocks.") or r["name"] in ("head", "output"):
+            assert 0 < r["rel_l2"] <= TOL_SUBLAYER, r
+        else:
+            assert r["rel_l2"] == 0.0, r
+
+
+# ------------------------------------------------------------------------------------------------------------
+# FP8 checkpoints: convert --dtype float8_e4m3fn, load into the FP8 model, community layouts
+@pytest.fixture(scope="module")
+def f32_dit_folder(tmp_path_factory):
+    from weights.dit_io import save_dit
+
+    model = _tiny_dit(jnp.float32)
+    folder = save_dit(model, tmp_path_factory.mktemp("fp8ckpt") / "f32")
+    kernels = {path: np.asarray(layer.kernel[...]) for path, _, _, layer in fp8.dense_layers(model)
+               if wfp8.is_fp8_linear(path)}
+    return folder, kernels
+
+
+def _expected_fp8(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stacked float32 kernel [L, in, out] -> (e4m3, scale [L, out]): weights/fp8.py per output channel."""
+    parts = [wfp8.quantize_linear(k, in_axis=0) for k in kernel]
+    return np.stack([q for q, _ in parts]), np.stack([s.reshape(-1) for _, s in parts])
+
+
+def _check_fp8_model(model, kernels, expect=_expected_fp8):
+    layers = dict(fp8.fp8_layers(model))
+    assert len(layers) == 12
+    for path, layer in layers.items():
+        q, s = expect(kernels[path]) if callable(expect) else expect[path]
+        assert layer.kernel[...].dtype == E4M3
+        np.testing.assert_array_equal(_bits(layer.kernel[...]), _bits(q), err_msg=path)
+        np.testing.assert_array_equal(np.asarray(layer.kernel_scale[...]), s, err_msg=path)
+
+
+@pytest.mark.parametrize("layout", ["flax", "wan", "diffusers"])
+def test_convert_to_fp8_writes_e4m3_block_linears_with_scales_and_loads_into_the_fp8_model(
+        f32_dit_folder, tmp_path, layout):
+    from weights.convert import convert
+    from weights.dit_fp8 import load_dit_fp8
+
+    src, kernels = f32_dit_folder
+    out = convert(src, tmp_path / layout, layout, dtype="float8_e4m3fn")
+    header = {}
+    for f in sorted(out.glob("*.safetensors")):
+        header.update(read_header(f)[0])
+    fp8_keys = sorted(k for k, v in header.items() if v.dtype == np.dtype(E4M3))
+    assert len(fp8_keys) == 12 * 2 and all(wfp8.is_fp8_linear(k) for k in fp8_keys)
+    for k in fp8_keys:
+        scale = header[wfp8.scale_key(k)]
+        out_ch = header[k].shape[-1] if layout == "flax" else header[k].shape[0]
+        assert scale.dtype == np.float32
+        assert tuple(scale.shape) == ((out_ch,) if layout == "flax" else (out_ch, 1))  # broadcasts as stored
+    others = {v.dtype for k, v in header.items() if k not in fp8_keys and not k.endswith(("scale_weight", "kernel_scale"))}
+    assert others == {np.dtype(ml_dtypes.bfloat16)}
+    _check_fp8_model(load_dit_fp8(out), kernels)
+
+
+def test_load_dit_fp8_quantises_a_high_precision_file_and_bf16_loading_dequantises_an_fp8_one(f32_dit_folder, tmp_path):
+    from weights.convert import convert
+    from weights.dit_fp8 import load_dit_fp8, load_dit_precision
+
+    src, kernels = f32_dit_folder
+    _check_fp8_model(load_dit_fp8(src), kernels)  # float32 file, quantised while loading
+    out = convert(src, tmp_path / "wan", "wan", dtype="float8_e4m3fn")
+    bf16 = load_dit_precision(out, "bf16")
+    assert not fp8.fp8_layers(bf16)
+    q, s = _expected_fp8(kernels["blocks.ffn.fc1"])
+    want = (q.astype(np.float32) * s[:, None, :]).astype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(np.asarray(bf16.blocks.ffn.fc1.kernel[...]), want)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        load_dit_precision(out, "int8")
+
+
+@pytest.mark.parametrize("scales", ["scale_weight", "weight_scale", "none"])
+def test_load_dit_fp8_reads_community_files_with_per_tensor_or_no_scales(f32_dit_folder, tmp_path, scales):
+    """ComfyUI-style wan-layout files: scalar `scale_weight` (plus a `scaled_fp8` marker and `scale_input`),
+    `weight_scale`, or a plain e4m3 cast with no scale at all (Kijai's *_fp8_e4m3fn files)."""
+    import shutil
+
+    from weights.convert import convert
+    from weights.dit_fp8 import load_dit_fp8
+
+    from jax_impl.presets import get_preset
+    from weights.dit_map import dit_entries
+
+    src, kernels = f32_dit_folder
+    by_flax = {en.flax: en for en in dit_entries(get_preset("tiny-wan2.1-i2v-14b").transformer)}
+    wan = convert(src, tmp_path / "wan", "wan")
+    tensors = {}
+    for f in sorted(wan.glob("*.safetensors")):
+        tensors.update(load_tensors(f)[0])
+    expect = {}
+    for k in [k for k in tensors if wfp8.is_fp8_linear(k) and k.endswith(".weight")]:
+        w = np.asarray(tensors[k], np.float32)
+        if scales == "none":
+            tensors[k] = w.astype(E4M3)
+        else:
+            tensors[k], s = wfp8.quantize_linear(w, scaling="tensor")
+            tensors[k[: -len(".weight")] + "." + scales] = s
+            if scales == "scale_weight":
+                tensors[k[: -len(".weight")] + ".scale_input"] = np.float32(1.0)
+    if scales == "scale_weight":
+        tensors["scaled_fp8"] = np.zeros((0,), E4M3)
+    for path in kernels:  # the FP8 model's expected kernel (Flax [in, out]) and per-channel scale, per layer
+        rest = path[len("blocks."):]
+        qs, ss = [], []
+        for i in range(2):
+            key = by_flax[f"blocks.{i}.{rest}.kernel"].wan
+            q = tensors[key]
+            s = tensors.get(key[: -len(".weight")] + "." + scales, np.float32(1.0))
+            qs.append(q.T)
+            ss.append(np.full((q.shape[0],), s, np.float32))
+        expect[path] = (np.stack(qs), np.stack(ss))
+    folder = tmp_path / "community"
+    folder.mkdir()
+    shutil.copy(wan / "config.json", folder / "config.json")
+    save_tensors(folder / "wan2.1_i2v_fp8_e4m3fn.safetensors", tensors)
+    _check_fp8_model(load_dit_fp8(folder), kernels, expect=expect)

@@ -15,6 +15,7 @@ import numpy as np
 
 from jax_impl.config import ConfigError, DitConfig
 from weights.dit_map import Entry, check_keys, detect_layout, dit_entries
+from weights.fp8 import dequantize_weight, find_fp8_pairs, normalize_scale
 from weights.safetensors_io import CheckpointError, TensorSpec, open_reader
 
 FLAX_WEIGHTS = "flax_model.safetensors"
@@ -39,7 +40,10 @@ class DitCheckpoint:
             hint = f"; did you mean {sub}?" if (sub / "config.json").is_file() else ""
             raise CheckpointError(f"{self.folder}: no config.json, so this is not a model folder{hint}")
         self.reader = open_reader(self.folder, allow_pickle=allow_pickle)
-        keys = self.reader.keys()
+        infos = {k: self.reader.info(k) for k in self.reader.keys()}
+        # FP8 weights and their scales (weights/fp8.py): scales and format markers are not model tensors
+        self.fp8, companions = find_fp8_pairs(infos)
+        keys = [k for k in infos if k not in companions]
         try:
             self.layout = detect_layout(keys)
         except ValueError as e:
@@ -58,14 +62,33 @@ class DitCheckpoint:
             msg = str(e) if str(e).startswith(str(cfg_path)) else f"{cfg_path}: {e}"
             raise CheckpointConfigError(f"{msg} (invalid model config)") from None
         self.entries = dit_entries(self.config)
-        found = {k: self.reader.info(k).shape for k in keys}
+        found = {k: infos[k].shape for k in keys}
         check_keys(self.entries, found, self.layout, str(self.folder))
 
     def get(self, entry: Entry, layout: str) -> np.ndarray:
-        """One tensor, re-laid into `layout`."""
-        return entry.convert(self.reader.get(entry.name(self.layout), copy=False), self.layout, layout)
+        """One tensor, re-laid into `layout`; an FP8 weight comes back dequantised (float32, its scale applied)."""
+        name = entry.name(self.layout)
+        x = self.reader.get(name, copy=False)
+        if name in self.fp8:
+            scale = self.fp8[name].scale
+            x = dequantize_weight(x, None if scale is None else self.reader.get(scale), name)
+        return entry.convert(x, self.layout, layout)
+
+    def get_fp8(self, entry: Entry, layout: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """An FP8 weight as stored, re-laid into `layout`, and its scale as float32 [] or [out] (None: the file
+        has none, the scale is 1)."""
+        name = entry.name(self.layout)
+        q = self.reader.get(name, copy=False)
+        scale = self.fp8[name].scale
+        s = None if scale is None else normalize_scale(self.reader.get(scale), tuple(q.shape), name)
+        return entry.convert(q, self.layout, layout), s
 
     def dtype(self, entry: Entry) -> np.dtype:
+        """The dtype `get` returns (float32 for an FP8 weight, which it dequantises)."""
+        name = entry.name(self.layout)
+        return np.dtype(np.float32) if name in self.fp8 else self.reader.info(name).dtype
+
+    def stored_dtype(self, entry: Entry) -> np.dtype:
         return self.reader.info(entry.name(self.layout)).dtype
 
 
@@ -164,9 +187,10 @@ def convert_dit(
 def _np_dtype(name: str):
     import ml_dtypes
 
-    table = {"float32": np.float32, "fp32": np.float32, "bfloat16": ml_dtypes.bfloat16, "bf16": ml_dtypes.bfloat16}
+    table = {"float32": np.float32, "fp32": np.float32, "bfloat16": ml_dtypes.bfloat16, "bf16": ml_dtypes.bfloat16,
+             "float8_e4m3fn": ml_dtypes.float8_e4m3fn}
     if name not in table:
-        raise ValueError(f"unsupported dtype {name!r}; use float32 or bfloat16")
+        raise ValueError(f"unsupported dtype {name!r}; use float32, bfloat16 or float8_e4m3fn")
     return table[name]
 
 
