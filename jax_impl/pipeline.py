@@ -162,9 +162,10 @@ class Pipeline:
     each loaded when first used."""
 
     def __init__(self, folder: str | os.PathLike, *, dtype=None, attention_backend: str = "auto",
-                 load_encoders: bool | Collection[str] = True, vae_options=None):
+                 load_encoders: bool | Collection[str] = True, vae_options=None, precision: str | None = None):
         """`load_encoders`: True checks every encoder the checkpoint needs, False none, or a collection of
-        "text" / "image" (what precomputed embeddings do not replace)."""
+        "text" / "image" (what precomputed embeddings do not replace). `precision="fp8"` runs the DiT's block
+        linears in FP8 (weights.dit_fp8.load_dit_fp8; needs dtype bfloat16); None: every weight in `dtype`."""
         import jax.numpy as jnp
 
         from weights.dit_io import DitCheckpoint
@@ -188,6 +189,12 @@ class Pipeline:
             if not (self.folder / part).is_dir():
                 raise PipelineError(f"{self.folder}: missing the {part}/ folder; copy it from the original pipeline")
         self.dtype = jnp.dtype(dtype or jnp.float32)
+        if precision not in (None, "bf16", "fp8"):
+            raise ValueError(f"precision must be bf16 or fp8, got {precision!r}")
+        if precision == "fp8" and self.dtype != jnp.bfloat16:
+            raise ValueError(f"precision fp8 runs the DiT in bfloat16 between its FP8 matmuls; dtype is {self.dtype}: "
+                             "pass dtype=bfloat16 (--dtype bfloat16)")
+        self.precision = precision
         self.attention_backend = attention_backend
         # Headers and configs only (every weight file's header and size validated); weights load on first use.
         configs = [DitCheckpoint(self.folder / n).config for n in names]
@@ -281,9 +288,14 @@ class Pipeline:
         """The DiT expert(s), loaded on first use."""
         if self._experts is None:
             from weights.dit_io import load_dit
+            from weights.dit_fp8 import load_dit_fp8
 
-            self._experts = [load_dit(self.folder / n, dtype=self.dtype, attention_backend=self.attention_backend)
-                             for n in self.expert_dirs]
+            if self.precision == "fp8":
+                self._experts = [load_dit_fp8(self.folder / n, attention_backend=self.attention_backend)
+                                 for n in self.expert_dirs]
+            else:
+                self._experts = [load_dit(self.folder / n, dtype=self.dtype, attention_backend=self.attention_backend)
+                                 for n in self.expert_dirs]
         return self._experts
 
     @property
@@ -463,6 +475,7 @@ class Pipeline:
             "causal": None if causal is None else dataclasses.asdict(causal),
             "dtype": self.dtype.name, "attention": resolve_backend(self.attention_backend, self.dtype),
             "weights": self.weights_identity(*self.expert_dirs),
+            **({"precision": "fp8"} if self.precision == "fp8" else {}),  # absent for bf16: old cache keys still match
         }
 
     # --- stage 1: encode -------------------------------------------------------------------------------

@@ -596,3 +596,21 @@ def test_load_dit_fp8_reads_community_files_with_per_tensor_or_no_scales(f32_dit
     shutil.copy(wan / "config.json", folder / "config.json")
     save_tensors(folder / "wan2.1_i2v_fp8_e4m3fn.safetensors", tensors)
     _check_fp8_model(load_dit_fp8(folder), kernels, expect=expect)
+
+
+def test_pipeline_precision_fp8_loads_fp8_experts_and_keys_its_stages_apart(tiny_ckpt):
+    """Pipeline(precision="fp8"): the experts' block linears are Fp8Dense, float32 is refused up front, and the
+    denoise stage's key differs from bf16's (a cached bf16 result is never reused for FP8)."""
+    from jax_impl.pipeline import GenerateSettings, Pipeline
+
+    folder = tiny_ckpt("tiny-wan2.1-t2v-1.3b")
+    with pytest.raises(ValueError, match="pass dtype=bfloat16"):
+        Pipeline(folder, precision="fp8", load_encoders=False)
+    with pytest.raises(ValueError, match="precision must be"):
+        Pipeline(folder, dtype="bfloat16", precision="int8", load_encoders=False)
+    pipe8 = Pipeline(folder, dtype="bfloat16", precision="fp8", load_encoders=False)
+    pipe16 = Pipeline(folder, dtype="bfloat16", load_encoders=False)
+    assert len(fp8.fp8_layers(pipe8.experts[0])) == 10
+    settings = GenerateSettings(frames=5, height=32, width=32, steps=2)
+    a, b = pipe8.denoise_inputs(settings, "k"), pipe16.denoise_inputs(settings, "k")
+    assert a.pop("precision") == "fp8" and a == b
