@@ -131,5 +131,34 @@ def format_layer_errors(rows: list[LayerError], title: str = "per-layer rel L2")
     return "\n".join(lines)
 
 
+def random_fp8_table(preset: str = "tiny-wan2.1-t2v-1.3b", *, seed: int = 0, latent_shape=(3, 10, 14),
+                     sublayers: bool = True) -> str:
+    """The FP8-vs-bf16 table of a preset's DiT with random (NNX-initialised) weights on random inputs: what a CLI
+    prints for `--precision fp8` checks on tiny presets (full-size ones: bench/fp8.py, on a GPU)."""
+    import numpy as np
+
+    from jax_impl.presets import get_preset
+
+    cfg = get_preset(preset).transformer
+    r = np.random.default_rng(seed)
+    inputs = (jnp.asarray(r.standard_normal((1, *latent_shape, cfg.in_channels)), F32), jnp.array([500.0], F32),
+              jnp.asarray(r.standard_normal((1, 7, cfg.text_dim)), F32),
+              jnp.asarray(r.standard_normal((1, 5, cfg.image_dim)), F32) if cfg.has_image_tokens else None)
+    model = WanTransformer(cfg, dtype=jnp.bfloat16, attention_backend="xla", rngs=nnx.Rngs(seed))
+    rows = fp8_layer_errors(model, inputs, sublayers=sublayers)
+    return format_layer_errors(rows, f"per-layer rel L2, FP8 vs bf16 DiT ({preset}, random weights, seed {seed})")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Print the FP8-vs-bf16 per-layer error table of a (tiny) preset's DiT "
+                                             "with random weights.")
+    ap.add_argument("--preset", default="tiny-wan2.1-t2v-1.3b")
+    ap.add_argument("--seed", type=int, default=0)
+    cli = ap.parse_args()
+    print(random_fp8_table(cli.preset, seed=cli.seed))
+
+
 __all__ = ["LayerError", "compare_to_reference", "fp8_layer_errors", "format_layer_errors", "layer_errors",
-           "reference_taps"]
+           "random_fp8_table", "reference_taps"]
