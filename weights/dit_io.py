@@ -176,7 +176,9 @@ def convert_dit(
 ) -> Path:
     """Convert a DiT folder (or pipeline folder) to layout `to` (diffusers | wan | flax), one tensor at a time.
 
-    Without `dtype` every tensor keeps its dtype, so the conversion is bit-exact and reversible.
+    Without `dtype` every tensor keeps its dtype, so the conversion is bit-exact and reversible; FP8 weights
+    (weights/fp8.py) are the exception: written dequantised in float32. `dtype="float8_e4m3fn"` writes the
+    block linears in e4m3 with per-output-channel float32 scales and everything else in bfloat16.
     See `weights.convert.convert` for sharding, the manifest and the atomic output.
     """
     from weights.convert import convert
