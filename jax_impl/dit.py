@@ -32,7 +32,8 @@ import kernels
 from kernels.backends import resolve_backend
 from kernels.context_parallel import SequenceSplit, pad_axis
 from weights.configs.dit import DitConfig, check_dit_inputs
-from jax_impl.layers import F32, Dense, LayerNorm, RMSNorm, fused_dense, gelu_exact, gelu_tanh, layer_norm
+from jax_impl.fp8 import fused_dense  # plain Dense layers fused as before; FP8 (Fp8Dense) ones fused in FP8
+from jax_impl.layers import F32, Dense, LayerNorm, RMSNorm, gelu_exact, gelu_tanh, layer_norm
 from jax_impl.rope import apply_rope, rope_tables
 
 if not getattr(kernels, "WANPORT_KERNELS", False):  # a namesake package shadows ours

@@ -35,6 +35,7 @@ from jax_impl import conditioning as cond
 from jax_impl import sampling, schedulers
 from jax_impl.encoders.image import JaxImageEncoder
 from jax_impl.encoders.text import JaxTextEncoder
+from jax_impl.fp8_loading import load_dit_fp8
 from jax_impl.loading import load_dit, load_vae
 from jax_impl.noise import initial_noise
 from jax_impl.settings import GenerateSettings
@@ -142,10 +143,11 @@ class Pipeline:
 
     def __init__(self, folder: str | os.PathLike, *, dtype=None, attention_backend: str = "auto",
                  load_encoders: bool | Collection[str] = True, vae_options=None,
-                 encoders: EncoderSet = JAX_ENCODERS):
+                 encoders: EncoderSet = JAX_ENCODERS, precision: str | None = None):
         """`load_encoders`: True checks every encoder the checkpoint needs, False none, or a collection of
         "text" / "image" (what precomputed embeddings do not replace). `encoders`: which implementation
-        encodes prompts and images."""
+        encodes prompts and images. `precision="fp8"` runs the DiT's block linears in FP8
+        (jax_impl.fp8_loading.load_dit_fp8; needs dtype bfloat16); None: every weight in `dtype`."""
         import jax.numpy as jnp
 
         self.folder = Path(folder)
@@ -166,6 +168,12 @@ class Pipeline:
             if not (self.folder / part).is_dir():
                 raise PipelineError(f"{self.folder}: missing the {part}/ folder; copy it from the original pipeline")
         self.dtype = jnp.dtype(dtype or jnp.float32)
+        if precision not in (None, "bf16", "fp8"):
+            raise ValueError(f"precision must be bf16 or fp8, got {precision!r}")
+        if precision == "fp8" and self.dtype != jnp.bfloat16:
+            raise ValueError(f"precision fp8 runs the DiT in bfloat16 between its FP8 matmuls; dtype is {self.dtype}: "
+                             "pass dtype=bfloat16 (--dtype bfloat16)")
+        self.precision = precision
         self.attention_backend = attention_backend
         # Headers and configs only (every weight file's header and size validated); weights load on first use.
         configs = [Checkpoint(self.folder / n, DIT).config for n in names]
@@ -260,8 +268,12 @@ class Pipeline:
     def experts(self) -> list:
         """The DiT expert(s), loaded on first use."""
         if self._experts is None:
-            self._experts = [load_dit(self.folder / n, dtype=self.dtype, attention_backend=self.attention_backend)
-                             for n in self.expert_dirs]
+            if self.precision == "fp8":
+                self._experts = [load_dit_fp8(self.folder / n, attention_backend=self.attention_backend)
+                                 for n in self.expert_dirs]
+            else:
+                self._experts = [load_dit(self.folder / n, dtype=self.dtype, attention_backend=self.attention_backend)
+                                 for n in self.expert_dirs]
         return self._experts
 
     @property
@@ -434,6 +446,7 @@ class Pipeline:
             "causal": None if causal is None else dataclasses.asdict(causal),
             "dtype": self.dtype.name, "attention": resolve_backend(self.attention_backend, self.dtype),
             "weights": self.weights_identity(*self.expert_dirs),
+            **({"precision": "fp8"} if self.precision == "fp8" else {}),  # absent for bf16: old cache keys still match
         }
 
     # --- stage 1: encode -------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 Layout is `[batch, seq, heads, head_dim]`, as `jax.nn.dot_product_attention`. Back-ends register in
 `BACKENDS`; `backend="auto"` picks the fastest one the current platform and dtype support:
-cuDNN on NVIDIA GPUs (half precision only), Splash on TPU, the plain XLA reference otherwise.
-`local_attention` is what both `kernels.attention` and each device of `kernels.context_parallel` run.
+cuDNN on NVIDIA GPUs (half precision only), Splash on TPU, the plain XLA reference otherwise. `cudnn_fp8`
+(cuDNN's FP8 flash attention, inference only) is used only when named. `local_attention` is what both
+`kernels.attention` and each device of `kernels.context_parallel` run.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels.cudnn import HALF_DTYPES, cudnn_attention
+from kernels.cudnn_fp8 import cudnn_fp8_attention
 from kernels.splash import splash_attention
 
 AttentionFn = Callable[..., jax.Array]
@@ -25,7 +27,12 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array |
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
-BACKENDS: dict[str, AttentionFn] = {"xla": xla_attention, "cudnn": cudnn_attention, "splash": splash_attention}
+BACKENDS: dict[str, AttentionFn] = {
+    "xla": xla_attention,
+    "cudnn": cudnn_attention,
+    "cudnn_fp8": cudnn_fp8_attention,  # never picked by "auto": FP8 error is a choice (kernels/cudnn_fp8.py)
+    "splash": splash_attention,
+}
 
 
 def available_backends() -> list[str]:
@@ -35,7 +42,7 @@ def available_backends() -> list[str]:
 
 def _supported(name: str) -> bool:
     platform = jax.default_backend()
-    if name == "cudnn":
+    if name.startswith("cudnn"):
         return platform == "gpu"
     return True
 

@@ -25,6 +25,7 @@ import numpy as np
 from weights import manifest as mf
 from weights.configs.base import ConfigError, read_json
 from weights.entry import Entry, WeightMap, check_keys
+from weights.fp8 import dequantize_weight, find_fp8_pairs, normalize_scale
 from weights.safetensors_io import CheckpointError, open_reader
 
 
@@ -48,7 +49,10 @@ class Checkpoint:
             hint = f"; did you mean {sub}?" if (sub / "config.json").is_file() else ""
             raise CheckpointError(f"{self.folder}: no config.json, so this is not a {weight_map.what} folder{hint}")
         self.reader = open_reader(self.folder, allow_pickle=allow_pickle, prefer=weight_map.prefer)
-        keys = self.reader.keys()
+        infos = {k: self.reader.info(k) for k in self.reader.keys()}
+        # FP8 weights and their scales (weights/fp8.py): scales and format markers are not model tensors
+        self.fp8, companions = find_fp8_pairs(infos)
+        keys = [k for k in infos if k not in companions]
         self.names = weight_map.canonical_keys(keys) if weight_map.canonical_keys else {k: k for k in keys}
         try:
             self.layout = weight_map.detect_layout(self.names)
@@ -56,7 +60,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.folder}: {e}") from None
         self.config = config if config is not None else self._read_config(cfg_path, keys)
         self.entries: list[Entry] = weight_map.entries(self.config)
-        found = {k: self.reader.info(v).shape for k, v in self.names.items()}
+        found = {k: infos[v].shape for k, v in self.names.items()}
         check_keys(self.entries, found, self.layout, str(self.folder), hint=weight_map.hint, ignore=weight_map.ignore)
 
     def _read_config(self, path: Path, keys: list[str]):
@@ -67,10 +71,33 @@ class Checkpoint:
             raise CheckpointConfigError(f"{msg} (invalid {self.map.what} config)") from None
 
     def get(self, entry: Entry, layout: str) -> np.ndarray:
-        """One tensor, re-laid into `layout` (a view into the mapped file where no re-lay is needed)."""
-        return entry.convert(self.reader.get(self.names[entry.name(self.layout)], copy=False), self.layout, layout)
+        """One tensor, re-laid into `layout` (a view into the mapped file where no re-lay is needed); an FP8
+        weight comes back dequantised (float32, its scale applied)."""
+        name = self.names[entry.name(self.layout)]
+        x = self.reader.get(name, copy=False)
+        if name in self.fp8:
+            scale = self.fp8[name].scale
+            x = dequantize_weight(x, None if scale is None else self.reader.get(scale), name)
+        return entry.convert(x, self.layout, layout)
+
+    def get_fp8(self, entry: Entry, layout: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """An FP8 weight as stored, re-laid into `layout`, and its scale as float32 [] or [out] (None: the file
+        has none, the scale is 1)."""
+        name = self.names[entry.name(self.layout)]
+        q = self.reader.get(name, copy=False)
+        scale = self.fp8[name].scale
+        s = None if scale is None else normalize_scale(self.reader.get(scale), tuple(q.shape), name)
+        return entry.convert(q, self.layout, layout), s
+
+    def is_fp8(self, entry: Entry) -> bool:
+        return self.names[entry.name(self.layout)] in self.fp8
 
     def dtype(self, entry: Entry) -> np.dtype:
+        """The dtype `get` returns (float32 for an FP8 weight, which it dequantises)."""
+        name = self.names[entry.name(self.layout)]
+        return np.dtype(np.float32) if name in self.fp8 else self.reader.info(name).dtype
+
+    def stored_dtype(self, entry: Entry) -> np.dtype:
         return self.reader.info(self.names[entry.name(self.layout)]).dtype
 
     def identity(self) -> str | None:

@@ -18,6 +18,7 @@ from typing import Callable
 import ml_dtypes
 import numpy as np
 
+from weights import fp8 as wfp8
 from weights import manifest as mf
 from weights.atomic import TEMP_TAGS, atomic_folder, check_output_path
 from weights.checkpoint import Checkpoint
@@ -29,7 +30,8 @@ from weights.safetensors_io import CheckpointError, TensorSpec, validate_tree, w
 WEIGHT_STEM = {"diffusers": "diffusion_pytorch_model", "wan": "diffusion_pytorch_model", "flax": "flax_model"}
 DIT_CLASSES = ("WanTransformer3DModel", "WanModel")
 DELAY_ENV = "WANPORT_CONVERT_TENSOR_DELAY"  # test hook: seconds to sleep after each tensor
-CAST_DTYPES = {"float32": np.float32, "fp32": np.float32, "bfloat16": ml_dtypes.bfloat16, "bf16": ml_dtypes.bfloat16}
+CAST_DTYPES = {"float32": np.float32, "fp32": np.float32, "bfloat16": ml_dtypes.bfloat16, "bf16": ml_dtypes.bfloat16,
+               "float8_e4m3fn": ml_dtypes.float8_e4m3fn}
 
 ProgressFn = Callable[[str, int], None]
 
@@ -156,7 +158,7 @@ def cast_dtype(name: str | None) -> np.dtype | None:
     if name is None:
         return None
     if name not in CAST_DTYPES:
-        raise ValueError(f"unsupported dtype {name!r}; use float32 or bfloat16")
+        raise ValueError(f"unsupported dtype {name!r}; use float32, bfloat16 or float8_e4m3fn")
     return np.dtype(CAST_DTYPES[name])
 
 
@@ -170,16 +172,42 @@ class _Job:
         self.by_name = {}
         self.cast = cast
         self.to = to
+        self.scales: dict[str, str] = {}  # FP8 output: scale key -> weight key
+        self._last: tuple[str | None, dict] = (None, {})  # FP8 output: the last weight quantised, with its scale
         for en in self.ckpt.entries:
             name = en.name(to)
             self.by_name[name] = en
-            self.specs.append(TensorSpec(name, cast if cast is not None else self.ckpt.dtype(en), en.layout_shape(to)))
+            if cast is not None and cast == wfp8.E4M3:
+                self._add_fp8_specs(en, name)
+            else:
+                self.specs.append(TensorSpec(name, cast if cast is not None else self.ckpt.dtype(en), en.layout_shape(to)))
+
+    def _add_fp8_specs(self, en, name: str) -> None:
+        """--dtype float8_e4m3fn: the block linears (weights.fp8.is_fp8_linear) as e4m3 with a float32 per-output-
+        channel scale ([out, 1] next to a torch [out, in] weight, [out] next to a Flax [in, out] kernel); every
+        other tensor in bfloat16 (the embeddings, head and norms stay high precision)."""
+        shape = en.layout_shape(self.to)
+        if en.kind == "linear" and wfp8.is_fp8_linear(name):
+            self.specs.append(TensorSpec(name, wfp8.E4M3, shape))
+            key = wfp8.scale_key(name)
+            self.scales[key] = name
+            self.specs.append(TensorSpec(key, np.dtype(np.float32), (shape[-1],) if self.to == "flax" else (shape[0], 1)))
+        else:
+            self.specs.append(TensorSpec(name, np.dtype(ml_dtypes.bfloat16), shape))
 
     @property
     def nbytes(self) -> int:
         return sum(int(np.prod(s.shape, dtype=np.int64)) * np.dtype(s.dtype).itemsize for s in self.specs)
 
     def produce(self, name: str) -> np.ndarray:
+        if self.cast is not None and self.cast == wfp8.E4M3:
+            weight = self.scales.get(name, name)
+            en = self.by_name[weight]
+            if en.kind == "linear" and wfp8.is_fp8_linear(weight):
+                if self._last[0] != weight:  # the weight and its scale are written one after the other
+                    self._last = (weight, wfp8.quantize_for_file(weight, self.ckpt.get(en, self.to)))
+                return self._last[1][name]
+            return self.ckpt.get(en, self.to).astype(ml_dtypes.bfloat16)
         x = self.ckpt.get(self.by_name[name], self.to)
         return x.astype(self.cast) if self.cast is not None and x.dtype != self.cast else x
 
