@@ -21,6 +21,7 @@ from flax import nnx
 
 from jax_impl.dit import WanTransformer, token_grid
 from jax_impl.rope import rope_tables
+from jax_impl.frozen_jit import frozen_jit
 
 F32 = jnp.float32
 SUBLAYERS = ("self_attn", "cross_attn", "ffn")
@@ -62,7 +63,7 @@ def _tap_kinds(sublayers: bool) -> tuple[str, ...]:
     return (SUBLAYERS + ("output",)) if sublayers else ("output",)
 
 
-@nnx.jit(static_argnames="sublayers")
+@frozen_jit(static_argnames=("sublayers",))
 def reference_taps(model: WanTransformer, inputs, sublayers: bool = True) -> dict:
     """The reference run: {"embed": {...}, "blocks": {kind: [layers, B, L, D]}, "head": ..., "output": ...}."""
     kinds = _tap_kinds(sublayers)
@@ -70,7 +71,7 @@ def reference_taps(model: WanTransformer, inputs, sublayers: bool = True) -> dic
     return {"embed": taps, "blocks": ys, "head": head, "output": out}
 
 
-@nnx.jit
+@frozen_jit
 def _compare(model: WanTransformer, inputs, ref: dict) -> dict:
     kinds = tuple(ref["blocks"])
     taps, ys, head, out = _forward(model, inputs, lambda t, r: {k: _rel_l2(t[k], r[k]) for k in kinds}, ref["blocks"])
