@@ -240,7 +240,8 @@ def write_safetensors(
                 f.write(chunk)
                 file_hash.update(chunk)
             for s in specs:
-                arr = np.ascontiguousarray(produce(s.name))
+                arr = np.asarray(produce(s.name))
+                arr = np.ascontiguousarray(arr).reshape(arr.shape)  # ascontiguousarray makes 0-d arrays 1-d
                 if arr.shape != tuple(s.shape) or arr.dtype != np.dtype(s.dtype):
                     raise CheckpointError(
                         f"{path}: tensor {s.name!r} produced as {arr.dtype}{list(arr.shape)}, "
