@@ -359,7 +359,9 @@ def test_merge_into_flax_layout_and_bfloat16():
         assert np.array_equal(flax, e.to_flax(torch_side))
         b16 = merged_tensor(e, base.astype(ml_dtypes.bfloat16), [(lora, 0.6)])
         assert b16.dtype == ml_dtypes.bfloat16
-        assert np.array_equal(b16, (base.astype(ml_dtypes.bfloat16).astype(np.float32) + lora.targets[e].delta(0.6)).astype(ml_dtypes.bfloat16))
+        exact = base.astype(ml_dtypes.bfloat16).astype(np.float32) + lora.targets[e].delta(0.6)
+        assert np.array_equal(b16, exact.astype(ml_dtypes.bfloat16))
+        assert np.array_equal(merged_tensor(e, base.astype(ml_dtypes.bfloat16), [(lora, 0.6)], dtype=np.float32), exact)
     merged = dict(merge_lora(lambda e: np.zeros(e.shape, np.float32), lora, 0.6))
     assert set(merged) == set(lora.targets)
 

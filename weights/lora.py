@@ -386,16 +386,21 @@ def _pair_shape_problem(up: np.ndarray, down: np.ndarray, e: Entry, check: bool)
 
 
 # --- merging ----------------------------------------------------------------------------------------
-def merged_tensor(entry: Entry, base: np.ndarray, loras: Sequence[ScaledLora], layout: str = "diffusers") -> np.ndarray:
+def merged_tensor(
+    entry: Entry, base: np.ndarray, loras: Sequence[ScaledLora], layout: str = "diffusers", dtype=None,
+) -> np.ndarray:
     """`base` (one tensor, in `layout`: diffusers, wan or flax) with every LoRA's update for it added in
-    float32, cast back to the base's dtype. Returns `base` itself when no LoRA touches the tensor."""
+    float32, cast to `dtype` (default: the base's dtype). Returns `base` itself when no LoRA touches the
+    tensor and no dtype is asked for. A loader whose model is float32 while the checkpoint is bf16 passes
+    dtype=float32, so the sum is not rounded to bf16 on the way."""
     hits = [(lora.targets[entry], s) for lora, s in loras if entry in lora.targets]
+    out = np.dtype(dtype) if dtype is not None else base.dtype
     if not hits:
-        return base
+        return base if out == base.dtype else base.astype(out)
     acc = np.asarray(base, np.float32).copy()
     for target, s in hits:
         acc += entry.convert(target.delta(s), "diffusers", layout)
-    return acc.astype(base.dtype)
+    return acc.astype(out)
 
 
 def merge_lora(
