@@ -20,8 +20,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from jax_impl.presets import get_preset
-from weights.dit_map import Entry, dit_entries
-from weights.lora import Lora, LoraError, Pair, Target, merge_lora, merged_tensor, parse_lora_arg, read_lora
+from weights.dit_map import dit_entries
+from weights.lora import Lora, LoraError, Pair, Target, merge_lora, merged_tensor, parse_lora_arg
+from weights.lora_read import read_lora
 from weights.lora_convert import convert_lora, lora_tensors, write_lora
 from weights.safetensors_io import SafetensorsFile
 from tests.lora_helpers import is_norm, kohya_keys, random_lora, role
@@ -44,8 +45,7 @@ def rel(x, ref) -> float:
 def diffusers_fused(preset: str, loads: list[tuple[Path, float, int]]) -> list[dict[str, np.ndarray]]:
     """Each expert's state dict after diffusers loads every (file, strength, expert) with
     `load_lora_weights`, fuses them at those strengths and unloads the adapters. Experts are seeded 0, 1."""
-    import torch  # noqa: F401  (diffusers needs it; imported here so collection stays light)
-    from diffusers import WanPipeline
+    from diffusers import WanPipeline  # imported here so collecting the other tests stays light
 
     from torch_ref.models import build_transformer
 
@@ -450,6 +450,16 @@ def test_convert_lora_refuses_to_overwrite_and_leaves_nothing_half_written(tmp_p
         convert_lora(src, tmp_path / "c.safetensors", "kohya")
 
 
+def test_a_lora_read_on_names_only_converts_but_does_not_merge(tmp_path):
+    """Without the model's config nothing checks shapes, so merging such a LoRA is refused."""
+    cfg = cfg_of(T2V)
+    lora = read_lora(write_lora(tmp_path / "a.safetensors", random_lora(cfg, 19), "wan"))
+    assert not lora.checked and lora.targets
+    e = next(iter(lora.targets))
+    with pytest.raises(LoraError, match="names only"):
+        merged_tensor(e, np.zeros(e.shape, np.float32), [(lora, 1.0)])
+
+
 def test_parse_lora_arg():
     assert parse_lora_arg("a.safetensors:0.8") == ("a.safetensors", 0.8)
     assert parse_lora_arg("dir/a.safetensors") == ("dir/a.safetensors", 1.0)
@@ -457,6 +467,6 @@ def test_parse_lora_arg():
 
 
 def test_lora_modules_import_neither_jax_nor_torch():
-    code = ("import sys, weights.lora, weights.lora_convert, weights.lora_names; "
+    code = ("import sys, weights.lora, weights.lora_read, weights.lora_convert, weights.lora_names; "
             "bad = {'jax', 'torch', 'flax'} & set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

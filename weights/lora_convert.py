@@ -31,7 +31,8 @@ import numpy as np
 
 from weights.atomic import check_output_path
 from weights.dit_map import DitConfig, Entry
-from weights.lora import Lora, LoraError, Target, read_lora
+from weights.lora import Lora, LoraError, Target
+from weights.lora_read import read_lora
 from weights.safetensors_io import TensorSpec, write_safetensors
 
 logger = logging.getLogger("wanport.lora")
