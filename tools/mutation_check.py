@@ -116,6 +116,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         (("jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)", "jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)"),),
         (REAL_WIDTH_FP32,),
     ),
+    Mutation(
+        "lora-rank-axis",
+        "a LoRA pair's alpha / rank takes the rank from the input axis of down instead of its rows",
+        "weights/lora.py",
+        (("return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)",
+          "return self.alpha / (math.sqrt(self.rank) if self.rslora else self.down.shape[1])"),),
+        ("tests/test_lora.py", "-k", "scale_alpha_and_rank or peft_layout"),
+    ),
 )
 
 
