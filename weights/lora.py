@@ -56,15 +56,19 @@ class Target:
     full_scale: float = 1.0  # PEFT multiplies lora_B.bias by its module's alpha / rank; diffs are unscaled
 
     def delta(self, scale: float = 1.0) -> np.ndarray:
-        """The float32 update at LoRA strength `scale`, in the torch-side shape `entry.shape`."""
-        out = np.zeros(self.entry.shape, np.float32)
+        """The float32 update at LoRA strength `scale`, in the torch-side shape `entry.shape` (one
+        temporary of the tensor's size: a 14B FFN weight is 283 MB in float32)."""
+        out = None
         if self.pair is not None:
             up = np.asarray(self.pair.up, np.float32).reshape(self.pair.up.shape[0], self.pair.rank)
             down = np.asarray(self.pair.down, np.float32).reshape(self.pair.rank, -1)
-            out += (up @ down).reshape(self.entry.shape) * np.float32(scale * self.pair.factor)
+            out = up @ down
+            out *= np.float32(scale * self.pair.factor)
+            out = out.reshape(self.entry.shape)
         if self.full is not None:
-            out += np.asarray(self.full, np.float32).reshape(self.entry.shape) * np.float32(scale * self.full_scale)
-        return out
+            full = np.asarray(self.full, np.float32).reshape(self.entry.shape) * np.float32(scale * self.full_scale)
+            out = full if out is None else out + full
+        return np.zeros(self.entry.shape, np.float32) if out is None else out
 
 
 @dataclass
@@ -101,10 +105,19 @@ def merged_tensor(
     out = np.dtype(dtype) if dtype is not None else base.dtype
     if not hits:
         return base if out == base.dtype else base.astype(out)
-    acc = np.asarray(base, np.float32).copy()
+    acc = np.array(base, np.float32)  # a copy: the base may be a read-only memory map
     for target, s in hits:
-        acc += entry.convert(target.delta(s), "diffusers", layout)
+        acc += _layout_view(entry, target.delta(s), layout)
     return acc.astype(out)
+
+
+def _layout_view(entry: Entry, x: np.ndarray, layout: str) -> np.ndarray:
+    """`entry.convert(x, "diffusers", layout)` as a view (no copy): the values are the same, and adding a
+    strided view saves the merge a tensor-sized transpose. test_merge_into_flax_layout_and_bfloat16 ties it
+    to `Entry.to_flax`, the one home of the layout permutation."""
+    if layout != "flax" or entry.kind == "copy":
+        return x
+    return x.T if entry.kind == "linear" else x.transpose(2, 3, 4, 1, 0)
 
 
 def merge_lora(
