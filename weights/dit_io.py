@@ -69,14 +69,36 @@ class DitCheckpoint:
         return self.reader.info(entry.name(self.layout)).dtype
 
 
+def open_dit(
+    source: str | os.PathLike,
+    config: DitConfig | None = None,
+    *,
+    num_heads: int | None = None,
+    allow_pickle: bool = False,
+):
+    """A model folder (`DitCheckpoint`) or a single-file checkpoint (`weights.single_file`: one .safetensors
+    or a *.safetensors.index.json, any of the prefixes users' files carry). `config` and `num_heads` apply
+    to single files only (a folder has its config.json)."""
+    from weights.single_file import SingleFileCheckpoint, is_single_file
+
+    if is_single_file(source):
+        return SingleFileCheckpoint(source, config, num_heads=num_heads)
+    if config is not None or num_heads is not None:
+        raise CheckpointError(f"{source}: a model folder has its own config.json; config/num_heads are for single files")
+    return DitCheckpoint(source, allow_pickle=allow_pickle)
+
+
 def load_dit(
-    folder: str | os.PathLike,
+    folder,
     *,
     dtype=None,
     attention_backend: str = "auto",
     progress: Callable[[str], None] | None = None,
 ):
-    """Build `jax_impl.dit.WanTransformer` from a checkpoint folder without materialising random weights.
+    """Build `jax_impl.dit.WanTransformer` from a checkpoint without materialising random weights.
+
+    `folder`: a model folder, a single-file checkpoint, or an opened checkpoint (`open_dit`, or
+    `weights.lora_apply.apply_loras` of one for LoRAs merged at load).
 
     `dtype` (float32 or bfloat16) sets the activation and weight dtype; float32 islands (norms,
     modulation tables, time embedder) stay float32 whatever the checkpoint holds.
@@ -87,7 +109,7 @@ def load_dit(
 
     from jax_impl.dit import WanTransformer
 
-    ckpt = DitCheckpoint(folder)
+    ckpt = folder if hasattr(folder, "entries") else open_dit(folder)
     cfg = ckpt.config
     dtype = jnp.dtype(dtype or jnp.float32)
     abstract = nnx.eval_shape(lambda: WanTransformer(cfg, dtype=dtype, attention_backend=attention_backend, rngs=nnx.Rngs(0)))
@@ -105,7 +127,8 @@ def load_dit(
         else:
             host = ckpt.get(by_flax[key], "flax").astype(target.dtype)
         if host.shape != target.shape:
-            raise CheckpointError(f"{folder}: {key} has shape {host.shape}, the model wants {target.shape}")
+            src = getattr(ckpt, "folder", None) or getattr(ckpt, "path", folder)
+            raise CheckpointError(f"{src}: {key} has shape {host.shape}, the model wants {target.shape}")
         var.value = jax.device_put(host)
         del host
         if progress:
@@ -185,4 +208,4 @@ def _write_folder(dst, cfg: DitConfig, layout: str, specs, produce, *, force: bo
     return Path(dst)
 
 
-__all__ = ["DitCheckpoint", "load_dit", "save_dit", "convert_dit", "ConfigError", "CheckpointError"]
+__all__ = ["DitCheckpoint", "open_dit", "load_dit", "save_dit", "convert_dit", "ConfigError", "CheckpointError"]

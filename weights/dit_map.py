@@ -141,8 +141,14 @@ def detect_layout(keys: list[str] | set[str]) -> str:
     raise ValueError("cannot tell the checkpoint layout: none of the diffusers, original-Wan or Flax DiT key names found")
 
 
-def check_keys(entries: list[Entry], found: dict[str, tuple[int, ...]], layout: str, source: str) -> None:
-    """Raise one error listing every missing, unexpected and mis-shaped tensor (names and both shapes)."""
+CONFIG_HINT = "Check that config.json belongs to these weights (preset, layer count, I2V vs T2V)."
+
+
+def check_keys(
+    entries: list[Entry], found: dict[str, tuple[int, ...]], layout: str, source: str, hint: str = CONFIG_HINT,
+) -> None:
+    """Raise one error listing every missing, unexpected and mis-shaped tensor (names and both shapes);
+    `hint` ends the message with what to check."""
     expected = {en.name(layout): en.layout_shape(layout) for en in entries}
     missing = [k for k in expected if k not in found]
     extra = [k for k in found if k not in expected and not k.endswith("norm_added_q.weight")]
@@ -156,6 +162,5 @@ def check_keys(entries: list[Entry], found: dict[str, tuple[int, ...]], layout: 
         if bad:
             parts.append("mis-shaped: " + "; ".join(bad[:8]))
         raise CheckpointError(
-            f"{source} ({layout} layout) does not match its config: " + " | ".join(parts)
-            + ". Check that config.json belongs to these weights (preset, layer count, I2V vs T2V)."
+            f"{source} ({layout} layout) does not match its config: " + " | ".join(parts) + ". " + hint
         )
