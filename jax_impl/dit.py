@@ -282,7 +282,12 @@ class WanTransformer(nnx.Module):
         if image is not None:
             if not cfg.has_image_tokens:
                 raise ValueError("this model has no image cross-attention; do not pass `image` tokens")
-            if image.ndim != 3 or image.shape[0] != b or image.shape[2] != cfg.image_dim:
+            if cfg.pos_embed_seq_len:  # FLF2V: first and last image of each sample stacked on the batch axis
+                want = (2 * b, cfg.pos_embed_seq_len // 2, cfg.image_dim)
+                if tuple(image.shape) != want:
+                    raise ValueError(f"first-last-frame image tokens must be {list(want)} ([first, last] image of "
+                                     f"each sample, as diffusers stacks them), got {image.shape}")
+            elif image.ndim != 3 or image.shape[0] != b or image.shape[2] != cfg.image_dim:
                 raise ValueError(f"image tokens must be [{b}, tokens, {cfg.image_dim}], got {image.shape}")
 
     # The forward in pieces (`__call__` chains them; jax_impl.causal reuses them around its own attention).

@@ -168,3 +168,33 @@ def test_not_a_checkpoint(tmp_path):
     save_tensors(tmp_path / "vae.safetensors", {"decoder.conv1.weight": np.ones((2, 2), np.float32)})
     with pytest.raises(CheckpointError, match="cannot tell the checkpoint layout"):
         SingleFileCheckpoint(tmp_path / "vae.safetensors")
+
+
+def test_flf2v_original_file_forward_equals_diffusers(tmp_path):
+    """Wan2.1 FLF2V in the original layout (`img_emb.emb_pos`, which diffusers' single-file renamer does not
+    know): read off the shapes as a first-last-frame model, and with two images' CLIP tokens (first image's,
+    then the last's, as the pipeline stacks them) our forward equals diffusers' on the same weights."""
+    from parity.dit import DitInputs, compare_dit
+    from weights.dit_io import load_dit
+
+    n = 3  # CLIP tokens per image (257 in the real model)
+    cfg = get_preset("tiny-hd128-wan2.1-i2v-14b").transformer.replace(pos_embed_seq_len=2 * n)
+    state = base_state(cfg, seed=5)
+    pos = "condition_embedder.image_embedder.pos_embed"
+    assert state[pos].std() > 0.01  # non-trivial (torch_ref perturbs diffusers' zero init)
+    path = write_single_file(tmp_path / "flf2v.safetensors", cfg, state, prefix="model.diffusion_model.", dtype="fp32")
+    lines: list[str] = []
+    ckpt = SingleFileCheckpoint(path, log=lines.append)
+    assert ckpt.config == cfg and "6-token image positions (FLF2V)" in lines[0]
+    rng = np.random.default_rng(0)
+    inputs = DitInputs(
+        latents=rng.standard_normal((1, 2, 4, 6, cfg.in_channels), dtype=np.float32),
+        timestep=np.array([640.0], np.float32),
+        text=rng.standard_normal((1, 512, cfg.text_dim), dtype=np.float32),
+        image=rng.standard_normal((2, n, cfg.image_dim), dtype=np.float32),  # [first, last] x tokens
+    )
+    model = load_dit(ckpt)
+    report = compare_dit({"jax": model, "torch_fp32": diffusers_on(cfg, state)}, inputs, "float32")
+    assert report.passed and report.worst_rel_l2 < 1e-5, report.table()
+    with pytest.raises(ValueError, match=r"first-last-frame image tokens must be \[2, 3, 24\]"):
+        model.check_inputs(inputs.latents, inputs.timestep, inputs.text, inputs.image.reshape(1, 2 * n, -1))
