@@ -107,3 +107,24 @@ def test_apply_loras_refuses_before_reading(tiny_ckpt, tmp_path):
         apply_loras(base, [(path, float("nan"))])
     skipped = apply_loras(base, [path], ignore_missing=True)
     assert not skipped.touched and skipped.loras[0][0].ignored
+
+
+def test_merge_into_built_model_equals_merge_at_load(tiny_ckpt, tmp_path):
+    """`apply_loras_to_model` on a loaded model gives bit for bit the parameters of loading with the LoRA
+    merged (whose forward equals diffusers, above): stacked block slices, embeddings, patch conv, head."""
+    from weights.dit_io import flax_tensors
+    from weights.lora_apply import apply_loras_to_model
+    from tests.test_lora import full_kind_lora
+
+    root = tiny_ckpt("tiny-wan2.1-i2v-14b") / "transformer"
+    cfg = get_preset("tiny-wan2.1-i2v-14b").transformer
+    path = write_lora(tmp_path / "f.safetensors", full_kind_lora(cfg, 8), "wan")
+    base = load_dit(root)
+    before = {k: f() for k, f in flax_tensors(base)[1].items()}
+    merged = apply_loras_to_model(base, [f"{path}:0.7"])
+    at_load = {k: f() for k, f in flax_tensors(load_dit(apply_loras(root, [(path, 0.7)])))[1].items()}
+    after = {k: f() for k, f in flax_tensors(merged)[1].items()}
+    changed = [k for k in after if not np.array_equal(after[k], before[k])]
+    assert len(changed) > 0.9 * len(after)  # the full-kind LoRA touches nearly every tensor
+    for k in after:
+        np.testing.assert_array_equal(after[k], at_load[k], err_msg=k)

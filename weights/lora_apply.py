@@ -16,7 +16,7 @@ from typing import Callable, Sequence, Union
 
 import numpy as np
 
-from weights.dit_map import Entry
+from weights.dit_map import DitConfig, Entry
 from weights.lora import Lora, LoraError, merged_tensor, parse_lora_arg
 from weights.lora_read import read_lora
 
@@ -49,6 +49,29 @@ class LoraCheckpoint:
         return getattr(self.base, name)
 
 
+def read_loras(
+    cfg: DitConfig, loras: Sequence[LoraSpec], *, ignore_missing: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> list[tuple[Lora, float]]:
+    """Every LoRA spec read against `cfg` with its strength (all refusals happen here)."""
+    scaled: list[tuple[Lora, float]] = []
+    for spec in loras:
+        src, scale = spec if isinstance(spec, tuple) else (spec, None)
+        if isinstance(src, str) and scale is None:
+            src, scale = parse_lora_arg(src)
+        scale = 1.0 if scale is None else float(scale)
+        if not np.isfinite(scale):
+            raise LoraError(f"{src}: LoRA strength must be a finite number, got {scale}")
+        if isinstance(src, Lora):
+            if src.checked is False:
+                raise LoraError(f"{src.source}: read without a model config; read it against this model to merge it")
+            lora = src
+        else:
+            lora = read_lora(Path(src), cfg, ignore_missing=ignore_missing, log=log)
+        scaled.append((lora, scale))
+    return scaled
+
+
 def apply_loras(
     checkpoint,
     loras: Sequence[LoraSpec],
@@ -69,22 +92,37 @@ def apply_loras(
         from weights.dit_io import open_dit
 
         checkpoint = open_dit(checkpoint)
-    scaled: list[tuple[Lora, float]] = []
-    for spec in loras:
-        src, scale = spec if isinstance(spec, tuple) else (spec, None)
-        if isinstance(src, str) and scale is None:
-            src, scale = parse_lora_arg(src)
-        scale = 1.0 if scale is None else float(scale)
-        if not np.isfinite(scale):
-            raise LoraError(f"{src}: LoRA strength must be a finite number, got {scale}")
-        if isinstance(src, Lora):
-            if src.checked is False:
-                raise LoraError(f"{src.source}: read without a model config; read it against this model to merge it")
-            lora = src
-        else:
-            lora = read_lora(Path(src), checkpoint.config, ignore_missing=ignore_missing, log=log)
-        scaled.append((lora, scale))
+    scaled = read_loras(checkpoint.config, loras, ignore_missing=ignore_missing, log=log)
     return LoraCheckpoint(checkpoint, scaled, dtype=dtype)
 
 
-__all__ = ["LoraCheckpoint", "apply_loras"]
+def apply_loras_to_model(
+    model, loras: Sequence[LoraSpec], *, ignore_missing: bool = False, log: Callable[[str], None] | None = None,
+):
+    """Merge `loras` into an already built `jax_impl.dit.WanTransformer` in place (and return it), for a
+    model kept in memory between runs. Each touched parameter is merged on the host in float32 and cast
+    to the parameter's dtype: the same numbers `load_dit(apply_loras(...))` gives when the model's dtype
+    is the checkpoint's (a bf16 model from a bf16 file, float32 from float32). Irreversible: reload the
+    model to drop a LoRA."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    scaled = read_loras(model.cfg, loras, ignore_missing=ignore_missing, log=log)
+    state = nnx.state(model)
+    flat = {tuple(str(p) for p in path): var for path, var in nnx.to_flat_state(state)}
+    for entry in dict.fromkeys(e for lora, _ in scaled for e in lora.targets):
+        parts = entry.flax.split(".")
+        if parts[0] == "blocks":  # stacked layers: one slice of the stacked parameter
+            var, layer = flat[("blocks", *parts[2:])], int(parts[1])
+            base = np.asarray(var.value[layer], np.float32)
+            merged = merged_tensor(entry, base, scaled, "flax")
+            var.value = var.value.at[layer].set(jnp.asarray(merged, var.value.dtype))
+        else:
+            var = flat[tuple(parts)]
+            merged = merged_tensor(entry, np.asarray(var.value, np.float32), scaled, "flax")
+            var.value = jnp.asarray(merged, var.value.dtype)
+    nnx.update(model, state)
+    return model
+
+
+__all__ = ["LoraCheckpoint", "apply_loras", "apply_loras_to_model", "read_loras"]
