@@ -35,6 +35,7 @@ from weights.convert import write_model_folder
 from weights.dit_map import DIT, dit_entries
 from weights.entry import describe_mismatch
 from weights.safetensors_io import CheckpointError, TensorSpec
+from weights.single_file import open_dit
 from weights.umt5_map import UMT5
 from weights.vae_map import VAE
 
@@ -85,14 +86,16 @@ def load_checkpoint(ckpt: Checkpoint, build: Callable[[], nnx.Module], *, stacke
                 stacked=stacked, progress=progress)
 
 
-def load_dit(folder: str | os.PathLike, *, dtype=None, attention_backend: str = "auto",
+def load_dit(folder, *, dtype=None, attention_backend: str = "auto",
              progress: Progress | None = None) -> WanTransformer:
-    """`WanTransformer` from a DiT folder (diffusers, original-Wan or Flax layout).
+    """`WanTransformer` from a DiT folder (diffusers, original-Wan or Flax layout), a single-file checkpoint,
+    or an opened checkpoint (`weights.single_file.open_dit`, or `weights.lora_apply.apply_loras` of one for
+    LoRAs merged at load).
 
     `dtype` (float32 or bfloat16) sets the activation and weight dtype; float32 islands (norms,
     modulation tables, time embedder) stay float32 whatever the checkpoint holds.
     """
-    ckpt = Checkpoint(folder, DIT)
+    ckpt = folder if hasattr(folder, "entries") else open_dit(folder)
     dtype = jnp.dtype(dtype or jnp.float32)
     build = lambda: WanTransformer(ckpt.config, dtype=dtype, attention_backend=attention_backend, rngs=nnx.Rngs(0))  # noqa: E731
     return load_checkpoint(ckpt, build, stacked="blocks", progress=progress)

@@ -27,7 +27,9 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import json
+import math
+from typing import Any, Sequence
 
 import flax.struct
 import jax
@@ -51,6 +53,15 @@ def _unipc_levels(cfg: SchedulerConfig, n: int) -> tuple[np.ndarray, np.ndarray]
     timesteps = np.trunc(s * T).astype(np.float32)
     sigmas = np.append(s, 0.0).astype(np.float32)
     return timesteps, sigmas
+
+
+def _given_levels(cfg: SchedulerConfig, unshifted: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    # Explicit levels, as diffusers' Euler `set_timesteps(sigmas=...)` builds them: the given unshifted levels
+    # in float32, shifted in float32, model timesteps = level * T, a final level 0 appended.
+    f32 = np.float32
+    u = np.asarray(unshifted, np.float64).astype(f32)
+    sig32 = (f32(cfg.shift) * u / (f32(1.0) + f32(cfg.shift - 1.0) * u)).astype(f32)
+    return (sig32 * f32(cfg.num_train_timesteps)).astype(f32), np.append(sig32, f32(0.0))
 
 
 def _euler_levels(cfg: SchedulerConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -171,11 +182,14 @@ class Schedule:
     timesteps: float32 [num_steps], what the model is conditioned on at step i, as diffusers gives it
         (integer-valued for UniPC, which truncates them; fractional for Euler).
     sigmas: float32 [num_steps + 1], the noise level before step i; sigmas[-1] == 0.
+    unshifted: explicit noise levels before the shift (see `schedule_from_timesteps`); None for the
+        config's evenly spaced levels.
     All arrays are read-only.
     """
 
     config: SchedulerConfig
     num_steps: int
+    unshifted: tuple[float, ...] | None = None
     timesteps: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
     sigmas: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
     coeffs: StepCoeffs = dataclasses.field(init=False, repr=False, compare=False)
@@ -189,8 +203,15 @@ class Schedule:
         if n < 1:
             raise ConfigError(f"num_steps must be >= 1, got {n}")
         object.__setattr__(self, "num_steps", int(n))
-        levels = _unipc_levels if self.config.kind == "unipc" else _euler_levels
-        timesteps, sigmas = levels(self.config, self.num_steps)
+        if self.unshifted is not None:
+            if self.config.kind != "euler":
+                raise ConfigError("explicit timesteps are sampled with the flow-Euler step; use a kind='euler' config")
+            if len(self.unshifted) != n:
+                raise ConfigError(f"{len(self.unshifted)} explicit levels for num_steps={n}")
+            timesteps, sigmas = _given_levels(self.config, self.unshifted)
+        else:
+            levels = _unipc_levels if self.config.kind == "unipc" else _euler_levels
+            timesteps, sigmas = levels(self.config, self.num_steps)
         for a in (timesteps, sigmas):
             a.flags.writeable = False
         object.__setattr__(self, "timesteps", timesteps)
@@ -200,6 +221,37 @@ class Schedule:
 
 def make_schedule(cfg: SchedulerConfig, num_steps: int) -> Schedule:
     return Schedule(cfg, num_steps)
+
+
+def parse_timesteps(text: str) -> tuple[float, ...]:
+    """`--timesteps 1000,750,500,250` as a tuple of floats (commas, optional spaces)."""
+    try:
+        return tuple(float(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise ConfigError(f"--timesteps {text!r}: expected comma-separated numbers, e.g. 1000,750,500,250") from None
+
+
+def schedule_from_timesteps(cfg: SchedulerConfig, timesteps: Sequence[float]) -> Schedule:
+    """A few-step schedule for step-distilled models (the LightX2V / Wan2.2-Lightning LoRAs).
+
+    `timesteps` are in *unshifted* units of `num_train_timesteps`, as LightX2V's `denoising_step_list`
+    gives them (1000, 750, 500, 250): step i runs at noise level shift(t_i / T) and the model is
+    conditioned on T times that level (with shift 5: 1000, 937.5, 833.3, 625), ending at level 0. The
+    update is the flow-matching Euler step x + (sigma_next - sigma) * v whatever `cfg.kind` is, which is
+    what LightX2V's step-distill scheduler computes; only `cfg.shift` and `num_train_timesteps` are used.
+    Identical to diffusers' FlowMatchEulerDiscreteScheduler(shift).set_timesteps(sigmas=[t / T ...]).
+    """
+    T = cfg.num_train_timesteps
+    ts = tuple(float(t) for t in timesteps)
+    if not ts:
+        raise ConfigError("explicit timesteps: the list is empty; give e.g. 1000,750,500,250")
+    bad = [t for t in ts if not (math.isfinite(t) and 0 < t <= T)]
+    if bad:
+        raise ConfigError(f"explicit timesteps must lie in (0, {T}] (unshifted units of num_train_timesteps); got {bad}")
+    if any(b >= a for a, b in zip(ts, ts[1:])):
+        raise ConfigError(f"explicit timesteps must be strictly decreasing (noisiest first); got {list(ts)}")
+    euler = SchedulerConfig("euler", cfg.shift, num_train_timesteps=T)
+    return Schedule(euler, len(ts), unshifted=tuple(t / T for t in ts))
 
 
 # --- sampler state and step -----------------------------------------------------------------------------

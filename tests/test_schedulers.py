@@ -298,3 +298,73 @@ def test_add_noise_matches_diffusers():
         want = unipc.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), t).numpy()
         got = np.asarray(add_noise(jnp.asarray(x0), jnp.asarray(noise), sched_u.sigmas[k]))
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+# --- explicit timesteps (few-step distilled models) ------------------------------------------------------
+
+DISTILL = [(1000, 750, 500, 250), (999, 500), (1000,), (800, 640.5, 12)]
+
+
+@pytest.mark.parametrize("ts", DISTILL)
+def test_explicit_timesteps_match_diffusers_sigmas(ts):
+    from jax_impl.schedulers import schedule_from_timesteps
+
+    for shift in SHIFTS:
+        sched = schedule_from_timesteps(SchedulerConfig("unipc", shift), ts)  # any kind: the step is Euler
+        ref = FlowMatchEulerDiscreteScheduler(shift=shift)
+        ref.set_timesteps(sigmas=[t / 1000 for t in ts])
+        np.testing.assert_array_equal(sched.sigmas, ref.sigmas.numpy(), err_msg=f"{shift=}")
+        np.testing.assert_array_equal(sched.timesteps, ref.timesteps.numpy().astype(np.float32), err_msg=f"{shift=}")
+        assert sched.config.kind == "euler" and sched.num_steps == len(ts)
+
+
+def test_explicit_timesteps_are_lightx2v_levels():
+    """LightX2V's step-distill scheduler: 1000 shifted levels, index 1000 - t; with shift 5 the model sees
+    1000, 937.5, 833.3, 625 for the list 1000, 750, 500, 250."""
+    from jax_impl.schedulers import schedule_from_timesteps
+
+    sched = schedule_from_timesteps(SchedulerConfig("euler", 5.0), (1000, 750, 500, 250))
+    table = np.linspace(1.0, 0.0, 1001)[:-1]
+    table = 5.0 * table / (1 + 4.0 * table)
+    np.testing.assert_allclose(sched.sigmas[:-1], table[[0, 250, 500, 750]], rtol=1e-6)
+    np.testing.assert_allclose(sched.timesteps, [1000, 937.5, 2500 / 3, 625], rtol=1e-6)
+
+
+def test_explicit_timestep_trajectory_matches_diffusers_and_lightx2v_update():
+    from jax_impl.schedulers import schedule_from_timesteps
+
+    ts = (1000, 750, 500, 250)
+    ref = FlowMatchEulerDiscreteScheduler(shift=5.0)
+    ref.set_timesteps(sigmas=[t / 1000 for t in ts])
+    sched = schedule_from_timesteps(SchedulerConfig("euler", 5.0), ts)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 16, 2, 4, 4)).astype(np.float32)
+    xt, xl, state = torch.from_numpy(x), x.astype(np.float64), init_state(sched, x)
+    sig = sched.sigmas.astype(np.float64)
+    for i, t in enumerate(ref.timesteps):
+        v = rng.standard_normal(x.shape).astype(np.float32)
+        xt = ref.step(torch.from_numpy(v), t, xt).prev_sample
+        state, y = _STEP(state, v, jnp.int32(i))
+        xl = xl - sig[i] * v + (sig[i + 1] * v if i < len(ts) - 1 else 0)  # LightX2V's step, no re-noising
+        np.testing.assert_allclose(np.asarray(y), xt.numpy(), rtol=0, atol=2e-6)
+        np.testing.assert_allclose(np.asarray(y), xl, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize(
+    "ts,match",
+    [((), "empty"), ((1000, 1000), "strictly decreasing"), ((250, 500), "strictly decreasing"),
+     ((1001, 500), r"\(0, 1000\]"), ((500, 0), r"\(0, 1000\]"), ((float("nan"),), r"\(0, 1000\]")],
+)
+def test_explicit_timesteps_validated(ts, match):
+    from jax_impl.schedulers import schedule_from_timesteps
+
+    with pytest.raises(ConfigError, match=match):
+        schedule_from_timesteps(SchedulerConfig("euler", 5.0), ts)
+
+
+def test_parse_timesteps():
+    from jax_impl.schedulers import parse_timesteps
+
+    assert parse_timesteps("1000,750, 500,250") == (1000.0, 750.0, 500.0, 250.0)
+    with pytest.raises(ConfigError, match="comma-separated"):
+        parse_timesteps("1000;750")

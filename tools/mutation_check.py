@@ -157,6 +157,28 @@ MUTATIONS: tuple[Mutation, ...] = (
         (("jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)", "jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)"),),
         (REAL_WIDTH_FP32,),
     ),
+    Mutation(
+        "lora-rank-axis",
+        "a LoRA pair's alpha / rank takes the rank from the input axis of down instead of its rows",
+        "weights/lora.py",
+        (("return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)",
+          "return self.alpha / (math.sqrt(self.rank) if self.rslora else self.down.shape[1])"),),
+        ("tests/test_lora.py", "-k", "scale_alpha_and_rank or peft_layout"),
+    ),
+    Mutation(
+        "distill-timesteps-unshifted",
+        "explicit (LightX2V) timesteps used as noise levels without the flow shift",
+        "jax_impl/schedulers.py",
+        (("sig32 = (f32(cfg.shift) * u / (f32(1.0) + f32(cfg.shift - 1.0) * u)).astype(f32)", "sig32 = u"),),
+        ("tests/test_schedulers.py", "-k", "explicit"),
+    ),
+    Mutation(
+        "lora-merge-rounded-to-checkpoint-dtype",
+        "LoRAs merged at load are rounded to the checkpoint's bf16 before a float32 model is built",
+        "weights/lora_apply.py",
+        (("    return LoraCheckpoint(checkpoint, scaled, dtype=dtype)", "    return LoraCheckpoint(checkpoint, scaled, dtype=None)"),),
+        ("tests/test_lora_apply.py", "-k", "single_file"),
+    ),
 )
 
 

@@ -197,6 +197,12 @@ def check_context(cfg: DitConfig, batch: int, text_shape: Sequence[int], image_s
     if image_shape is not None:
         if not cfg.has_image_tokens:
             raise ValueError("this model has no image cross-attention; do not pass `image` tokens")
+        if cfg.pos_embed_seq_len:  # FLF2V: first and last image of each sample stacked on the batch axis
+            want = (2 * batch, cfg.pos_embed_seq_len // 2, cfg.image_dim)
+            if tuple(image_shape) != want:
+                raise ValueError(f"first-last-frame image tokens must be {list(want)} ([first, last] image of "
+                                 f"each sample, as diffusers stacks them), got {tuple(image_shape)}")
+            return
         if len(image_shape) != 3 or image_shape[2] != cfg.image_dim:
             raise ValueError(f"image tokens must be [batch, tokens, {cfg.image_dim}], got {tuple(image_shape)}")
         if image_shape[0] != batch:
