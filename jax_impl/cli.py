@@ -19,12 +19,13 @@ examples:
   wanport generate --checkpoint ckpt --image cat.png --prompt "a cat" --out cat.mp4
   wanport demo --out wanport-demo                     # the whole tiny default end to end
   wanport analyze truncation --out trunc --cut 0,5,10  # CFG per step (analyze cfg), guidance truncation
+  wanport compile --target v5p-8 --preset wan2.2-i2v-a14b --size 720x1280 --frames 81  # TPU memory, no TPU
 """
 
 # Packages that contribute subcommands through `add_subcommands(subparsers)`.
 SUBCOMMAND_MODULES = (
     "jax_impl.cli", "torch_ref.cli", "parity.cli", "weights.cli", "jax_impl.generate", "jax_impl.demo",
-    "parity.analyze_cli",
+    "parity.analyze_cli", "jax_impl.tpu_compile_cli",
 )
 
 
