@@ -428,7 +428,7 @@ def compile_vae_decode(target: Target, video: Video, *, dtype: str = "float32", 
     """Compile the VAE decode chunk steps for one device of `target` (whole frames, or diffusers' tiles when
     whole frames do not fit in its HBM or `tile="on"`). Returns (programs, vae_memory.MemoryEstimate,
     weight bytes, tiled). The VAE runs on one device, so results are shared by all slices of a generation."""
-    key = (target.chip.generation, video, dtype, tile)
+    key = (target.chip.generation, video.vae, video.latent, dtype, tile)
     if key not in _VAE_DONE:
         _VAE_DONE[key] = _compile_vae_decode(target, video, dtype, tile)
     return _VAE_DONE[key]
@@ -578,17 +578,18 @@ def format_table(report: Report) -> str:
 
 
 def smallest_fitting(generation: str, preset: str, height: int, width: int, frames: int, *,
-                     max_chips: int = 256, **kw) -> tuple[dict[str, Report | None], list[dict]]:
+                     max_chips: int = 256, compile=None, **kw) -> tuple[dict[str, Report | None], list[dict]]:
     """Compile on ever larger slices of one generation until the step with both experts resident (and with
     the idle expert offloaded) and the VAE decode fit. Returns ({"resident": report or None, "offloaded":
-    ...}: the smallest slice that fits each way, a row per slice tried)."""
+    ...}: the smallest slice that fits each way, a row per slice tried). `compile(target, preset, height,
+    width, frames)` replaces `compile_report` (a caller's cache)."""
+    compile = compile or functools.partial(compile_report, **kw)
     found: dict[str, Report | None] = {"resident": None, "offloaded": None}
     tried = []
     for name in target_names(generation):
-        target = parse_target(name)
-        if target.chips > max_chips:
+        if parse_target(name).chips > max_chips:
             break
-        report = compile_report(target, preset, height, width, frames, **kw)
+        report = compile(name, preset, height, width, frames)
         tried.append({"target": name, "fits_resident": report.fits("resident"),
                       "fits_offloaded": report.fits("offloaded"), "step_peak_bytes": report.step.peak_bytes,
                       "param_bytes_per_device": report.param_bytes, "vae_peak_bytes": report.vae_peak_bytes})
