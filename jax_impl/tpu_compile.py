@@ -122,6 +122,17 @@ def quiet_libtpu(target: Target | None = None) -> None:
     other host). Only defaults: values already set, as on a real TPU VM, are kept."""
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", target.name if target else "v5p-8")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    if not has_tpu_devices():
+        # libtpu takes a host-wide lock (/tmp/libtpu_lockfile) meant to keep two processes off one TPU; with
+        # no TPU here it would only stop two compiles (or a test run beside a bench) from running at once.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def has_tpu_devices() -> bool:
+    """Whether this host has TPU chips attached (their device files), i.e. is a TPU VM."""
+    import glob
+
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
 def libtpu_available() -> str | None:

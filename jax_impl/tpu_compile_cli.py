@@ -15,10 +15,14 @@ Slice names: v5p-N and v7x-N count TensorCores (2 per chip: v5p-8 is 4 chips); v
 chips. The logic lives in jax_impl/tpu_compile.py.
 """
 
+# CLI glue only: `register(subparsers)` adds the subcommand, `run(args)` runs it; everything else is in
+# jax_impl/tpu_compile.py, so this file can move as is (e.g. to wanport/commands/compile.py).
+
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -30,13 +34,16 @@ def _parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def _compile(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Compile what `args` names, print the table, write the JSON; 2 with the reason if libtpu is missing."""
     from jax_impl import tpu_compile as tc
 
     target = tc.parse_target(args.target)  # name errors before anything heavy starts
     video = tc.Video(args.preset.lower(), *args.size, args.frames)
     video.check()
     reason = tc.libtpu_available()
+    if not reason and args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        reason = f"--json {args.json}: its folder does not exist (create it first)"
     if reason:
         print(f"wanport compile: error: {reason}", file=sys.stderr)
         return 2
@@ -53,7 +60,8 @@ def _compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_subcommands(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `compile` to the `wanport` subcommands."""
     p = sub.add_parser("compile", help="compile a preset for a TPU slice here (no TPU) and report per-chip memory",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", required=True, metavar="SLICE", help="TPU slice: v5p-8, v5p-16, v5e-8, v6e-8, v7x-8, ...")
@@ -69,4 +77,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
                    help="VAE decode in diffusers' spatial tiles: auto (default) when whole frames do not fit a device")
     p.add_argument("--no-vae", action="store_true", help="compile the denoising step only")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON here")
-    p.set_defaults(func=_compile)
+    p.set_defaults(func=run)
+
+
+add_subcommands = register  # the hook jax_impl.cli looks for

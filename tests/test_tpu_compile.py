@@ -184,6 +184,18 @@ def test_compile_command_refuses_bad_input_before_compiling(capsys):
     assert "v5p-8" in capsys.readouterr().err
     assert main(["compile", "--target", "v5p-8", "--preset", TINY, "--size", "128x128", "--frames", "8"]) == 2
     assert "4k+1" in capsys.readouterr().err
+    if NO_LIBTPU is None:  # without libtpu that is the error named first
+        assert main(["compile", "--target", "v5p-8", "--preset", TINY, "--size", "128x128", "--frames", "9",
+                     "--json", "/nonexistent-dir/r.json"]) == 2
+        assert "does not exist" in capsys.readouterr().err
+
+
+def test_compile_command_without_libtpu_names_the_fix(monkeypatch, capsys):
+    from jax_impl.cli import main
+
+    monkeypatch.setattr(tc, "libtpu_available", lambda: "libtpu is not installed: pip install -e '.[tpu]'")
+    assert main(["compile", "--target", "v5p-8", "--preset", TINY, "--size", "128x128", "--frames", "9"]) == 2
+    assert ".[tpu]" in capsys.readouterr().err
 
 
 def test_roofline_takes_the_slower_of_compute_and_memory():
