@@ -1,17 +1,20 @@
 """The TPU compile matrix: what fits on which TPU slice, compiled for real TPU topologies on this host.
 
-Runs `jax_impl.tpu_compile` (the library behind `wanport compile`) over
-  * the table: Wan2.2 I2V-A14B at 720x1280x81 and 480x832x81 on v5p-8, v6e-8 and v5e-8 (--targets);
-  * the smallest slice per generation on which the step fits with both A14B experts resident, and with the
-    idle expert offloaded to host memory, plus the VAE decode (A14B 720p and 480p; Wan2.1-T2V-1.3B at
-    480x832x81; Wan2.2-TI2V-5B at 704x1280x121, its native size);
-and writes bench/results/tpu_compile_<date>.json (rewritten after every compile, so an interrupted run keeps
-what it has) and a table. Memory and FLOPs are XLA's, from programs compiled by libtpu for those
-topologies; times are roofline ESTIMATES; nothing runs on a TPU.
+Runs `jax_impl.tpu_compile` (the library behind `wanport compile`) in phases, cheapest first:
+  * table: the guided denoising step of Wan2.2 I2V-A14B at 720x1280x81 and 480x832x81 on v5p-8, v6e-8 and
+    v5e-8 (--targets);
+  * search-a14b / search-others: per generation, the smallest slice on which the step fits with both A14B
+    experts resident, and with the idle expert offloaded to host memory (A14B 720p and 480p;
+    Wan2.1-T2V-1.3B at 480x832x81; Wan2.2-TI2V-5B at 704x1280x121, its native size);
+  * vae / vae-others: the VAE decode, once per generation and video (it runs on one device, whatever the
+    slice), merged into the rows above. It is the slow part (minutes per compile).
+Writes bench/results/tpu_compile_<date>.json (rewritten after every compile, so an interrupted run keeps what
+it has: `phases_done` says how far it got) and prints the tables. Memory and FLOPs are XLA's, from programs
+compiled by libtpu for those topologies; times are roofline ESTIMATES; nothing runs on a TPU.
 
-  python bench/tpu_compile.py                      # everything (about 1-2 hours on a 2-core CPU)
-  python bench/tpu_compile.py --only table         # the table only
-  python bench/tpu_compile.py --generations v5e,v6e --only smallest
+  python bench/tpu_compile.py                                  # everything (hours on a 2-core CPU)
+  python bench/tpu_compile.py --phases table,vae               # the A14B table with its VAE decode
+  python bench/tpu_compile.py --print bench/results/tpu_compile_2026-11-25.json
 
 Needs libtpu: pip install -e '.[tpu]'.
 """
@@ -28,6 +31,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TABLE_TARGETS = ["v5p-8", "v6e-8", "v5e-8"]
+PHASES = ["table", "search-a14b", "vae", "search-others", "vae-others"]
 A14B = "wan2.2-i2v-a14b"
 SIZES = {"720p": (720, 1280, 81), "480p": (480, 832, 81)}
 SEARCH = [  # (preset, label, height, width, frames)
@@ -60,11 +64,22 @@ def _line(d: dict) -> str:
     """A table line from a `_row` dict (so a saved JSON prints the same table: --print)."""
     e, hbm = d["estimate"], d["hbm_per_device"]
     res, off, vae = d["step_peak_resident_bytes"], d["step_peak_offloaded_bytes"], d["vae_peak_bytes"]
+    vae_cols = (f"{vae / GIB:>8.2f}{'t' if d['vae_tiled'] else ' '} {'yes' if vae <= hbm else 'NO':>4}"
+                if d.get("vae_compiled", True) else f"{'-':>9} {'-':>4}")
     return (f"{d['preset']:<17} {d['size'] + 'x' + str(d['frames']):<13} {d['target']:<7} {d['devices']:>3} "
             f"{hbm / GIB:>5.0f} {res / GIB:>9.2f} {'yes' if res <= hbm else 'NO':>4} "
-            f"{off / GIB:>9.2f} {'yes' if off <= hbm else 'NO':>4} {vae / GIB:>8.2f}{'t' if d['vae_tiled'] else ' '} "
-            f"{'yes' if vae <= hbm else 'NO':>4} {d['step_flops_per_device'] / 1e12:>8.0f} {e['step_s']:>7.2f} "
+            f"{off / GIB:>9.2f} {'yes' if off <= hbm else 'NO':>4} {vae_cols} "
+            f"{d['step_flops_per_device'] / 1e12:>8.0f} {e['step_s']:>7.2f} "
             f"{e['denoise_s']:>7.0f} {d['step_compile_s']:>7.0f}")
+
+
+HEADER = (f"{'preset':<17} {'video':<13} {'slice':<7} {'dev':>3} {'HBM':>5} {'resident':>9} {'fits':>4} "
+          f"{'offload':>9} {'fits':>4} {'VAE GiB':>9} {'fits':>4} {'TFLOP/d':>8} {'est s':>7} {'est 40':>7} "
+          f"{'compile':>7}")
+LEGEND = ("GiB per device; resident: step peak with both A14B experts on the device; offload: the idle expert in "
+          "host memory (one-expert models: the same); VAE: decode peak on one device (t: tiled; -: not compiled); "
+          "TFLOP/d: per device per guided step; est s / est 40: roofline ESTIMATE per step and for 40 steps, "
+          "not measured; compile: seconds to compile the step on this host")
 
 
 def print_summary(out: dict) -> None:
@@ -74,26 +89,27 @@ def print_summary(out: dict) -> None:
         print(_line(d))
     print(LEGEND)
     if out.get("smallest"):
-        print("\nsmallest slice that fits (step + VAE decode):")
+        print("\nsmallest slice on which the denoising step fits, per generation (VAE decode: one device):")
         for s in out["smallest"]:
+            v = s.get("vae_peak_bytes")
+            vae = "not compiled" if v is None else f"{v / GIB:.1f} GiB{' tiled' if s['vae_tiled'] else ''}, " \
+                f"{'fits' if s['vae_fits'] else 'does NOT fit'}"
             print(f"  {s['preset']:<17} {s['size']:>9}x{s['frames']:<4} {s['generation']}: experts resident "
-                  f"{s['smallest_resident'] or '-'}, offloaded {s['smallest_offloaded'] or '-'}"
-                  f"{'' if s.get('complete', True) else ' (search cut off)'}")
-
-
-HEADER = (f"{'preset':<17} {'video':<13} {'slice':<7} {'dev':>3} {'HBM':>5} {'resident':>9} {'fits':>4} "
-          f"{'offload':>9} {'fits':>4} {'VAE GiB':>9} {'fits':>4} {'TFLOP/d':>8} {'est s':>7} {'est 40':>7} "
-          f"{'compile':>7}")
-LEGEND = ("GiB per device; resident: step peak with both A14B experts on the device; offload: the idle expert in "
-          "host memory (one-expert models: the same); VAE: decode peak on one device (t: tiled); TFLOP/d: per "
-          "device per guided step; est s / est 40: roofline ESTIMATE per step and for 40 steps, not measured")
+                  f"{s['smallest_resident'] or '-'}, offloaded {s['smallest_offloaded'] or '-'}; VAE decode {vae}")
+    missing = [p for p in out.get("phases_asked", []) if p not in out.get("phases_done", [])]
+    if missing:
+        print(f"\nNOT finished (run cut off): phases {', '.join(missing)}")
 
 
 def main(argv=None) -> int:
     global A14B, SIZES, SEARCH, TABLE_TARGETS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["table", "smallest"], help="run one part only")
-    ap.add_argument("--generations", default="v5e,v6e,v5p,v7x", help="generations searched (default all four)")
+    ap.add_argument("--phases", default=",".join(PHASES),
+                    help="what to compile, in this order (default %(default)s): table = the A14B denoising steps "
+                         "on --targets; search-a14b / search-others = the smallest slice per generation for the "
+                         "step; vae = the VAE decode per generation (one device) for the table's videos; "
+                         "vae-others = the same for the other presets' videos")
+    ap.add_argument("--generations", default="v5e,v6e,v5p", help="generations searched (default %(default)s)")
     ap.add_argument("--max-chips", type=int, default=64, help="largest slice tried in the search (chips)")
     ap.add_argument("--vae-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--json", help="output (default bench/results/tpu_compile_<date>.json)")
@@ -105,6 +121,10 @@ def main(argv=None) -> int:
         with open(args.print_json, encoding="utf-8") as fh:
             print_summary(json.load(fh))
         return 0
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    unknown = set(phases) - set(PHASES)
+    if unknown:
+        ap.error(f"unknown phases {sorted(unknown)}; choose from {','.join(PHASES)}")
     TABLE_TARGETS = [t.strip() for t in args.targets.split(",") if t.strip()]
     if args.tiny:
         A14B, SIZES, TABLE_TARGETS = "tiny-hd128-wan2.2-i2v-a14b", {"tiny": (128, 128, 9)}, ["v5p-8"]
@@ -115,55 +135,98 @@ def main(argv=None) -> int:
     reason = tc.libtpu_available()
     if reason:
         ap.error(reason)
+    for t in TABLE_TARGETS:
+        tc.parse_target(t)
+    gens = [g.strip() for g in args.generations.split(",") if g.strip()]
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                      f"tpu_compile_{datetime.date.today().isoformat()}.json")
     out = {"date": datetime.date.today().isoformat(), "versions": _versions(), "host": "CPU only (no TPU)",
            "vae_dtype": args.vae_dtype, "dit_dtype": "bfloat16", "text_tokens": 512, "steps": 40,
+           "phases_asked": phases, "phases_done": [],
            "chips": {g: {"peak_bf16_flops_per_chip": c.peak_bf16_flops, "hbm_bandwidth_per_chip": c.hbm_bandwidth,
                          "hbm_bytes_per_chip": c.hbm_bytes, "devices_per_chip": c.devices_per_chip,
                          "source": c.source} for g, c in tc.CHIPS.items()},
            "anchors": ANCHORS, "table": [], "smallest": [], "all": []}
-    done: dict = {}
+    steps: dict = {}  # (target, preset, h, w, f) -> Report without VAE
+    vaes: dict = {}  # (generation, preset, h, w, f) -> (programs, peak bytes, tiled)
+    searches: list = []
     t0 = time.perf_counter()
 
-    def report(target: str, preset: str, h: int, w: int, f: int):
+    def step(target: str, preset: str, h: int, w: int, f: int):
         key = (target, preset, h, w, f)
-        if key not in done:
+        if key not in steps:
             t = time.perf_counter()
-            done[key] = tc.compile_report(target, preset, h, w, f, vae_dtype=args.vae_dtype)
-            out["all"].append(_row(done[key]))
-            print(f"  compiled {preset} {h}x{w}x{f} for {target} in {time.perf_counter() - t:.0f} s "
+            steps[key] = tc.compile_report(target, preset, h, w, f, vae=False)
+            print(f"  compiled the {preset} {h}x{w}x{f} step for {target} in {time.perf_counter() - t:.0f} s "
                   f"(total {time.perf_counter() - t0:.0f} s)", flush=True)
-        return done[key]
+            save()
+        return steps[key]
+
+    def vae(gen: str, preset: str, h: int, w: int, f: int) -> None:
+        key = (gen, preset, h, w, f)
+        if key not in vaes:
+            t = time.perf_counter()
+            target = tc.parse_target(tc.target_names(gen)[0])
+            programs, est, weights, tiled = tc.compile_vae_decode(target, tc.Video(preset, h, w, f),
+                                                                  dtype=args.vae_dtype)
+            vaes[key] = (programs, est.peak_bytes + weights, tiled)
+            print(f"  compiled the {preset} {h}x{w}x{f} VAE decode for {gen} in {time.perf_counter() - t:.0f} s: "
+                  f"{(est.peak_bytes + weights) / GIB:.2f} GiB{' tiled' if tiled else ''} "
+                  f"(total {time.perf_counter() - t0:.0f} s)", flush=True)
+            save()
+
+    def merged(r):
+        v = vaes.get((r.target.chip.generation, r.video.preset, r.video.height, r.video.width, r.video.frames))
+        return r.with_vae(*v) if v else r
 
     def save() -> None:
         from weights.atomic import atomic_write
 
+        out["all"] = [_row(merged(r)) for r in steps.values()]
+        out["table"] = [_row(merged(steps[(t, A14B, h, w, f)])) for h, w, f in SIZES.values() for t in TABLE_TARGETS
+                        if (t, A14B, h, w, f) in steps]
+        out["smallest"] = []
+        for (preset, h, w, f, gen), (found, tried) in searches:
+            v = vaes.get((gen, preset, h, w, f))
+            out["smallest"].append({
+                "preset": preset, "size": f"{h}x{w}", "frames": f, "generation": gen,
+                "smallest_resident": found["resident"].target.name if found["resident"] else None,
+                "smallest_offloaded": found["offloaded"].target.name if found["offloaded"] else None,
+                "vae_peak_bytes": v[1] if v else None, "vae_tiled": v[2] if v else None,
+                "vae_fits": (v[1] <= tc.CHIPS[gen].hbm_bytes // tc.CHIPS[gen].devices_per_chip) if v else None,
+                "tried": tried})
+        out["total_s"] = time.perf_counter() - t0
         with atomic_write(path, "w", encoding="utf-8") as fh:
             json.dump(out, fh, indent=2)
 
-    if args.only in (None, "table"):
-        for label, (h, w, f) in SIZES.items():
-            for target in TABLE_TARGETS:
-                r = report(target, A14B, h, w, f)
-                out["table"].append(_row(r))
-                print(tc.format_table(r), flush=True)
-                save()
-    if args.only in (None, "smallest"):
-        gens = [g.strip() for g in args.generations.split(",") if g.strip()]
-        for preset, label, h, w, f in SEARCH:
-            for gen in gens:
-                reports, tried = tc.smallest_fitting(gen, preset, h, w, f, max_chips=args.max_chips,
-                                                     compile=report)
-                found = {mode: r.target.name if r else None for mode, r in reports.items()}
-                out["smallest"].append({"preset": preset, "size": f"{h}x{w}", "frames": f, "generation": gen,
-                                        "smallest_resident": found["resident"],
-                                        "smallest_offloaded": found["offloaded"], "tried": tried})
-                print(f"{preset} {label} on {gen}: smallest with experts resident {found['resident']}, "
-                      f"offloaded {found['offloaded']} (tried {', '.join(t['target'] for t in tried)})", flush=True)
-                save()
-    out["total_s"] = time.perf_counter() - t0
-    save()
+    table_gens = list(dict.fromkeys(tc.parse_target(t).chip.generation for t in TABLE_TARGETS))
+    for phase in phases:
+        print(f"phase {phase}", flush=True)
+        if phase == "table":
+            for h, w, f in SIZES.values():
+                for target in TABLE_TARGETS:
+                    print(tc.format_table(step(target, A14B, h, w, f)), flush=True)
+        elif phase in ("search-a14b", "search-others"):
+            for preset, label, h, w, f in SEARCH:
+                if (preset == A14B) != (phase == "search-a14b"):
+                    continue
+                for gen in gens:
+                    found, tried = tc.smallest_fitting(gen, preset, h, w, f, max_chips=args.max_chips, compile=step)
+                    searches.append(((preset, h, w, f, gen), (found, tried)))
+                    save()
+                    print(f"{preset} {label} on {gen}: the step fits with experts resident from "
+                          f"{found['resident'].target.name if found['resident'] else '-'}, offloaded from "
+                          f"{found['offloaded'].target.name if found['offloaded'] else '-'}", flush=True)
+        elif phase == "vae":
+            for h, w, f in SIZES.values():
+                for gen in table_gens:
+                    vae(gen, A14B, h, w, f)
+        elif phase == "vae-others":
+            for preset, label, h, w, f in SEARCH:
+                for gen in gens:
+                    vae(gen, preset, h, w, f)
+        out["phases_done"].append(phase)
+        save()
     print_summary(out)
     print(f"\nwrote {path}")
     return 0

@@ -503,6 +503,11 @@ class Report:
     vae_tiled: bool
     blocks: Any
     steps: int = 40
+    vae_compiled: bool = True  # False: VAE decode not compiled, `fits` speaks for the step alone
+
+    def with_vae(self, programs: list[Program], peak_bytes: int, tiled: bool) -> "Report":
+        """This report with a VAE decode compiled elsewhere (it runs on one device: one per generation)."""
+        return dataclasses.replace(self, vae=programs, vae_peak_bytes=peak_bytes, vae_tiled=tiled, vae_compiled=True)
 
     def rows(self) -> list[tuple[str, Program]]:
         rows = []
@@ -518,7 +523,8 @@ class Report:
         return rows
 
     def fits(self, experts: str = "resident") -> bool:
-        """The step (with both experts resident or offloaded) and the VAE decode fit one device each."""
+        """The step (with both experts resident or offloaded) and the VAE decode (if compiled) fit one
+        device each."""
         step = self.step.peak_bytes + (self.param_bytes if experts == "resident" and self.video.experts == 2 else 0)
         return step <= self.target.hbm_per_device and self.vae_peak_bytes <= self.target.hbm_per_device
 
@@ -538,7 +544,7 @@ class Report:
             "latent": list(v.latent), "experts": v.experts,
             "splash_blocks": dataclasses.asdict(self.blocks), "param_bytes_per_device": self.param_bytes,
             "programs": [dict(p.as_dict(t), part=part) for part, p in self.rows()],
-            "vae_peak_bytes": self.vae_peak_bytes, "vae_tiled": self.vae_tiled,
+            "vae_compiled": self.vae_compiled, "vae_peak_bytes": self.vae_peak_bytes, "vae_tiled": self.vae_tiled,
             "fits_resident": self.fits("resident"), "fits_offloaded": self.fits("offloaded"),
             "estimate": self.estimate_s(),
         }
@@ -557,7 +563,7 @@ def compile_report(target: str | Target, preset: str, height: int, width: int, f
     programs, est, weights, tiled = compile_vae_decode(target, video, dtype=vae_dtype, tile=vae_tile) if vae \
         else ([], None, 0, False)
     return Report(target, video, step, param_bytes, programs, (est.peak_bytes + weights) if est else 0, tiled,
-                  BLOCKS[target.chip.generation], steps)
+                  BLOCKS[target.chip.generation], steps, vae_compiled=vae)
 
 
 def format_table(report: Report) -> str:
@@ -576,7 +582,9 @@ def format_table(report: Report) -> str:
             f"{p.alias_bytes / GIB:>9.2f} {p.peak_bytes / GIB:>8.2f} {p.peak_bytes / t.hbm_per_device:>7.0%} "
             f"{'yes' if p.fits(t) else 'NO':>4} {p.flops / 1e12:>9.1f} {p.bytes_accessed / 1e9:>11.1f} "
             f"{p.compile_s:>9.1f}")
-    if report.vae:
+    if not report.vae_compiled:
+        lines.append("VAE decode not compiled (--no-vae): 'fits' below speaks for the denoising step alone")
+    elif report.vae:
         lines.append(f"VAE decode peak per device (weights + largest chunk step + result buffer"
                      f"{' + tile rows' if report.vae_tiled else ''}): {report.vae_peak_bytes / GIB:.2f} GiB, "
                      f"{'tiled' if report.vae_tiled else 'whole frames'}")
@@ -588,6 +596,18 @@ def format_table(report: Report) -> str:
     return "\n".join(lines)
 
 
+def model_param_bytes(video: Video, dtype: str = "bfloat16") -> int:
+    """Bytes of one expert's parameters (whole, unsharded), from shapes only."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jax_impl.dit import WanTransformer
+
+    model = nnx.eval_shape(lambda: WanTransformer(video.dit, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)))
+    return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(nnx.state(model)))
+
+
 def smallest_fitting(generation: str, preset: str, height: int, width: int, frames: int, *,
                      max_chips: int = 256, compile=None, **kw) -> tuple[dict[str, Report | None], list[dict]]:
     """Compile on ever larger slices of one generation until the step with both experts resident (and with
@@ -597,9 +617,17 @@ def smallest_fitting(generation: str, preset: str, height: int, width: int, fram
     compile = compile or functools.partial(compile_report, **kw)
     found: dict[str, Report | None] = {"resident": None, "offloaded": None}
     tried = []
+    video = Video(preset, height, width, frames)
+    weights = model_param_bytes(video)
     for name in target_names(generation):
-        if parse_target(name).chips > max_chips:
+        target = parse_target(name)
+        if target.chips > max_chips:
             break
+        floor = weights / target.devices  # the parameters alone, split perfectly: no compile can beat that
+        if floor > target.hbm_per_device:
+            tried.append({"target": name, "skipped": f"one expert's parameters alone need {floor / GIB:.1f} GiB "
+                                                     f"per device > {target.hbm_per_device / GIB:.0f} GiB"})
+            continue
         report = compile(name, preset, height, width, frames)
         tried.append({"target": name, "fits_resident": report.fits("resident"),
                       "fits_offloaded": report.fits("offloaded"), "step_peak_bytes": report.step.peak_bytes,
@@ -613,5 +641,5 @@ def smallest_fitting(generation: str, preset: str, height: int, width: int, fram
 
 
 __all__ = ["CHIPS", "Target", "parse_target", "target_names", "Video", "Program", "Report", "compile_report",
-           "compile_denoise_step", "compile_vae_decode", "format_table", "smallest_fitting", "splash_flops",
-           "libtpu_available", "quiet_libtpu"]
+           "compile_denoise_step", "compile_vae_decode", "format_table", "smallest_fitting", "model_param_bytes",
+           "splash_flops", "libtpu_available", "quiet_libtpu"]

@@ -115,6 +115,7 @@ def test_step_memory_numbers_are_positive_and_add_up(step):
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_checks_see_a_step_without_splash_or_sharding():
     """The two checks above are not vacuous: plain XLA attention on one device has no Splash call and no
     all-gather, and its device holds every parameter."""
