@@ -152,6 +152,21 @@ def test_loop_trip_count_scales_xla_cost():
     assert program.loop_trips == trips
     assert program.flops == pytest.approx(trips * 2 * n**3, rel=0.05)
 
+    # Two loops (as v6e compiles add): the main one is named by its expected trip count, else it is an error.
+    def g(x, ws, vs):
+        x = jax.lax.scan(lambda x, w: (jnp.tanh(x @ w), None), x, ws)[0]
+        return jax.lax.scan(lambda x, v: (jnp.sin(x @ v), None), x, vs)[0]
+
+    two = jax.jit(g).lower(*args, jax.ShapeDtypeStruct((3, n, n), jnp.bfloat16, sharding=one)).compile().as_text()
+    assert sorted(tc.loop_trip_counts(two)) == [3, trips]
+    assert tc.loop_trips(two, (5, trips)) == trips
+    with pytest.raises(ValueError, match="none of the expected"):
+        tc.loop_trips(two)
+    program = tc.analyse("two scans", jax.jit(g).lower(*args, jax.ShapeDtypeStruct((3, n, n), jnp.bfloat16,
+                                                                                   sharding=one)).compile(),
+                         1, 0.0, expected_trips=(trips,))
+    assert program.loop_trips == trips and "[3]" in program.note
+
 
 @needs_libtpu
 @pytest.mark.slow
