@@ -52,8 +52,8 @@ def _row(r) -> dict:
     """One report as JSON, with the step's summary numbers on top (what `_line` prints)."""
     d = r.as_dict()
     row = {k: d[k] for k in ("target", "topology", "chips", "devices", "hbm_per_device", "preset", "size", "frames",
-                             "tokens", "experts", "splash_blocks", "param_bytes_per_device", "vae_peak_bytes",
-                             "vae_tiled", "fits_resident", "fits_offloaded", "estimate", "programs")}
+                             "tokens", "experts", "splash_blocks", "param_bytes_per_device", "vae_compiled",
+                             "vae_peak_bytes", "vae_tiled", "fits_resident", "fits_offloaded", "estimate", "programs")}
     row.update(step_peak_offloaded_bytes=r.step.peak_bytes,
                step_peak_resident_bytes=r.step.peak_bytes + (r.param_bytes if r.video.experts == 2 else 0),
                step_flops_per_device=r.step.flops, step_compile_s=r.step.compile_s)
@@ -65,18 +65,22 @@ def _line(d: dict) -> str:
     e, hbm = d["estimate"], d["hbm_per_device"]
     res, off, vae = d["step_peak_resident_bytes"], d["step_peak_offloaded_bytes"], d["vae_peak_bytes"]
     vae_cols = (f"{vae / GIB:>8.2f}{'t' if d['vae_tiled'] else ' '} {'yes' if vae <= hbm else 'NO':>4}"
-                if d.get("vae_compiled", True) else f"{'-':>9} {'-':>4}")
+                if d.get("vae_compiled", vae > 0) else f"{'-':>9} {'-':>4}")
+    step = d["programs"][0]  # the denoising step (arguments hold one expert's parameter shard)
     return (f"{d['preset']:<17} {d['size'] + 'x' + str(d['frames']):<13} {d['target']:<7} {d['devices']:>3} "
-            f"{hbm / GIB:>5.0f} {res / GIB:>9.2f} {'yes' if res <= hbm else 'NO':>4} "
+            f"{hbm / GIB:>5.0f} {step['argument_bytes'] / GIB:>6.2f} {step['temp_bytes'] / GIB:>6.2f} "
+            f"{step['output_bytes'] / GIB:>5.2f} {res / GIB:>9.2f} {'yes' if res <= hbm else 'NO':>4} "
             f"{off / GIB:>9.2f} {'yes' if off <= hbm else 'NO':>4} {vae_cols} "
             f"{d['step_flops_per_device'] / 1e12:>8.0f} {e['step_s']:>7.2f} "
             f"{e['denoise_s']:>7.0f} {d['step_compile_s']:>7.0f}")
 
 
-HEADER = (f"{'preset':<17} {'video':<13} {'slice':<7} {'dev':>3} {'HBM':>5} {'resident':>9} {'fits':>4} "
+HEADER = (f"{'preset':<17} {'video':<13} {'slice':<7} {'dev':>3} {'HBM':>5} {'arg':>6} {'temp':>6} {'out':>5} "
+          f"{'resident':>9} {'fits':>4} "
           f"{'offload':>9} {'fits':>4} {'VAE GiB':>9} {'fits':>4} {'TFLOP/d':>8} {'est s':>7} {'est 40':>7} "
           f"{'compile':>7}")
-LEGEND = ("GiB per device; resident: step peak with both A14B experts on the device; offload: the idle expert in "
+LEGEND = ("GiB per device; arg/temp/out: XLA's argument (one expert's parameter shard + inputs), temporary "
+          "and output bytes of the step; resident: step peak with both A14B experts on the device; offload: the idle expert in "
           "host memory (one-expert models: the same); VAE: decode peak on one device (t: tiled; -: not compiled); "
           "TFLOP/d: per device per guided step; est s / est 40: roofline ESTIMATE per step and for 40 steps, "
           "not measured; compile: seconds to compile the step on this host")
