@@ -533,10 +533,12 @@ class Report:
     def rows(self) -> list[tuple[str, Program]]:
         rows = []
         if self.video.experts == 2:
+            also = f"; {self.step.note}" if self.step.note else ""
             offloaded = dataclasses.replace(self.step, name="denoise step, experts offloaded",
-                                            note="one expert's params on the device; the other in host memory")
+                                            note="one expert's params on the device; the other in host memory" + also)
             resident = dataclasses.replace(self.step, name="denoise step, both experts resident",
-                                           extra_bytes=self.param_bytes, note="the idle expert's params stay on the device")
+                                           extra_bytes=self.param_bytes,
+                                           note="the idle expert's params stay on the device" + also)
             rows += [("dit", resident), ("dit", offloaded)]
         else:
             rows.append(("dit", self.step))
