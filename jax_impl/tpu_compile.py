@@ -651,7 +651,14 @@ def smallest_fitting(generation: str, preset: str, height: int, width: int, fram
             tried.append({"target": name, "skipped": f"one expert's parameters alone need {floor / GIB:.1f} GiB "
                                                      f"per device > {target.hbm_per_device / GIB:.0f} GiB"})
             continue
-        report = compile(name, preset, height, width, frames)
+        try:
+            report = compile(name, preset, height, width, frames)
+        except Exception as e:  # XLA refuses, at compile time, a program whose buffers exceed the HBM
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            tried.append({"target": name, "fits_resident": False, "fits_offloaded": False,
+                          "compile_error": str(e).splitlines()[0][:300]})
+            continue
         tried.append({"target": name, "fits_resident": report.fits("resident"),
                       "fits_offloaded": report.fits("offloaded"), "step_peak_bytes": report.step.peak_bytes,
                       "param_bytes_per_device": report.param_bytes, "vae_peak_bytes": report.vae_peak_bytes})

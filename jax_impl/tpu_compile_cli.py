@@ -47,9 +47,16 @@ def run(args: argparse.Namespace) -> int:
     if reason:
         print(f"wanport compile: error: {reason}", file=sys.stderr)
         return 2
-    report = tc.compile_report(target, video.preset, video.height, video.width, video.frames,
-                               text_len=args.text_len, vae_dtype=args.vae_dtype, vae_tile=args.vae_tile,
-                               steps=args.steps, vae=not args.no_vae)
+    try:
+        report = tc.compile_report(target, video.preset, video.height, video.width, video.frames,
+                                   text_len=args.text_len, vae_dtype=args.vae_dtype, vae_tile=args.vae_tile,
+                                   steps=args.steps, vae=not args.no_vae)
+    except Exception as e:  # XLA refuses to compile a program that cannot fit the device's HBM
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        print(f"wanport compile: does NOT fit {target.name}: {str(e).splitlines()[0]}\n"
+              f"try a larger slice (e.g. {tc.target_names(target.chip.generation)[-4]})", file=sys.stderr)
+        return 1
     print(tc.format_table(report))
     if args.json:
         from weights.atomic import atomic_write

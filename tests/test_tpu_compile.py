@@ -231,3 +231,24 @@ def test_roofline_takes_the_slower_of_compute_and_memory():
     p.xla_bytes_accessed = 819e9 * 5
     assert p.roofline_s(t) == pytest.approx(10.0)
     assert np.isclose(t.hbm_per_device, 16 * 2**30)
+
+
+def test_smallest_fitting_counts_a_compile_refused_for_memory_as_not_fitting():
+    """XLA refuses at compile time a program that exceeds the HBM (RESOURCE_EXHAUSTED): the search records it
+    and goes on to the next slice; any other error still stops it."""
+    def fake(name, *a):
+        if name == "v5p-8":
+            raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM")
+        target = tc.parse_target(name)
+        program = tc.Program("step", target.devices, 1, 1, 1, 0, 1, 1.0, 1.0, 1, 0.0, 0.0)
+        return tc.Report(target, tc.Video(TINY, *SIZE), program, 1, [], 0, False, None, vae_compiled=False)
+
+    found, tried = tc.smallest_fitting("v5p", TINY, *SIZE, compile=fake)
+    assert tried[0]["target"] == "v5p-8" and "RESOURCE_EXHAUSTED" in tried[0]["compile_error"]
+    assert found["resident"].target.name == found["offloaded"].target.name == "v5p-16"
+
+    def broken(name, *a):
+        raise RuntimeError("INTERNAL: something else")
+
+    with pytest.raises(RuntimeError, match="INTERNAL"):
+        tc.smallest_fitting("v5p", TINY, *SIZE, compile=broken)
