@@ -86,24 +86,25 @@ def _first_non_finite(first_bad: jax.Array, latents: jax.Array, i) -> jax.Array:
     return jnp.where((first_bad < 0) & ~jnp.all(jnp.isfinite(latents)), jnp.asarray(i, jnp.int32), first_bad)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "guided", "cfg_batch"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "guided", "cfg_batch", "seq_split"))
 def denoise_step(graphdef, params, sampler: schedulers.SamplerState, i, t, inputs: DenoiseInputs, scale,
-                 first_bad=-1, *, guided: bool, cfg_batch: bool):
+                 first_bad=-1, *, guided: bool, cfg_batch: bool, seq_split=None):
     """One sampling step; returns (new sampler state, guided velocity, cond velocity, uncond velocity or cond,
-    first non-finite step so far: `first_bad` carried on, or `i` if this step's latents are not finite)."""
+    first non-finite step so far: `first_bad` carried on, or `i` if this step's latents are not finite).
+    `seq_split` (a `kernels.context_parallel.SequenceSplit`) runs the model context-parallel over its mesh."""
     model = nnx.merge(graphdef, params)
     x, timestep = model_input(sampler.sample, inputs, t, model.dtype)
     if not guided:
-        v_cond = model(x, timestep, inputs.text, inputs.image).astype(F32)
+        v_cond = model(x, timestep, inputs.text, inputs.image, seq_split=seq_split).astype(F32)
         v_uncond = v = v_cond
     elif cfg_batch:
         both = model(_double(x), _double(timestep), jnp.concatenate([inputs.text, inputs.negative_text], 0),
-                     _double(inputs.image)).astype(F32)
+                     _double(inputs.image), seq_split=seq_split).astype(F32)
         v_cond, v_uncond = jnp.split(both, 2, axis=0)
         v = v_uncond + scale * (v_cond - v_uncond)
     else:
-        v_cond = model(x, timestep, inputs.text, inputs.image).astype(F32)
-        v_uncond = model(x, timestep, inputs.negative_text, inputs.image).astype(F32)
+        v_cond = model(x, timestep, inputs.text, inputs.image, seq_split=seq_split).astype(F32)
+        v_uncond = model(x, timestep, inputs.negative_text, inputs.image, seq_split=seq_split).astype(F32)
         v = v_uncond + scale * (v_cond - v_uncond)
     sampler, _ = schedulers.step(sampler, v, i)
     return sampler, v, v_cond, v_uncond, _first_non_finite(first_bad, sampler.sample, i)

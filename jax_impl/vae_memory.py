@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jax_impl.vae import step_table, chunk_bounds
+from jax_impl.vae import StepTable, chunk_bounds, step_table
 from jax_impl.vae_tiling import Tiling, applies, plan, tile_shape
 
 AUTO_FRACTION = 0.9  # headroom for allocator fragmentation and whatever else runs beside the VAE
@@ -51,15 +51,16 @@ def _nbytes(aval) -> int:
 
 
 def estimate(model, kind: str, shape: tuple[int, ...], *, dtype=None, tile: bool = False,
-             tiling: Tiling | None = None) -> MemoryEstimate | None:
+             tiling: Tiling | None = None, compile_step=None) -> MemoryEstimate | None:
     """Estimated peak device memory of `model.encode`/`decode` (`kind`) of an input of `shape` and `dtype`
     (default: the model's), whole frames or tiled; None where XLA gives no memory analysis.
 
     Compiles the steps the run needs (cached, shared with the run): on a GPU that is the compile time of
-    the first call, paid earlier.
+    the first call, paid earlier. `compile_step(table, state, x, caches) -> compiled` compiles elsewhere
+    instead (another device, e.g. a TPU topology; `model` may then be abstract, from nnx.eval_shape).
     """
     graphdef, state = nnx.split(model)
-    weights = sum(int(leaf.nbytes) for leaf in jax.tree.leaves(state))
+    weights = sum(_nbytes(leaf) for leaf in jax.tree.leaves(state))
     dtype = jax.dtypes.canonicalize_dtype(dtype or model.dtype)
     tiling = tiling or Tiling()
     tiled = tile and applies(model.cfg, kind, shape, tiling)
@@ -72,7 +73,7 @@ def estimate(model, kind: str, shape: tuple[int, ...], *, dtype=None, tile: bool
     caches = None
     for a, b in chunk_bounds(kind, frames)[:2]:  # the first chunk and the steady-state chunk
         x = jax.ShapeDtypeStruct((shp[0], b - a, *shp[2:]), dtype)
-        compiled = steps.get(state, x, caches)
+        compiled = (compile_step or StepTable.get)(steps, state, x, caches)
         ma = compiled.memory_analysis()
         if ma is None:
             return None

@@ -7,13 +7,21 @@ padded QUERY rows off the output. Padding keys with zeros alone is wrong: a zero
 exp(0) = 1 against every query and drags the output toward the mean of the padded values.
 
 Splash does not scale by 1/sqrt(head_dim) itself, so q is scaled before the kernel. Off TPU the Pallas
-kernel runs in interpret mode (slow but exact), which is how CI tests it on CPU.
+kernel runs in interpret mode (slow but exact), which is how CI tests it on CPU; inside `compile_for(gen)`
+it is built for a TPU of that generation even on a CPU host (ahead-of-time compiles, `jax_impl.tpu_compile`).
+
+Block sizes come from one table per TPU generation (`BLOCKS`, reasons beside each row); explicit
+`block_*` arguments override it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import functools
 import math
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +34,69 @@ LANES = 128  # TPU lane width: every block size must be a multiple of it
 DEFAULT_BLOCK_Q = 512
 DEFAULT_BLOCK_KV = 1024
 DEFAULT_BLOCK_KV_COMPUTE = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """Splash forward block sizes: q rows per block, k/v rows fetched per block, k/v rows per inner matmul."""
+
+    block_q: int
+    block_kv: int
+    block_kv_compute: int
+
+
+# Per generation. A q block reuses each fetched k/v block for 4 * block_q * head_dim flops per
+# 4 * head_dim bytes, so block_q is its arithmetic intensity (flop/byte) against the HBM stream of K/V.
+# Rule: block_q = the smallest power of two >= 2x the chip's ridge point (peak bf16 FLOP/s / HBM bytes/s,
+# Google Cloud's published figures, see TPU_SPECS in jax_impl/tpu_compile.py), so streaming K/V costs at
+# most half the matmul time; block_kv_compute = 4 MXU widths (128 on v5, 256 on v6e/TPU7x); block_kv
+# 1-2x that. Each row is checked to compile for its generation at head_dim 128 within the default
+# scoped VMEM (16 MiB on v5e/v5p: 2048/2048/512 does not fit there). Not tuned by running: no TPU.
+BLOCKS: dict[str, Blocks] = {
+    "v5e": Blocks(512, 1024, 512),  # ridge 197e12 / 819e9 = 240 flop/B -> 512
+    "v5p": Blocks(512, 1024, 512),  # ridge 459e12 / 2765e9 = 166 -> 512
+    "v6e": Blocks(2048, 2048, 1024),  # ridge 918e12 / 1638e9 = 560 -> 2048; 256-wide MXUs
+    "v7x": Blocks(1024, 2048, 1024),  # ridge 2307e12 / 7380e9 = 313 -> 1024; 256-wide MXUs
+}
+DEFAULT_BLOCKS = Blocks(DEFAULT_BLOCK_Q, DEFAULT_BLOCK_KV, DEFAULT_BLOCK_KV_COMPUTE)  # other platforms
+
+# device_kind prefixes (as JAX reports them) -> generation, most specific first.
+DEVICE_KINDS = (("TPU v5 lite", "v5e"), ("TPU v5e", "v5e"), ("TPU v5p", "v5p"), ("TPU v5", "v5p"),
+                ("TPU v6 lite", "v6e"), ("TPU v6e", "v6e"), ("TPU7x", "v7x"), ("TPU v7", "v7x"))
+
+_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("splash_target", default=None)
+
+
+def generation(device_kind: str) -> str | None:
+    """The BLOCKS key of a JAX `device_kind` ("TPU v5 lite" -> "v5e"), or None if it is not in the table."""
+    for prefix, gen in DEVICE_KINDS:
+        if device_kind.startswith(prefix):
+            return gen
+    return None
+
+
+@contextlib.contextmanager
+def compile_for(gen: str) -> Iterator[None]:
+    """Within this block, splash is traced as the compiled TPU kernel (never interpreted) with `gen`'s blocks.
+
+    For ahead-of-time compiles on a CPU host: the traced function must also be lowered for TPU devices.
+    """
+    if gen not in BLOCKS:
+        raise ValueError(f"unknown TPU generation {gen!r}; known: {', '.join(BLOCKS)}")
+    token = _TARGET.set(gen)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def current_blocks() -> tuple[str | None, Blocks]:
+    """(generation, block sizes) splash uses now: the `compile_for` target, else the TPU it runs on."""
+    gen = _TARGET.get()
+    if gen is None and jax.default_backend() == "tpu":
+        gen = generation(jax.devices()[0].device_kind)
+    return gen, BLOCKS.get(gen, DEFAULT_BLOCKS)
+
 
 REAL, PADDING = 0, 1  # segment ids: queries are all REAL, so they only attend to REAL keys
 
@@ -99,27 +170,30 @@ def splash_attention(
     k: jax.Array,
     v: jax.Array,
     *,
-    block_q: int = DEFAULT_BLOCK_Q,
-    block_kv: int = DEFAULT_BLOCK_KV,
-    block_kv_compute: int = DEFAULT_BLOCK_KV_COMPUTE,
+    block_q: int | None = None,
+    block_kv: int | None = None,
+    block_kv_compute: int | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
     """Splash attention on `[batch, seq, heads, head_dim]` inputs of any sequence lengths.
 
-    `interpret=None` runs the compiled kernel on TPU and the Pallas interpreter everywhere else.
+    Block sizes left None come from `BLOCKS` (`current_blocks`). `interpret=None` runs the compiled kernel
+    on TPU or inside `compile_for`, and the Pallas interpreter everywhere else.
     """
+    _, blocks = current_blocks()
     if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+        interpret = _TARGET.get() is None and jax.default_backend() != "tpu"
     return _splash_padded(
         q,
         k,
         v,
-        block_q=block_q,
-        block_kv=block_kv,
-        block_kv_compute=block_kv_compute,
+        block_q=blocks.block_q if block_q is None else block_q,
+        block_kv=blocks.block_kv if block_kv is None else block_kv,
+        block_kv_compute=blocks.block_kv_compute if block_kv_compute is None else block_kv_compute,
         interpret=bool(interpret),
         mask_padded_keys=True,
     )
 
 
-__all__ = ["splash_attention", "fit_blocks", "DEFAULT_BLOCK_Q", "DEFAULT_BLOCK_KV", "DEFAULT_BLOCK_KV_COMPUTE"]
+__all__ = ["splash_attention", "fit_blocks", "compile_for", "current_blocks", "generation", "Blocks", "BLOCKS",
+           "DEFAULT_BLOCK_Q", "DEFAULT_BLOCK_KV", "DEFAULT_BLOCK_KV_COMPUTE"]

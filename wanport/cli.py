@@ -14,6 +14,7 @@ import sys
 
 from jax_impl.runtime import configure_xla
 from wanport.commands import analyze, convert, demo, generate, make_tiny, parity, presets
+from wanport.commands import compile as compile_tpu
 
 EPILOG = """\
 examples:
@@ -24,9 +25,10 @@ examples:
   wanport generate --checkpoint ckpt --image cat.png --prompt "a cat" --out cat.mp4
   wanport demo --out wanport-demo                     # the whole tiny default end to end
   wanport analyze truncation --out trunc --cut 0,5,10  # CFG per step (analyze cfg), guidance truncation
+  wanport compile --target v5p-8 --preset wan2.2-i2v-a14b --size 720x1280 --frames 81  # TPU memory, no TPU
 """
 
-COMMANDS = (presets, make_tiny, parity, convert, generate, demo, analyze)  # in `wanport --help` order
+COMMANDS = (presets, make_tiny, parity, convert, generate, demo, analyze, compile_tpu)  # in `wanport --help` order
 
 
 def build_parser() -> argparse.ArgumentParser:
