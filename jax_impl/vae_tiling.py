@@ -3,7 +3,11 @@
 Same tiles, order and blending as diffusers' `AutoencoderKLWan.enable_tiling` (`tiled_encode` /
 `tiled_decode`), so the result matches diffusers' tiled path; here channels-last and one row of tiles at
 a time. Each tile runs the whole video length through `WanVAE.stream` with its own conv caches (time is
-still chunked inside a tile), so memory is bounded by the tile size, not the frame size.
+still chunked inside a tile), so memory is bounded by the tile size, not the frame size. Edge tiles are
+padded with zeros to the one tile shape and masked inside the network (`vae.Valid`: every spatial conv and
+the attention see zeros past the real edge, as their zero padding would give them), then cropped: one compiled
+step per chunk kind serves every tile (2 compiles per op instead of 8 at 480p; compile time on a CPU, Wan2.1
+bf16 480x832 tiled decode 120 s -> 23 s, encode 147 s -> 22 s).
 
 Layout of one axis (height or width), in diffusers' units:
 - decode: tiles of `tile // s` latents every `stride // s` latents (s = pixels per latent); each decoded tile

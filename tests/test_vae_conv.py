@@ -75,3 +75,47 @@ def test_set_conv_settings_reaches_every_conv_and_attention():
     convs = [mod for _, mod in m.iter_modules() if isinstance(mod, Conv)]
     assert len(convs) > 40 and all(c.settings == s for c in convs)
     assert m.conv_settings == s and m.decoder.mid_block.attentions[0].proj.settings == s
+
+
+@pytest.mark.parametrize("frames_per_group", [1, 2])
+@pytest.mark.parametrize("kernel,stride,pad", KERNELS[:3])
+def test_folding_in_groups_of_frames_equals_torch(frames_per_group, kernel, stride, pad):
+    """`fold_bytes` small enough that the folded input is built 1 or 2 output frames at a time (a loop)."""
+    conv = Conv(6, 5, kernel, stride=stride, pad=pad, rngs=nnx.Rngs(1))
+    x = np.random.default_rng(0).standard_normal((1, 6, 5, 7, 6)).astype(np.float32)
+    per_frame = 5 * 7 * 6 * 3 * 4  # one output frame's folded input, bytes
+    conv.settings = ConvSettings(fold_bytes=frames_per_group * per_frame)
+    hlo = _hlo(conv, jnp.asarray(x))
+    tout = (6 - kernel[0]) // stride[0] + 1
+    assert ("stablehlo.while" in hlo) == (frames_per_group < tout)  # in groups when they are fewer frames
+    ours = np.asarray(conv(jnp.asarray(x)))
+    ref = _torch_conv(x, np.array(conv.kernel.get_value()), np.array(conv.bias.get_value()), stride, pad)
+    assert ours.shape == ref.shape and rel_l2(ours, ref) < 1e-6
+
+
+def test_folding_in_groups_lowers_the_compiled_memory():
+    """The purpose of `fold_bytes`: the kt-times folded copy of a 4-frame input is the largest temporary of a
+    full-resolution conv; building it one frame at a time must shrink XLA's temporaries by at least 2 frames'
+    worth of it."""
+    conv = Conv(32, 32, (3, 3, 3), pad=(1, 1), rngs=nnx.Rngs(0))
+    x = jax.ShapeDtypeStruct((1, 6, 64, 64, 32), jnp.float32)
+    temps = {}
+    for fold in (0, 1):
+        conv.settings = ConvSettings(fold_bytes=fold)
+        temps[fold] = jax.jit(lambda x: conv(x)).lower(x).compile().memory_analysis().temp_size_in_bytes
+    frame_fold = 64 * 64 * 32 * 3 * 4
+    assert temps[1] <= temps[0] - 2 * frame_fold, temps
+
+
+@pytest.mark.slow
+def test_model_with_per_frame_folding_matches_the_default():
+    """The whole tiny VAE with every time conv folded one output frame at a time (a loop inside every conv)
+    decodes and encodes what the default (all frames at once at these sizes) does."""
+    m = WanVAE(TINY_WAN21_VAE, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    z = jnp.asarray(rng.standard_normal((1, 3, 4, 6, 16)), jnp.float32)
+    video = jnp.asarray(np.tanh(rng.standard_normal((1, 9, 32, 48, 3))), jnp.float32)
+    ref_dec, ref_enc = np.asarray(m.decode(z, tile="off")), np.asarray(m.encode(video, tile="off"))
+    m.set_conv_settings(ConvSettings(fold_bytes=1))
+    assert rel_l2(np.asarray(m.decode(z, tile="off")), ref_dec) < 1e-6
+    assert rel_l2(np.asarray(m.encode(video, tile="off")), ref_enc) < 1e-6
