@@ -137,12 +137,10 @@ def _load_ours(spec: dict, dtype: str):
     from flax import nnx
 
     from jax_impl.loading import load_vae
-    from jax_impl.vae import DEFAULT_CONV, ConvSettings
+    from jax_impl.vae import ConvSettings
 
     model = load_vae(spec["folder"], dtype=jnp.dtype(dtype))
-    model.set_conv_settings(ConvSettings(time_taps=spec["time_taps"], strict_fp32=spec["strict_fp32"],
-                                         fold_bytes=DEFAULT_CONV.fold_bytes if spec["fold_bytes"] is None
-                                         else spec["fold_bytes"]))
+    model.set_conv_settings(ConvSettings(time_taps=spec["time_taps"], strict_fp32=spec["strict_fp32"]))
     weights = sum(int(x.nbytes) for x in jax.tree.leaves(nnx.state(model)))
     return model, weights
 
@@ -540,9 +538,6 @@ def parse_args(argv):
     ap.add_argument("--time-taps", default="channels", choices=("channels", "conv3d"),
                     help="our conv formulation (jax_impl.vae.ConvSettings)")
     ap.add_argument("--strict-fp32", action="store_true", help="our float32 convs at HIGHEST precision (no TF32)")
-    ap.add_argument("--fold-bytes", type=int, default=None,
-                    help="our time-conv folding in groups of frames of at most this many bytes (default: "
-                         "ConvSettings' 2**28; 0 = all frames at once, the older, larger-peak way)")
     ap.add_argument("--compile-jobs", type=int, default=2,
                     help="ours' compile processes running at once (one per VAE version; default 2)")
     ap.add_argument("--compile-threads", type=int, default=4,
@@ -644,7 +639,7 @@ def _spec(args, v: Variant, work: Path, configs: list[Config], **kw) -> dict:
 
     return {"folder": str(v.folder), "tiling": v.tiling, "repeats": args.repeats,
             "cache_dir": str(work / "jax_cache"), "time_taps": args.time_taps, "strict_fp32": args.strict_fp32,
-            "fold_bytes": args.fold_bytes, "configs": [one(c) for c in configs], **kw}
+            "configs": [one(c) for c in configs], **kw}
 
 
 def main(argv=None) -> int:
@@ -657,8 +652,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     old = json.loads(Path(args.json).read_text()) if args.append and Path(args.json).is_file() else {}
     result = {"date": datetime.date.today().isoformat(), "frames": args.frames, "tiny": args.tiny,
-              "time_taps": args.time_taps, "strict_fp32": args.strict_fp32, "fold_bytes": args.fold_bytes,
-              "repeats": args.repeats,
+              "time_taps": args.time_taps, "strict_fp32": args.strict_fp32, "repeats": args.repeats,
               "budget_s": args.budget or None, "versions": _versions(), "rows": [], "quality": [], "compile": []}
     rows: dict[str, dict] = {}
     saved: dict[tuple[str, str], str] = {}

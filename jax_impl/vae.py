@@ -115,15 +115,10 @@ class ConvSettings:
     platform's default precision, which is TF32 on NVIDIA GPUs since Ampere, as torch/diffusers use by default
     (`torch.backends.cudnn.allow_tf32` is True). CPU float32 results are the same either way.
     Half-precision convs always write half-precision output; cuDNN accumulates in float32 inside.
-    `fold_bytes`: "channels" mode builds the folded (kt x larger) input for at most this many bytes of output
-    frames at a time, looping over groups of frames (`lax.map`): at full resolution the fold of a 4-frame chunk
-    is the largest buffer of a step (0.9 GB at 480x832 bf16), one frame's is a quarter of it, and a one-frame
-    conv of that size still fills the GPU. 0 = fold every frame at once.
     """
 
     time_taps: str = "channels"
     strict_fp32: bool = False
-    fold_bytes: int = 2**28
 
     def __post_init__(self) -> None:
         if self.time_taps not in TIME_TAPS:
@@ -157,28 +152,6 @@ def _fold_time(x: jax.Array, k: jax.Array, st: int) -> tuple[jax.Array, jax.Arra
     return xs, jnp.moveaxis(k, 0, 2).reshape(kh, kw, kt * c, o)
 
 
-def _folded_conv(x: jax.Array, k: jax.Array, stride: tuple[int, ...], pad: tuple[int, int], prec,
-                 fold_bytes: int) -> jax.Array:
-    """A time conv with its taps folded into channels (`_fold_time`), in groups of output frames whose folded
-    input stays within `fold_bytes` (all at once when it fits, or `fold_bytes` is 0)."""
-    kt, st = k.shape[0], stride[0]
-    tout = (x.shape[1] - kt) // st + 1
-    per_frame = math.prod(x.shape[2:]) * x.shape[0] * kt * x.dtype.itemsize
-    fits = [d for d in range(1, tout + 1) if tout % d == 0 and d * per_frame <= fold_bytes]
-    g = tout if not fold_bytes else max(fits or [1])
-    if g == tout:
-        xs, kk = _fold_time(x, k, st)
-        return _conv2d(xs, kk, stride[1:], pad, prec)
-    span = st * (g - 1) + kt  # input frames of one group of g output frames
-
-    def group(i):
-        xs, kk = _fold_time(jax.lax.dynamic_slice_in_dim(x, i * g * st, span, axis=1), k, st)
-        return _conv2d(xs, kk, stride[1:], pad, prec)
-
-    y = jax.lax.map(group, jnp.arange(tout // g))  # [groups, B, g, H, W, O]
-    return jnp.moveaxis(y, 0, 1).reshape(x.shape[0], tout, *y.shape[3:])
-
-
 class Conv(nnx.Module):
     """3D (kernel (kt, kh, kw, in, out)) or 2D per-frame (kh, kw, in, out) convolution in the kernel's dtype.
 
@@ -205,7 +178,8 @@ class Conv(nnx.Module):
         elif k.shape[0] == 1 and self.stride[0] == 1:
             y = _conv2d(x, k[0], self.stride[1:], self.pad, prec)
         elif self.settings.time_taps == "channels":
-            y = _folded_conv(x, k, self.stride, self.pad, prec, self.settings.fold_bytes)
+            xs, kk = _fold_time(x, k, self.stride[0])
+            y = _conv2d(xs, kk, self.stride[1:], self.pad, prec)
         else:
             y = jax.lax.conv_general_dilated(
                 x, k, self.stride, [(0, 0), self.pad, self.pad], dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
