@@ -28,6 +28,16 @@ import re
 import time
 from typing import Any
 
+from jax_impl import conditioning, sampling, schedulers, vae_memory
+from jax_impl.dit import WanTransformer
+from jax_impl.sharding import AXIS, param_shardings
+from jax_impl.vae import WanVAE
+from kernels import splash
+from kernels.context_parallel import SequenceSplit
+from kernels.splash import BLOCKS, fit_blocks
+from weights.configs.presets import get_preset
+from weights.configs.vae import get_vae_preset
+
 GIB = 2**30
 
 
@@ -167,7 +177,6 @@ def mesh_for(target: Target, devices: int | None = None):
     import numpy as np
     from jax.sharding import Mesh
 
-    from jax_impl.sharding import AXIS
 
     devs = topology_devices(target)[: devices or target.devices]
     return Mesh(np.array(devs), (AXIS,))
@@ -323,7 +332,6 @@ class Video:
 
     @functools.cached_property
     def _preset(self):
-        from jax_impl.presets import get_preset
 
         return get_preset(self.preset)
 
@@ -333,7 +341,6 @@ class Video:
 
     @property
     def vae(self):
-        from jax_impl.vae_config import get_vae_preset
 
         return get_vae_preset(self._preset.vae)
 
@@ -367,7 +374,6 @@ def splash_flops(cfg, batch: int, tokens: int, devices: int, text_len: int, imag
     """FLOPs per device that the Splash kernels execute in one DiT forward (padded blocks included):
     4 * batch * heads * q * k * head_dim per attention, self (q split over devices, K/V gathered), text and
     image cross-attention, times the layers. XLA's cost analysis counts none of it (a custom call)."""
-    from kernels.splash import BLOCKS, fit_blocks
 
     b = BLOCKS[gen]
     q_local = -(-tokens // devices)
@@ -388,9 +394,6 @@ def denoise_args(video: Video, mesh, *, text_len: int = 512, dtype: str = "bfloa
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from jax_impl import conditioning, sampling, schedulers
-    from jax_impl.dit import WanTransformer
-    from jax_impl.sharding import param_shardings
 
     cfg = video.dit
     model = nnx.eval_shape(lambda: WanTransformer(cfg, dtype=jnp.dtype(dtype), attention_backend=attention,
@@ -407,11 +410,12 @@ def denoise_args(video: Video, mesh, *, text_len: int = 512, dtype: str = "bfloa
     if cfg.has_image_tokens:
         inputs = inputs.replace(image=sds((1, 257, cfg.image_dim), jnp.float32))
     if cfg.in_channels > cfg.out_channels:  # I2V: mask + condition latents concatenated
-        inputs = inputs.replace(condition=sds((1, f, h, w, cfg.in_channels - cfg.out_channels), jnp.float32))
+        mask_latent = sds((1, f, h, w, cfg.in_channels - cfg.out_channels), jnp.float32)
+        inputs = inputs.replace(condition=conditioning.ConcatCondition(mask_latent=mask_latent))
     elif video._preset.task == "ti2v":  # first-frame latent kept, per-token timesteps
-        keep = conditioning.first_frame_keep(f, h, w)
-        inputs = inputs.replace(first_latent=sds((1, 1, h, w, z), jnp.float32), keep=sds(keep.shape, jnp.float32),
-                                token_keep=sds(conditioning.token_timesteps(keep, cfg.patch_size).shape, jnp.float32))
+        condition = jax.eval_shape(lambda lat: conditioning.FirstFrameCondition.build(lat, f, cfg.patch_size),
+                                   sds((1, 1, h, w, z), jnp.float32))
+        inputs = inputs.replace(condition=condition)
     scalars = (sds((), jnp.int32), sds((), jnp.float32))
     args = (params, _abstract(sampler, rep), *_abstract(scalars, rep), _abstract(inputs, rep),
             _abstract(sds((), jnp.float32), rep), _abstract(sds((), jnp.int32), rep))
@@ -425,10 +429,6 @@ def compile_denoise_step(target: Target, video: Video, *, text_len: int = 512, d
     Returns (Program, compiled, per-device parameter bytes). `attention="xla"` (no Splash) and `devices`
     (fewer devices than the target has) exist for tests that check what goes missing without them.
     """
-    from kernels import splash
-    from jax_impl import sampling
-    from kernels.context_parallel import SequenceSplit
-    from jax_impl.sharding import AXIS
 
     mesh = mesh_for(target, devices)
     n = mesh.devices.size
@@ -473,8 +473,6 @@ def _compile_vae_decode(target: Target, video: Video, dtype: str, tile: str):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from jax_impl import vae_memory
-    from jax_impl.vae import WanVAE
 
     if tile not in ("auto", "on", "off"):
         raise ValueError(f"VAE tile must be auto, on or off, got {tile!r}")
@@ -577,7 +575,6 @@ def compile_report(target: str | Target, preset: str, height: int, width: int, f
                    text_len: int = 512, dtype: str = "bfloat16", vae_dtype: str = "float32",
                    vae_tile: str = "auto", steps: int = 40, vae: bool = True) -> Report:
     """Compile the denoising step and the VAE decode of `preset` at that size for `target`."""
-    from kernels.splash import BLOCKS
 
     target = parse_target(target) if isinstance(target, str) else target
     video = Video(preset, height, width, frames)
@@ -625,7 +622,6 @@ def model_param_bytes(video: Video, dtype: str = "bfloat16") -> int:
     import jax.numpy as jnp
     from flax import nnx
 
-    from jax_impl.dit import WanTransformer
 
     model = nnx.eval_shape(lambda: WanTransformer(video.dit, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)))
     return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(nnx.state(model)))

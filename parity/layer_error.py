@@ -21,7 +21,9 @@ from flax import nnx
 
 from jax_impl.dit import WanTransformer, token_grid
 from jax_impl.rope import rope_tables
+from jax_impl.fp8 import quantize_model
 from jax_impl.frozen_jit import frozen_jit
+from weights.configs.presets import get_preset
 
 F32 = jnp.float32
 SUBLAYERS = ("self_attn", "cross_attn", "ffn")
@@ -100,8 +102,6 @@ def fp8_layer_errors(model: WanTransformer, inputs, *, sublayers: bool = True, w
                      act_scaling: str | None = "token") -> list[LayerError]:
     """The FP8 DiT against the bf16 one: runs `model` as it is, quantises it IN PLACE (jax_impl.fp8.quantize_model:
     the block linears become Fp8Dense) and runs it again. One copy of the weights at a time; `model` is FP8 after."""
-    from jax_impl.fp8 import quantize_model
-
     ref = reference_taps(model, inputs, sublayers)
     quantize_model(model, weight_scaling=weight_scaling, act_scaling=act_scaling)
     return compare_to_reference(model, inputs, ref)
@@ -137,8 +137,6 @@ def random_fp8_table(preset: str = "tiny-wan2.1-t2v-1.3b", *, seed: int = 0, lat
     """The FP8-vs-bf16 table of a preset's DiT with random (NNX-initialised) weights on random inputs: what a CLI
     prints for `--precision fp8` checks on tiny presets (full-size ones: bench/fp8.py, on a GPU)."""
     import numpy as np
-
-    from weights.configs.presets import get_preset
 
     cfg = get_preset(preset).transformer
     r = np.random.default_rng(seed)
