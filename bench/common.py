@@ -6,6 +6,7 @@ import functools
 import math
 import os
 import sys
+import time
 
 import jax  # importing starts no backend: safe in the parent process of the bench scripts
 import jax.numpy as jnp
@@ -69,6 +70,18 @@ def _normal(key, shape, dtype, std):
 @functools.partial(jax.jit, donate_argnums=0)
 def _put_rows(buf, rows, start):
     return jax.lax.dynamic_update_slice_in_dim(buf, rows, start, axis=0)
+
+
+def median_time(fn, repeats: int = 5, warmup: int = 2) -> float:
+    """Median seconds of `repeats` calls of `fn` (each blocked until done) after `warmup` calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        ts.append(time.perf_counter() - t0)
+    return sorted(ts)[len(ts) // 2]
 
 
 def peak_bytes(device=None) -> int | None:

@@ -22,6 +22,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.versions import versions  # noqa: E402  (after the path insert)
+
 IMPLS = ("jax", "torch-eager", "torch-compile")
 
 
@@ -236,26 +238,10 @@ def main(argv=None) -> int:
         print(f"{r['impl']:<15} {r['median_s']:>9.3f} {r['tflops']:>8.1f} {ratio:>10} {r['setup_s']:>8.1f} {peak:>9}")
     if args.json:
         out = {"preset": args.preset, "size": args.size, "frames": args.frames, "grid": grid, "flops": flops,
-               "date": datetime.date.today().isoformat(), "results": rows, "versions": _versions()}
+               "date": datetime.date.today().isoformat(), "results": rows, "versions": versions("jax", "flax", "torch", "diffusers")}
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
     return 0 if all("error" not in r for r in rows) else 1
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    return {p: md.version(p) for p in ("jax", "flax", "torch", "diffusers") if _has(p)}
-
-
-def _has(p: str) -> bool:
-    import importlib.metadata as md
-
-    try:
-        md.version(p)
-        return True
-    except md.PackageNotFoundError:
-        return False
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.versions import versions  # noqa: E402  (after the path insert)
+
 MODELS = ("umt5", "clip")
 IMPLS = ("jax", "torch")
 
@@ -192,23 +194,11 @@ def main(argv=None) -> int:
               f"{r['first_call_s']:>10.1f} {gib(r['weights_bytes']):>11} {gib(r['peak_bytes']):>9}")
     if args.json:
         out = {"date": datetime.date.today().isoformat(), "tiny": args.tiny, "batch": args.batch, "text_len": args.text_len,
-               "configs": {"umt5": umt5.to_dict(), "clip": clip.to_dict()}, "results": rows, "versions": _versions()}
+               "configs": {"umt5": umt5.to_dict(), "clip": clip.to_dict()}, "results": rows, "versions": versions("jax", "flax", "torch", "transformers")}
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
         print(f"wrote {args.json}")
     return 0 if all("error" not in r for r in rows) else 1
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for p in ("jax", "flax", "torch", "transformers"):
-        try:
-            out[p] = md.version(p)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 if __name__ == "__main__":

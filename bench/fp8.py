@@ -45,6 +45,9 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import median_time  # noqa: E402  (after the path insert)
+from bench.versions import versions  # noqa: E402
+
 PARTS = ("gemm", "attention", "forward", "layers")
 VARIANTS = ("bf16", "fp8", "fp8-attn")  # forward: bf16; FP8 linears; FP8 linears + cuDNN FP8 attention
 PRESET = "wan2.2-i2v-a14b"
@@ -52,19 +55,6 @@ TINY_PRESET = "tiny-wan2.2-i2v-a14b"
 FP8_CALL = "__cublas$lt$matmul$f8"
 FP8_ATTENTION_CALL = "__cudnn$fmhaSoftmaxF8"
 OPTIONAL = ("fp8-attn", "fp8 cudnn", "fp8 kernel only")  # cuDNN FP8 attention: reported when unsupported, not fatal
-
-
-def _bench(fn, repeats: int, warmup: int) -> float:
-    import jax
-
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t0)
-    return sorted(ts)[len(ts) // 2]
 
 
 def _rel_l2(a, b) -> float:
@@ -130,7 +120,7 @@ def gemm_child(args) -> dict:
             try:
                 fn = jax.jit(f)
                 hlo = fn.lower(*a).compile().as_text()
-                s = _bench(lambda: fn(*a), 3 if args.tiny else 10, 1 if args.tiny else 3)
+                s = median_time(lambda: fn(*a), 3 if args.tiny else 10, 1 if args.tiny else 3)
                 row.update(ms=s * 1e3, tflops=2 * m * k * n / s / 1e12, rel_l2_vs_f32=_rel_l2(fn(*a), ref),
                            fp8_gemm=FP8_CALL in hlo, cublas=sorted({c for c in ("__cublas$lt$matmul", "__cublas$gemm")
                                                                       if c in hlo}),
@@ -195,7 +185,7 @@ def attention_child(args) -> dict:
             row = {"case": name, "q_len": lq, "kv_len": lk, "heads": heads, "head_dim": hd, "impl": impl}
             try:
                 fn = jax.jit(f)
-                s = _bench(lambda: fn(*a), 3 if args.tiny else 10, 1 if args.tiny else 2)
+                s = median_time(lambda: fn(*a), 3 if args.tiny else 10, 1 if args.tiny else 2)
                 out = fn(*a)
                 row.update(ms=s * 1e3, tflops=4 * lq * lk * heads * hd / s / 1e12,
                            rel_l2_vs_f32=_rel_l2(out[:, :rq, :sample_heads], ref))
@@ -208,7 +198,7 @@ def attention_child(args) -> dict:
             (q8, sq), (k8, sk), (v8, sv) = (quantize_per_tensor(t) for t in (q, k, v))
             params = fp8_attention_params(sq, sk, sv)
             fn = jax.jit(fp8_kernel_only)
-            s = _bench(lambda: fn(q8, k8, v8, params), 3 if args.tiny else 10, 1 if args.tiny else 2)
+            s = median_time(lambda: fn(q8, k8, v8, params), 3 if args.tiny else 10, 1 if args.tiny else 2)
             row.update(ms=s * 1e3, tflops=4 * lq * lk * heads * hd / s / 1e12)
         except Exception as e:  # noqa: BLE001
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -434,18 +424,6 @@ def _failed(part: str, res: dict) -> bool:
     return any("error" in r and r.get("impl", r.get("variant")) not in OPTIONAL for r in rows)
 
 
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for p in ("jax", "jaxlib", "flax"):
-        try:
-            out[p] = md.version(p)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
 def _size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
@@ -519,7 +497,7 @@ def main(argv=None) -> int:
         results = {p: run_part(args, p) for p in parts}
     doc = {"date": datetime.date.today().isoformat(), "tiny": args.tiny, "preset": TINY_PRESET if args.tiny else PRESET,
            "act_scaling": args.act_scaling, "weight_scaling": "channel", "text_len": args.text_len,
-           "warmup": args.warmup, "iters": args.iters, "versions": _versions(), **results}
+           "warmup": args.warmup, "iters": args.iters, "versions": versions("jax", "jaxlib", "flax"), **results}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(args.json).with_suffix(".json.tmp")

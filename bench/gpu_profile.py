@@ -23,18 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _bench(fn, repeats: int = 5, warmup: int = 2) -> float:
-    import jax
-
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t0)
-    return sorted(ts)[len(ts) // 2]
+from bench.common import median_time  # noqa: E402  (after the path insert)
 
 
 def kernel_table(trace_dir: str, top: int = 30) -> dict:
@@ -90,8 +79,8 @@ def vae_part(args) -> dict:
         model = WanVAE(cfg, dtype=dt, rngs=nnx.Rngs(0))
         video = jax.random.uniform(rng, (1, frames, h, w, 3), jnp.float32, -1, 1).astype(dt)
         z = jax.block_until_ready(model.encode(video))
-        row = {"encode_s": _bench(lambda: model.encode(video), 2, 1),
-               "decode_s": _bench(lambda: model.decode(z), 2, 1)}
+        row = {"encode_s": median_time(lambda: model.encode(video), 2, 1),
+               "decode_s": median_time(lambda: model.decode(z), 2, 1)}
         stats = jax.devices()[0].memory_stats() or {}
         row["peak_bytes"] = stats.get("peak_bytes_in_use")
         tdir = os.path.join(args.out, f"trace_vae_{dtype}")
@@ -161,7 +150,7 @@ def conv_variants(args) -> list[dict]:
             }
             for name, fn in variants.items():
                 try:
-                    s = _bench(lambda: fn(x, k), 5, 2)
+                    s = median_time(lambda: fn(x, k), 5, 2)
                     rows.append({"shape": [t, hh, ww, ci, co], "dtype": dtype, "impl": "jax " + name, "ms": s * 1e3,
                                  "tflops": flops / s / 1e12})
                 except Exception as e:  # noqa: BLE001 - report and go on
@@ -327,7 +316,7 @@ def fp8_part(args) -> dict:
                             ("fp8 per-token x per-channel", jax.jit(fp8_mm), (x, w8, ws[None], b)),
                             ("fp8 per-tensor (dequant dot)", jax.jit(fp8_mm_tensor), (x, w8_t, ws_t, b))):
             try:
-                s = _bench(lambda: fn(*a), 10, 3)
+                s = median_time(lambda: fn(*a), 10, 3)
                 y = fn(*a).astype(jnp.float32)
                 err = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
                 hlo = fn.lower(*a).compile().as_text()

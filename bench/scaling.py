@@ -32,11 +32,11 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.versions import versions  # noqa: E402  (after the path insert)
 from dit import latent_grid  # noqa: E402  (bench/dit.py, beside this script: one latent grid for the benches)
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
-
-
 
 
 def _inputs(cfg, grid, text_len: int, seed: int = 0) -> dict:
@@ -262,7 +262,7 @@ def main(argv=None) -> int:
         out = {"preset": args.preset, "size": args.size, "frames": args.frames, "grid": grid, "tokens": tokens,
                "dtype": args.dtype, "attention": args.attention, "guidance": args.guidance,
                "platform": platform, "visible_devices": visible, "date": datetime.date.today().isoformat(),
-               "results": rows, "versions": _versions()}
+               "results": rows, "versions": versions("jax", "jaxlib", "flax")}
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
     return 0 if len(ok) == len(rows) else 1
@@ -281,18 +281,6 @@ def _compare(rows: list[dict], out_dir: str) -> None:
         for r in ok:
             r[f"{kind}_rel_l2"] = _rel_l2(np.load(os.path.join(out_dir, f"{kind}_{r['devices']}.npy")), ref)
             r["reference_devices"] = ref_n
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for p in ("jax", "jaxlib", "flax"):
-        try:
-            out[p] = md.version(p)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.versions import versions  # noqa: E402  (after the path insert)
+
 TABLE_TARGETS = ["v5p-8", "v6e-8", "v5e-8"]
 PHASES = ["table", "search-a14b", "vae", "search-others", "vae-others"]
 A14B = "wan2.2-i2v-a14b"
@@ -144,7 +146,7 @@ def main(argv=None) -> int:
     gens = [g.strip() for g in args.generations.split(",") if g.strip()]
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                      f"tpu_compile_{datetime.date.today().isoformat()}.json")
-    out = {"date": datetime.date.today().isoformat(), "versions": _versions(), "host": "CPU only (no TPU)",
+    out = {"date": datetime.date.today().isoformat(), "versions": versions("jax", "jaxlib", "flax", "libtpu"), "host": "CPU only (no TPU)",
            "vae_dtype": args.vae_dtype, "dit_dtype": "bfloat16", "text_tokens": 512, "steps": 40,
            "phases_asked": phases, "phases_done": [],
            "chips": {g: {"peak_bf16_flops_per_chip": c.peak_bf16_flops, "hbm_bandwidth_per_chip": c.hbm_bandwidth,
@@ -234,18 +236,6 @@ def main(argv=None) -> int:
     print_summary(out)
     print(f"\nwrote {path}")
     return 0
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for p in ("jax", "jaxlib", "flax", "libtpu"):
-        try:
-            out[p] = md.version(p)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 if __name__ == "__main__":

@@ -48,6 +48,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.versions import versions  # noqa: E402  (after the path insert)
+
 GIB = 2**30
 QUALITY_FRAMES = 5  # quality (PSNR, SSIM) over this many evenly spaced decoded frames: saving 81 frames of 720p
 # float32 video per run would cost seconds each, and float64 SSIM of them minutes
@@ -148,10 +150,12 @@ def _load_ours(spec: dict, dtype: str):
 def _ours_call(model, op: str, x, tiled: bool, tiling):
     import jax
 
+    from jax_impl import vae_run
+
     tile = "on" if tiled else "off"
     if op == "encode":
-        return jax.block_until_ready(model.encode(x, tile=tile, tiling=tiling))
-    return jax.block_until_ready(model.decode(x, tile=tile, tiling=tiling))
+        return jax.block_until_ready(vae_run.encode(model, x, tile=tile, tiling=tiling))
+    return jax.block_until_ready(vae_run.decode(model, x, tile=tile, tiling=tiling))
 
 
 def _host_input(c: dict, op: str, dtype) -> np.ndarray:
@@ -653,7 +657,7 @@ def main(argv=None) -> int:
     old = json.loads(Path(args.json).read_text()) if args.append and Path(args.json).is_file() else {}
     result = {"date": datetime.date.today().isoformat(), "frames": args.frames, "tiny": args.tiny,
               "time_taps": args.time_taps, "strict_fp32": args.strict_fp32, "repeats": args.repeats,
-              "budget_s": args.budget or None, "versions": _versions(), "rows": [], "quality": [], "compile": []}
+              "budget_s": args.budget or None, "versions": versions("jax", "jaxlib", "flax", "torch", "diffusers"), "rows": [], "quality": [], "compile": []}
     rows: dict[str, dict] = {}
     saved: dict[tuple[str, str], str] = {}
     t_start = time.perf_counter()
@@ -753,18 +757,6 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     failed = [r["key"] for r in rows.values() if any("error" in r.get(i, {}) for i in args.impls)]
     return 1 if failed else 0
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for p in ("jax", "jaxlib", "flax", "torch", "diffusers"):
-        try:
-            out[p] = md.version(p)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 if __name__ == "__main__":

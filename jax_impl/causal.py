@@ -54,7 +54,6 @@ from typing import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from weights.configs.causal import (
     CausalConfig, block_causal_mask, check_block_frames, check_causal_inputs, condition_channels,
@@ -62,6 +61,7 @@ from weights.configs.causal import (
 from weights.configs.dit import check_context, check_latent_channels, check_patch_grid
 from jax_impl.conditioning import ConcatCondition, Conditioning, FirstFrameCondition, NoCondition
 from jax_impl.dit import CrossKV, MaskedAttention, token_grid
+from jax_impl.frozen_jit import frozen_jit
 from jax_impl.layers import F32
 from jax_impl.noise import seeded_noise
 
@@ -72,7 +72,7 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 # ------------------------------------------------------------------------------------------------
 # Cross-attention context (computed once) and the self-attention cache
 # ------------------------------------------------------------------------------------------------
-@nnx.jit
+@frozen_jit
 def _prepare_context(model, text, image):
     return model.cross_kv(text, image)
 
@@ -158,14 +158,14 @@ def _write(cache: KVCache, kv) -> KVCache:
     return dataclasses.replace(cache, k=k, v=v, committed=n + 1)
 
 
-@functools.partial(nnx.jit, static_argnames=("capture",))
+@frozen_jit(static_argnames=("capture",))
 def _jit_step(model, cache, cross, latents, timestep, capture=False):
     TRACE_COUNTS["block_step"] += 1
     out, _, taps = _block_impl(model, cache, cross, latents, timestep, write=False, capture=capture)
     return (out, taps) if capture else out
 
 
-@nnx.jit
+@frozen_jit
 def _jit_commit(model, cache, cross, latents, timestep):
     TRACE_COUNTS["commit_block"] += 1
     _, kv, _ = _block_impl(model, cache, cross, latents, timestep, write=True, capture=False)
@@ -206,7 +206,7 @@ def _check_step(model, cache: KVCache, cross: CrossKV, latents) -> None:
 # ------------------------------------------------------------------------------------------------
 # Full-sequence forward with the block-causal mask (the reference for the cached path)
 # ------------------------------------------------------------------------------------------------
-@functools.partial(nnx.jit, static_argnames=("frames_per_block", "window_blocks", "capture"))
+@frozen_jit(static_argnames=("frames_per_block", "window_blocks", "capture"))
 def _jit_full(model, latents, timesteps, cross, frames_per_block, window_blocks, capture):
     grid = token_grid(model.cfg, *latents.shape[1:4])
     num_blocks = latents.shape[1] // frames_per_block

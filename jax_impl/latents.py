@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from jax_impl import vae_run
+from jax_impl.vae_tiling import TILE_MODES
 from weights.configs.vae import VaeConfig
 
 
@@ -66,8 +68,6 @@ class VaeOptions:
     tiling: Any = None
 
     def __post_init__(self) -> None:
-        from jax_impl.vae_tiling import TILE_MODES
-
         if self.dtype not in VAE_DTYPES:
             raise ValueError(f"VAE dtype must be one of {VAE_DTYPES}, got {self.dtype!r}")
         if self.tile not in TILE_MODES:
@@ -84,10 +84,10 @@ class BoundVae:
         self.model, self.options, self.cfg = vae, options, vae.cfg
 
     def encode(self, video: Any) -> Any:
-        return self.model.encode(video, tile=self.options.tile, tiling=self.options.tiling)
+        return vae_run.encode(self.model, video, tile=self.options.tile, tiling=self.options.tiling)
 
     def decode(self, z: Any) -> Any:
-        return self.model.decode(z, tile=self.options.tile, tiling=self.options.tiling)
+        return vae_run.decode(self.model, z, tile=self.options.tile, tiling=self.options.tiling)
 
 
 def encode_video(vae, video: Any) -> Any:

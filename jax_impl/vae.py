@@ -14,7 +14,7 @@ starts from zeros). Parameter names follow diffusers' module paths (see `weights
 How the convolutions run (3D, or time taps folded into channels of a 2D conv; float32 precision) is
 `ConvSettings`. `WanVAE.stream` is the production path: ahead-of-time compiled chunk steps with the caches
 donated from step to step; `encode` / `decode` add spatial tiling (`jax_impl.vae_tiling`) and
-`tile="auto"` (`jax_impl.vae_memory`). `capture=True` records every layer for the parity tests.
+`tile="auto"` (`jax_impl.vae_run`). `capture=True` records every layer for the parity tests.
 """
 
 from __future__ import annotations
@@ -516,44 +516,25 @@ class WanVAE(nnx.Module):
         tf = self.cfg.temporal_factor
         return 1 + (frames - 1) // tf if kind == "encode" else 1 + (frames - 1) * tf
 
-    def encode(self, video, *, capture: bool = False, return_moments: bool = False, tile: str = "auto",
-               tiling=None):
-        """Posterior mean [B, 1+(F-1)/4, H/s, W/s, z_dim] of a video [B, F, H, W, C] (F = 4k+1).
+    def encode(self, video, *, capture: bool = False, return_moments: bool = False):
+        """Posterior mean [B, 1+(F-1)/4, H/s, W/s, z_dim] of a video [B, F, H, W, C] (F = 4k+1), whole frames.
 
-        `tile`: "off" encodes whole frames; "on" encodes overlapping spatial tiles blended as diffusers'
-        `enable_tiling` does (`tiling`: a `vae_tiling.Tiling`, default diffusers' sizes) when the frames are
-        larger than one tile; "auto" (default) tiles when the estimated peak device memory of whole frames
-        exceeds the free device memory (`vae_memory`; never on a CPU, which reports no limit). `video` may be
-        a numpy array: then only one chunk at a time is moved to the device. `capture` (the per-layer taps
-        that parity tests compare) runs whole frames.
+        `video` may be a numpy array: then only one chunk at a time is moved to the device. `capture` records
+        the per-layer taps that parity tests compare. Spatial tiles: `jax_impl.vae_run.encode`.
         """
         self.check_video(video)
         if capture:
-            _no_tiles_with_capture(tile)
             return _drive(_chunk_fn(self, "encode"), self._chunks("encode", video), self.cfg.z_dim,
                           return_moments, "encoder")
-        from jax_impl import vae_tiling
-
-        if vae_tiling.use_tiles(self, "encode", video, tile, tiling):
-            out = vae_tiling.tiled_encode(self, video, tiling)
-        else:
-            out = self.stream("encode", video)
+        out = self.stream("encode", video)
         return out if return_moments else out[..., :self.cfg.z_dim]
 
-    def decode(self, z, *, capture: bool = False, tile: str = "auto", tiling=None):
-        """Video [B, 1+4(F-1), H*s, W*s, C] in [-1, 1] from latents [B, F, h, w, z_dim], one frame per step.
-
-        `tile`, `tiling`: spatial tiling as in `encode` (decode tiles are counted in latents of the same
-        pixel sizes, as diffusers does).
-        """
+    def decode(self, z, *, capture: bool = False):
+        """Video [B, 1+4(F-1), H*s, W*s, C] in [-1, 1] from latents [B, F, h, w, z_dim], one frame per step,
+        whole frames. Spatial tiles: `jax_impl.vae_run.decode`."""
         self.check_latents(z)
         if capture:
-            _no_tiles_with_capture(tile)
             return _drive(_chunk_fn(self, "decode"), self._chunks("decode", z), None, False, "decoder")
-        from jax_impl import vae_tiling
-
-        if vae_tiling.use_tiles(self, "decode", z, tile, tiling):
-            return vae_tiling.tiled_decode(self, z, tiling)
         return self.stream("decode", z)
 
     def _chunks(self, kind: str, x) -> list:
@@ -596,10 +577,6 @@ def chunk_bounds(kind: str, frames: int) -> list[tuple[int, int]]:
         return [(i, i + 1) for i in range(frames)]
     raise ValueError(f"kind must be 'encode' or 'decode', got {kind!r}")
 
-
-def _no_tiles_with_capture(tile: str) -> None:
-    if tile == "on":
-        raise ValueError("capture=True records whole-frame layer taps; it cannot be combined with tile='on'")
 
 
 @functools.partial(jax.jit, donate_argnums=0)

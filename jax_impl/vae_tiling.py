@@ -107,22 +107,6 @@ def applies(cfg: VaeConfig, kind: str, shape: tuple[int, ...], tiling: Tiling) -
     return w > tiling.tile_width // s or h > tiling.tile_height // s
 
 
-def use_tiles(model, kind: str, x, tile: str, tiling: Tiling | None) -> bool:
-    """Resolve `tile` ("auto" / "on" / "off") for one encode or decode of `x` (an array: shape and dtype)."""
-    if tile not in TILE_MODES:
-        raise ValueError(f"tile must be one of {TILE_MODES}, got {tile!r}")
-    if tile == "off":
-        return False
-    tiling = tiling or Tiling()
-    tiling.check(model.cfg)
-    if not applies(model.cfg, kind, x.shape, tiling):
-        return False
-    if tile == "on":
-        return True
-    from jax_impl.vae_memory import needs_tiles
-
-    return needs_tiles(model, kind, x, tiling)
-
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def blend(prev: jax.Array, cur: jax.Array, extent: int, axis: int) -> jax.Array:

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from flax import nnx
 
+from jax_impl.frozen_jit import frozen_jit
 from jax_impl.loading import load_dit
 from parity.report import Report, compare_layers, measured_bf16_layers
 from parity.tolerances import BF16_FACTOR, BF16_FLOOR, FP32_TOL
@@ -90,7 +90,7 @@ def jax_forward(model, inputs: DitInputs):
     return np.asarray(out.astype(jnp.float32)), taps
 
 
-@nnx.jit
+@frozen_jit
 def _jitted_forward(model, latents, timestep, text, image):
     return model(latents, timestep, text, image, capture=True)
 

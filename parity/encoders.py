@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jax_impl.frozen_jit import frozen_jit
 from jax_impl.pipeline import JAX_ENCODERS, EncoderSet
 from parity.report import Report, compare_layers, measured_bf16_layers
 from parity.tolerances import BF16_FACTOR, BF16_FLOOR, FP32_TOL
@@ -187,14 +188,13 @@ def run_jax(model: str, net, inputs) -> dict[str, np.ndarray]:
     """Our forward with every tap (float32 numpy); images also give `penultimate` (the pipeline's call)."""
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
     f32 = lambda tree: jax.tree.map(lambda a: np.asarray(a.astype(jnp.float32)), tree)  # noqa: E731
     if model == "text-encoder":
-        _, taps = nnx.jit(lambda m, i, k: m(i, k, capture=True))(net, *inputs)
+        _, taps = frozen_jit(lambda m, i, k: m(i, k, capture=True))(net, *inputs)
         return f32(taps)
-    _, taps = nnx.jit(lambda m, p: m(p, capture=True))(net, inputs)
-    return f32(taps) | {"penultimate": f32(nnx.jit(lambda m, p: m.penultimate(p))(net, inputs))}
+    _, taps = frozen_jit(lambda m, p: m(p, capture=True))(net, inputs)
+    return f32(taps) | {"penultimate": f32(frozen_jit(lambda m, p: m.penultimate(p))(net, inputs))}
 
 
 def layer_order(model: str, cfg) -> list[str]:

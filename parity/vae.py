@@ -168,7 +168,7 @@ def tiled_parity(folder: str | Path, tiling, *, frames: int = 5, height: int, wi
     """
     import jax.numpy as jnp
 
-    from jax_impl.vae_tiling import plan
+    from jax_impl import vae_run, vae_tiling
     from torch_ref.vae import load_vae_torch, run_vae_tiled
     from jax_impl.loading import load_vae
     from weights.checkpoint import Checkpoint
@@ -183,14 +183,14 @@ def tiled_parity(folder: str | Path, tiling, *, frames: int = 5, height: int, wi
         model.set_conv_settings(conv)
     ours, ref = {}, {}
     if "encode" in kinds:
-        ours["tiled.encode.mean"] = np.asarray(model.encode(video, tile="on", tiling=tiling), np.float32)
+        ours["tiled.encode.mean"] = np.asarray(vae_run.encode(model, video, tile="on", tiling=tiling), np.float32)
         ref["tiled.encode.mean"] = rmean
     if "decode" in kinds:
-        ours["tiled.decode.video"] = np.asarray(model.decode(rmean, tile="on", tiling=tiling), np.float32)
+        ours["tiled.decode.video"] = np.asarray(vae_run.decode(model, rmean, tile="on", tiling=tiling), np.float32)
         ref["tiled.decode.video"] = run_vae_tiled(torch_model, tiling, latents=rmean)[1]
     layout = {}
     for kind, (h, w) in (("encode", (height, width)), ("decode", rmean.shape[2:4])):
-        rows, cols = plan(cfg, kind, h, w, tiling)
+        rows, cols = vae_tiling.plan(cfg, kind, h, w, tiling)
         layout[kind] = {"rows": len(rows.starts), "cols": len(cols.starts), "blend": [rows.blend, cols.blend]}
     meta = {"model": "vae", "checkpoint": str(folder), "dtype": "float32", "video_shape": list(video.shape),
             "tiling": dataclasses.asdict(tiling), "tiles": layout, "tolerance": f"rel_l2 <= {FP32_TOL}"}

@@ -65,13 +65,7 @@ def _graph() -> grimp.ImportGraph:
 
 
 # import edges that close a cycle today, each with why it is tolerated (remove an entry once it is fixed)
-KNOWN_CYCLE_EDGES = {
-    # WanVAE.encode/decode dispatch to spatial tiling, which builds on the VAE's blocks: the dispatch belongs in
-    # jax_impl/latents.py (VaeOptions), left for a follow-up since tests call vae.encode(tile=...) directly
-    ("jax_impl.vae", "jax_impl.vae_tiling"),
-    # tiling's "auto" asks the memory estimate, which sizes tiles with tiling's plan: same follow-up
-    ("jax_impl.vae_tiling", "jax_impl.vae_memory"),
-}
+KNOWN_CYCLE_EDGES: set[tuple[str, str]] = set()  # none left: keep it so (an entry needs a written reason)
 
 
 def test_no_import_cycle():

@@ -241,7 +241,8 @@ def test_loading_errors_name_the_problem(folders, tmp_path):
 
 # --- tokenization and preprocessing ---------------------------------------------------------------------------
 def test_tokenize_pads_truncates_and_keeps_eos(folders):
-    from jax_impl.encoders.text import load_tokenizer, tokenize
+    from jax_impl.encoders.text import load_tokenizer
+    from weights.configs.prompt import tokenize
 
     ids, mask = tokenize(load_tokenizer(folders["pipe"]), PROMPTS)
     assert ids.shape == mask.shape == (3, 512) and ids.dtype == np.int32

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_impl import vae, vae_memory, vae_tiling
+from jax_impl import vae, vae_memory, vae_run, vae_tiling
 from jax_impl.vae import Cursor, VaeInputError
 from weights.configs.vae import TINY_WAN21_VAE, TINY_WAN22_VAE
 from jax_impl.vae_tiling import Tiling
@@ -108,11 +108,9 @@ def model21(folders):
 def test_tile_argument_checked(model21):
     z = jnp.zeros((1, 2, 7, 10, 16))
     with pytest.raises(ValueError, match="tile must be one of"):
-        model21.decode(z, tile="yes")
-    with pytest.raises(ValueError, match="capture=True"):
-        model21.decode(z, capture=True, tile="on")
+        vae_run.decode(model21, z, tile="yes")
     with pytest.raises(VaeInputError, match="multiples of 8"):
-        model21.decode(z, tile="on", tiling=Tiling(36, 32, 24, 24))
+        vae_run.decode(model21, z, tile="on", tiling=Tiling(36, 32, 24, 24))
 
 
 def test_small_frames_are_not_tiled(model21):
@@ -121,7 +119,7 @@ def test_small_frames_are_not_tiled(model21):
     assert not vae_tiling.applies(TINY_WAN21_VAE, "decode", (1, 2, 4, 4, 16), t)
     assert vae_tiling.applies(TINY_WAN21_VAE, "decode", (1, 2, 4, 5, 16), t)
     assert not vae_tiling.applies(TINY_WAN21_VAE, "encode", (1, 5, 32, 32, 3), t)
-    assert not vae_tiling.use_tiles(model21, "decode", np.zeros((1, 2, 4, 4, 16)), "on", t)
+    assert not vae_run.use_tiles(model21, "decode", np.zeros((1, 2, 4, 4, 16)), "on", t)
 
 
 @pytest.mark.slow
@@ -133,14 +131,14 @@ def test_memory_estimate_and_auto(model21, monkeypatch):
     whole = vae_memory.estimate(model21, "decode", z.shape, dtype=z.dtype)
     tiled = vae_memory.estimate(model21, "decode", z.shape, dtype=z.dtype, tile=True, tiling=tiling)
     assert whole is not None and tiled is not None and not whole.tiled and tiled.tiled
-    assert whole.result_bytes == model21.decode(z, tile="off").nbytes
+    assert whole.result_bytes == vae_run.decode(model21, z, tile="off").nbytes
     assert tiled.result_bytes == whole.result_bytes and tiled.tile_bytes > 0 and whole.tile_bytes == 0
     assert tiled.step_bytes < whole.step_bytes
     assert whole.peak_bytes == whole.step_bytes + whole.result_bytes
     assert tiled.steps == 2 and whole.steps == 2  # one (padded) tile shape x (first chunk, steady chunk)
 
     assert vae_memory.free_bytes() is None  # CPU
-    assert not vae_tiling.use_tiles(model21, "decode", z, "auto", tiling)
+    assert not vae_run.use_tiles(model21, "decode", z, "auto", tiling)
     assert not vae_memory.needs_tiles(model21, "decode", z, tiling, free=int(whole.peak_bytes / 0.8))
     with pytest.warns(UserWarning, match="even tiled"):
         assert vae_memory.needs_tiles(model21, "decode", z, tiling, free=1)
@@ -148,8 +146,8 @@ def test_memory_estimate_and_auto(model21, monkeypatch):
 
     monkeypatch.setattr(vae_memory, "free_bytes", lambda device=None: int(whole.peak_bytes * 1.0))
     auto = np.asarray(model21.decode(z, tiling=tiling))
-    np.testing.assert_array_equal(auto, np.asarray(model21.decode(z, tile="on", tiling=tiling)))
-    assert np.abs(auto - np.asarray(model21.decode(z, tile="off"))).max() > 1e-3  # tiles did change it
+    np.testing.assert_array_equal(auto, np.asarray(vae_run.decode(model21, z, tile="on", tiling=tiling)))
+    assert np.abs(auto - np.asarray(vae_run.decode(model21, z, tile="off"))).max() > 1e-3  # tiles did change it
 
 
 @pytest.mark.slow
@@ -167,8 +165,8 @@ def test_whole_frame_fast_path_matches_diffusers(folders, variant):
     video = make_video(cfg, frames=5, height=h, width=w, seed=5)
     z = np.asarray(np.random.default_rng(1).standard_normal((1, 2, h // s, w // s, cfg.z_dim)), np.float32)
     rmean, rdec, _ = run_vae(load_vae_torch(folders[variant]), video, latents=z)
-    mean = model.encode(video, tile="off")
+    mean = vae_run.encode(model, video, tile="off")
     assert mean.shape == rmean.shape and rel_l2(np.asarray(mean), rmean) <= FP32_TOL
-    dec = model.decode(z, tile="off")
+    dec = vae_run.decode(model, z, tile="off")
     assert dec.shape == rdec.shape == (1, 5, h, w, 3) and rel_l2(np.asarray(dec), rdec) <= FP32_TOL
-    assert model.encode(video, tile="off", return_moments=True).shape[-1] == 2 * cfg.z_dim
+    assert vae_run.encode(model, video, tile="off", return_moments=True).shape[-1] == 2 * cfg.z_dim

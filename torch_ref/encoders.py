@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from weights.configs.prompt import MAX_TEXT_TOKENS, clean_prompt
+from weights.configs.prompt import MAX_TEXT_TOKENS, tokenize
 from torch_ref.perturb import perturb_constant_parameters
 
 
@@ -38,16 +38,7 @@ class TextEncoder:
     @torch.no_grad()
     def __call__(self, prompts: list[str], max_tokens: int = MAX_TEXT_TOKENS) -> np.ndarray:
         """[len(prompts), max_tokens, d_model] float32; rows past each prompt's token count are zero."""
-        batch = self.tokenizer(
-            [clean_prompt(p) for p in prompts],
-            padding="max_length",
-            max_length=max_tokens,
-            truncation=True,
-            add_special_tokens=True,
-            return_attention_mask=True,
-            return_tensors="pt",
-        )
-        ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+        ids, mask = (torch.from_numpy(a).long().to(self.device) for a in tokenize(self.tokenizer, prompts, max_tokens))
         hidden = self.model(ids, mask).last_hidden_state.float()
         hidden = hidden * mask[..., None].to(hidden.dtype)  # zero past the prompt, as the pipelines do
         return hidden.cpu().numpy()

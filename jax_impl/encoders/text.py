@@ -21,7 +21,7 @@ from flax import nnx
 
 from jax_impl.frozen_jit import frozen_jit
 from jax_impl.loading import load_umt5
-from weights.configs.prompt import MAX_TEXT_TOKENS, clean_prompt
+from weights.configs.prompt import MAX_TEXT_TOKENS, tokenize
 from weights.safetensors_io import CheckpointError
 
 
@@ -33,22 +33,6 @@ def load_tokenizer(folder: str | os.PathLike):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(os.fspath(path))
-
-
-def tokenize(tokenizer, prompts: list[str], max_tokens: int = MAX_TEXT_TOKENS) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, mask), int32 [len(prompts), max_tokens]: cleaned prompts, eos appended, truncated and padded."""
-    if isinstance(prompts, str):
-        raise TypeError("prompts must be a list of strings, got one string")
-    batch = tokenizer(
-        [clean_prompt(p) for p in prompts],
-        padding="max_length",
-        max_length=max_tokens,
-        truncation=True,
-        add_special_tokens=True,
-        return_attention_mask=True,
-        return_tensors="np",
-    )
-    return np.asarray(batch["input_ids"], np.int32), np.asarray(batch["attention_mask"], np.int32)
 
 
 @frozen_jit
@@ -77,4 +61,4 @@ class JaxTextEncoder:
         return np.asarray(_encode(self.model, jnp.asarray(ids), jnp.asarray(mask)))
 
 
-__all__ = ["JaxTextEncoder", "load_tokenizer", "tokenize"]
+__all__ = ["JaxTextEncoder", "load_tokenizer"]

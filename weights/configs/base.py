@@ -89,7 +89,7 @@ def field_types(cls: type) -> dict[str, Any]:
 
 
 class JsonConfig:
-    """File and copy helpers shared by the config dataclasses (each defines from_dict/to_dict)."""
+    """File and copy helpers shared by the config dataclasses (each defines to_dict; from_dict reads diffusers' JSON)."""
 
     @classmethod
     def from_json(cls, path: PathLike):
@@ -100,6 +100,16 @@ class JsonConfig:
 
     def replace(self, **changes: Any):
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config"):
+        """A diffusers config.json's dict (keys, `_class_name` and field types checked); configs whose JSON is not
+        diffusers' define their own."""
+        fields = cls._diffusers_fields(raw, source)
+        try:
+            return cls(**fields)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
     def _diffusers_fields(cls, raw: dict[str, Any], source: str) -> dict[str, Any]:

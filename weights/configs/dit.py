@@ -100,14 +100,6 @@ class DitConfig(JsonConfig):
         return n
 
     # --- diffusers config.json -------------------------------------------------------------------
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "DitConfig":
-        fields = cls._diffusers_fields(raw, source)
-        try:
-            return cls(**fields)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
-
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["patch_size"] = list(self.patch_size)

@@ -120,14 +120,6 @@ class VaeConfig(JsonConfig):
         return 1 + (frames - 1) // self.temporal_factor, height // s, width // s, self.z_dim
 
     # --- diffusers config.json -------------------------------------------------------------------
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "VaeConfig":
-        fields = cls._diffusers_fields(raw, source)
-        try:
-            return cls(**fields)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
-
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         for k in ("dim_mult", "attn_scales", "temperal_downsample", "latents_mean", "latents_std"):
