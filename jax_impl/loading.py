@@ -77,12 +77,20 @@ def fill(module: nnx.Module, get: Callable[[str], np.ndarray], shapes: Mapping[s
     return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
 
 
+def checkpoint_source(ckpt) -> str:
+    """Where an opened checkpoint came from, for messages: a model folder, a single file, or a LoRA-merged
+    view of either."""
+    while hasattr(ckpt, "base"):
+        ckpt = ckpt.base
+    return str(getattr(ckpt, "folder", None) or getattr(ckpt, "path", "checkpoint"))
+
+
 def load_checkpoint(ckpt: Checkpoint, build: Callable[[], nnx.Module], *, stacked: str | None = None,
                     progress: Progress | None = None) -> nnx.Module:
     """`build()`, made abstractly, filled tensor by tensor from an opened checkpoint in any layout."""
     by_flax = {en.flax: en for en in ckpt.entries}
     return fill(nnx.eval_shape(build), lambda name: ckpt.get(by_flax[name], "flax"),
-                {en.flax: en.flax_shape() for en in ckpt.entries}, source=f"{ckpt.folder}: the weights",
+                {en.flax: en.flax_shape() for en in ckpt.entries}, source=f"{checkpoint_source(ckpt)}: the weights",
                 stacked=stacked, progress=progress)
 
 

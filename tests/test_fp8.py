@@ -430,7 +430,7 @@ def test_cudnn_fp8_backend_is_named_only_and_refuses_a_cpu():
         q = jnp.zeros((1, 8, 2, 16), jnp.bfloat16)
         with pytest.raises(RuntimeError, match="cudnn_fp8.*needs an NVIDIA"):
             kernels.attention(q, q, q, backend="cudnn_fp8")
-    from kernels.attention import resolve_backend
+    from kernels.backends import resolve_backend
 
     assert resolve_backend("auto", jnp.bfloat16) != "cudnn_fp8"
 
