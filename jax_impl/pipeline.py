@@ -521,9 +521,10 @@ class Pipeline:
             **({"timesteps": list(self.timesteps)} if self.timesteps is not None else {}),
         }
 
-    def loras_identity(self) -> dict[str, list[tuple[str, float]]]:
-        """{expert folder: [(sha256 of the LoRA file, strength), ...]}, in merge order."""
-        return {d: [(_lora_identity(p), w) for p, w in specs] for d, specs in self.loras.items()}
+    def loras_identity(self) -> dict[str, list[dict[str, Any]]]:
+        """{expert folder: [{"sha256": of the LoRA file, "scale": strength}, ...]}, in merge order (JSON types, as
+        the stage file stores them)."""
+        return {d: [{"sha256": _lora_identity(p), "scale": w} for p, w in specs] for d, specs in self.loras.items()}
 
     # --- stage 1: encode -------------------------------------------------------------------------------
     def encode(self, settings: GenerateSettings, *, prompt: str | None = None, image=None, last_image=None,
