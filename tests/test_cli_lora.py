@@ -223,3 +223,22 @@ def _tiny_base(tmp_path):
     if not folder.exists():
         write_tiny_checkpoint(A14B, folder)
     return open_dit(folder / "transformer")
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_convert_a_single_file_with_a_lora_into_a_model_folder(tmp_path, capsys, shards):
+    """A ComfyUI-style single file (prefixed original-Wan names, bf16; or shards + index json) -> a diffusers model
+    folder whose config is the one read off the shapes and whose tensors are the base's with the LoRA merged."""
+    from tests.test_single_file import base_state, write_single_file
+
+    cfg = get_preset("tiny-hd128-wan2.1-i2v-14b").transformer  # head width 128: the head count is read off the width
+    src = write_single_file(tmp_path / "model.safetensors", cfg, base_state(cfg), prefix="model.diffusion_model.",
+                            dtype="bf16", shards=shards)
+    lora = write_lora(tmp_path / "l.safetensors", random_lora(cfg, 7), "wan")
+    dst = tmp_path / "out"
+    assert main(["convert", str(src), str(dst), "--to", "diffusers", "--lora", f"{lora}:0.5", "--no-progress"]) == 0, \
+        capsys.readouterr().err
+    got, want = open_dit(dst), apply_loras(open_dit(src), [(str(lora), 0.5)], dtype=None)
+    assert got.config == cfg and (dst / "config.json").is_file()
+    for e in want.entries:
+        np.testing.assert_array_equal(got.get(e, "diffusers"), want.get(e, "diffusers"), err_msg=e.diffusers)

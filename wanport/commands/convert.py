@@ -23,6 +23,9 @@ examples:
   # halve the size: cast to bfloat16 (only ever done when asked)
   wanport convert ckpt/transformer dit-bf16 --to diffusers --dtype bfloat16
 
+  # a single-file DiT (ComfyUI / original Wan release) -> a diffusers model folder with its config.json
+  wanport convert wan2.1_t2v_1.3B_bf16.safetensors wan-dit --to diffusers
+
   # merge a LoRA (strength 0.8) into the weights; FP8 for --precision fp8 (a LoRA merged first, then quantised)
   wanport convert ckpt merged --to diffusers --lora style.safetensors:0.8
   wanport convert ckpt ckpt-fp8 --to diffusers --dtype float8_e4m3fn --lora distill.safetensors
@@ -49,7 +52,9 @@ def add_parser(subparsers) -> None:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("src", nargs="?", metavar="SRC", help="model folder (config.json + weights) or pipeline folder (model_index.json)")
+    p.add_argument("src", nargs="?", metavar="SRC",
+                   help="model folder (config.json + weights), pipeline folder (model_index.json), or a single-file DiT "
+                        "(.safetensors or .safetensors.index.json, e.g. ComfyUI's; its config is read off the shapes)")
     p.add_argument("dst", nargs="?", metavar="DST", help="output folder (must not exist unless --force)")
     p.add_argument("--to", choices=LAYOUTS, help="output layout")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float8_e4m3fn"),
