@@ -26,6 +26,7 @@ from weights.configs.dit import DitConfig
 from weights.dit_map import DIT, LAYOUTS
 from weights.entry import FORMAT_KEY
 from weights.lora_apply import apply_loras
+from weights.single_file import is_single_file, open_dit
 from weights.safetensors_io import CheckpointError, TensorSpec, validate_tree, write_safetensors
 
 WEIGHT_STEM = {"diffusers": "diffusion_pytorch_model", "wan": "diffusion_pytorch_model", "flax": "flax_model"}
@@ -168,7 +169,8 @@ class _Job:
 
     def __init__(self, src: Path, rel: str, to: str, cast, allow_pickle: bool, loras=()):
         self.rel = rel
-        self.ckpt = Checkpoint(src, DIT, allow_pickle=allow_pickle)
+        # a single file (.safetensors or an index json, config read off the shapes) or a model folder
+        self.ckpt = open_dit(src) if is_single_file(src) else Checkpoint(src, DIT, allow_pickle=allow_pickle)
         if loras:  # merged in float32, written in each base tensor's dtype (or --dtype); every LoRA read now
             self.ckpt = apply_loras(self.ckpt, loras, dtype=None)
         self.specs: list[TensorSpec] = []
@@ -243,8 +245,9 @@ def convert(
     loras=(),
     loras_2=(),
 ) -> Path:
-    """Convert a DiT model folder, or a whole pipeline folder (model_index.json + transformer[_2]/),
-    to layout `to`; other pipeline components and files are copied through unchanged.
+    """Convert a DiT model folder, a single-file DiT checkpoint (one .safetensors or an index json, e.g.
+    ComfyUI's; written as a model folder with its config), or a whole pipeline folder (model_index.json +
+    transformer[_2]/) to layout `to`; other pipeline components and files are copied through unchanged.
 
     `loras` ("FILE[:SCALE]" or (file, scale)) are merged into the model folder, or a pipeline's
     transformer/; `loras_2` into its transformer_2/ (Wan2.2 A14B's low-noise expert).
@@ -256,8 +259,9 @@ def convert(
     src, dst = Path(src), Path(dst)
     limit = parse_size(shard_size) if shard_size is not None else None
     cast = cast_dtype(dtype)
-    if not src.is_dir():
-        raise CheckpointError(f"{src}: not a folder")
+    single = is_single_file(src)
+    if not (src.is_dir() or single):
+        raise CheckpointError(f"{src}: not a folder, a .safetensors file or a .safetensors.index.json")
     s, d = src.resolve(), dst.resolve()
     if s == d or s in d.parents or d in s.parents:
         raise ValueError(f"destination {dst} overlaps the source {src}; choose a folder outside it")
@@ -269,7 +273,7 @@ def convert(
     # Open and validate every model before creating anything.
     jobs: list[_Job] = []
     copies: list[Path] = []
-    if (src / "config.json").is_file():
+    if single or (src / "config.json").is_file():
         if loras_2:
             raise ValueError(f"{src}: --lora-2 goes to transformer_2/ of a pipeline folder; this is one model folder: "
                              "use --lora")
