@@ -242,3 +242,13 @@ def test_convert_a_single_file_with_a_lora_into_a_model_folder(tmp_path, capsys,
     assert got.config == cfg and (dst / "config.json").is_file()
     for e in want.entries:
         np.testing.assert_array_equal(got.get(e, "diffusers"), want.get(e, "diffusers"), err_msg=e.diffusers)
+
+
+def test_analyze_shares_the_options_and_their_checks(tmp_path, capsys):
+    """`wanport analyze` takes the same model options (wanport/args.py) and refuses the same way, before work."""
+    out = tmp_path / "report"
+    assert main(["analyze", "cfg", "--timesteps", "1000,500", "--steps", "3", "--out", str(out)]) == 2
+    assert "--steps 3 does not match the 2 --timesteps" in capsys.readouterr().err
+    assert main(["analyze", "cfg", "--precision", "fp8", "--dtype", "float32", "--out", str(out)]) == 2
+    assert "drop --dtype float32" in capsys.readouterr().err
+    assert not out.exists()
