@@ -9,6 +9,8 @@ lands on its expert at its strength, bad combinations exit 2 with nothing writte
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -147,8 +149,6 @@ def test_bad_combinations_exit_2_before_any_work(tiny_ckpt, loras, tmp_path, cap
                *SMALL, *extra, "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 2
-    import re
-
     assert re.search(message, err), err
     assert list(tmp_path.iterdir()) == []  # no stage folder, no video
 
