@@ -27,7 +27,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Collection, Protocol
+from typing import Any, Callable, Collection, Protocol, Sequence
 
 import numpy as np
 
@@ -41,6 +41,10 @@ from jax_impl.noise import initial_noise
 from jax_impl.settings import GenerateSettings
 from jax_impl.stages import Encoded
 from weights.checkpoint import Checkpoint, folder_identity
+from weights.lora import parse_lora_arg
+from weights.lora_apply import apply_loras
+from weights.manifest import file_digest
+from weights.single_file import open_dit
 from weights.configs.base import check_field_types, read_json
 from weights.configs.causal import check_causal_inputs
 from weights.configs.scheduler import SchedulerConfig
@@ -127,6 +131,21 @@ def _listed(index: dict[str, Any], name: str) -> bool:
     return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None
 
 
+def _lora_spec(spec) -> tuple[Path, float]:
+    """`"FILE[:SCALE]"` or `(file, scale)` as (path, strength)."""
+    if isinstance(spec, tuple):
+        return Path(spec[0]), float(spec[1])
+    path, scale = parse_lora_arg(str(spec))
+    return Path(path), scale
+
+
+def _lora_identity(path: Path) -> str:
+    """sha256 of a LoRA file, or of a PEFT folder's files."""
+    if path.is_dir():
+        return ",".join(f"{f.name}:{file_digest(f)}" for f in sorted(path.iterdir()) if f.is_file())
+    return file_digest(path)
+
+
 def load_embeddings(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Precomputed embeddings (--embeddings): a safetensors file, validated like any weight file."""
     from weights.safetensors_io import load_tensors
@@ -143,11 +162,21 @@ class Pipeline:
 
     def __init__(self, folder: str | os.PathLike, *, dtype=None, attention_backend: str = "auto",
                  load_encoders: bool | Collection[str] = True, vae_options=None,
-                 encoders: EncoderSet = JAX_ENCODERS, precision: str | None = None):
+                 encoders: EncoderSet = JAX_ENCODERS, precision: str | None = None,
+                 loras: Sequence[str | tuple[str | os.PathLike, float]] = (),
+                 loras_2: Sequence[str | tuple[str | os.PathLike, float]] = (),
+                 lora_ignore_missing: bool = False, timesteps: Sequence[float] | None = None, log=print):
         """`load_encoders`: True checks every encoder the checkpoint needs, False none, or a collection of
         "text" / "image" (what precomputed embeddings do not replace). `encoders`: which implementation
         encodes prompts and images. `precision="fp8"` runs the DiT's block linears in FP8
-        (jax_impl.fp8_loading.load_dit_fp8; needs dtype bfloat16); None: every weight in `dtype`."""
+        (jax_impl.fp8_loading.load_dit_fp8; needs dtype bfloat16); None: every weight in `dtype`.
+
+        `loras`: LoRA files merged into the high-noise expert (`transformer/`, or the only one) as it loads,
+        each `"FILE[:SCALE]"` or `(file, scale)`; `loras_2`: the same for the low-noise expert (`transformer_2/`,
+        two-expert checkpoints only). They are read against the DiT config here, so a LoRA that does not
+        fit is refused before any stage runs. `timesteps`: explicit unshifted timesteps for step-distilled
+        models (`jax_impl.schedulers.schedule_from_timesteps`: Euler step, shift from the settings or config);
+        the number of steps must then equal their count."""
         import jax.numpy as jnp
 
         self.folder = Path(folder)
@@ -175,6 +204,7 @@ class Pipeline:
                              "pass dtype=bfloat16 (--dtype bfloat16)")
         self.precision = precision
         self.attention_backend = attention_backend
+        self.timesteps = None if timesteps is None else tuple(float(t) for t in timesteps)
         # Headers and configs only (every weight file's header and size validated); weights load on first use.
         configs = [Checkpoint(self.folder / n, DIT).config for n in names]
         self.dit_config = configs[0]
@@ -183,6 +213,9 @@ class Pipeline:
         self.scheduler_config = SchedulerConfig.from_json(scheduler_json)
         self._check_experts_agree(configs)
         self.conditioning = self._check_fit()
+        if self.timesteps is not None:  # range and order checked now, against num_train_timesteps
+            schedulers.schedule_from_timesteps(self.scheduler_config, self.timesteps)
+        self.loras = self._open_loras(loras, loras_2, lora_ignore_missing, log)
         self._experts: list | None = None
         self._vae = None
         from jax_impl.latents import VaeOptions
@@ -196,6 +229,30 @@ class Pipeline:
             self.check_encoders(self.encoders_needed(()) if load_encoders is True else set(load_encoders))
 
     # --- opening: do the parts fit? --------------------------------------------------------------------
+    def _open_loras(self, loras, loras_2, ignore_missing: bool, log) -> dict[str, list[tuple[Path, float]]]:
+        """{expert folder: [(LoRA file, strength), ...]}, every LoRA read against that expert's config (all
+        refusals here); the merged checkpoints wait in `self._lora_checkpoints` for the experts' first load."""
+        specs = {self.expert_dirs[0]: [_lora_spec(x) for x in loras]}
+        if loras_2:
+            if len(self.expert_dirs) == 1:
+                raise PipelineError(f"{self.folder}: --lora-2 goes to the low-noise expert (transformer_2/) of two-expert "
+                                    "checkpoints (Wan2.2 A14B); this checkpoint has one transformer: use --lora")
+            specs[self.expert_dirs[1]] = [_lora_spec(x) for x in loras_2]
+        specs = {d: s for d, s in specs.items() if s}
+        if specs and self.precision == "fp8":
+            raise PipelineError("--precision fp8 with LoRAs is not supported: merge them into a checkpoint first "
+                                "(`wanport convert SRC MERGED --to diffusers --lora FILE[:SCALE]`), then run "
+                                "--precision fp8 on MERGED")
+        for d, s in specs.items():
+            for path, _ in s:
+                if not path.exists():
+                    flag = "--lora" if d == self.expert_dirs[0] else "--lora-2"
+                    raise FileNotFoundError(f"{flag}: LoRA file {path} does not exist")
+        self._lora_checkpoints = {d: apply_loras(open_dit(self.folder / d), [(str(p), w) for p, w in s],
+                                                 ignore_missing=ignore_missing, log=log)
+                                  for d, s in specs.items()}
+        return specs
+
     def _check_experts_agree(self, configs) -> None:
         for name, cfg in zip(self.expert_dirs[1:], configs[1:]):
             if cfg != configs[0]:
@@ -272,8 +329,8 @@ class Pipeline:
                 self._experts = [load_dit_fp8(self.folder / n, attention_backend=self.attention_backend)
                                  for n in self.expert_dirs]
             else:
-                self._experts = [load_dit(self.folder / n, dtype=self.dtype, attention_backend=self.attention_backend)
-                                 for n in self.expert_dirs]
+                self._experts = [load_dit(self._lora_checkpoints.get(n, self.folder / n), dtype=self.dtype,
+                                          attention_backend=self.attention_backend) for n in self.expert_dirs]
         return self._experts
 
     @property
@@ -318,7 +375,10 @@ class Pipeline:
         return cfg
 
     def schedule(self, settings: GenerateSettings) -> schedulers.Schedule:
-        """The schedule for `settings`: the shift is part of the config before the timesteps are made."""
+        """The schedule for `settings`: the shift is part of the config before the timesteps are made; with
+        explicit `timesteps`, those (Euler step)."""
+        if self.timesteps is not None:
+            return schedulers.schedule_from_timesteps(self.scheduler_for(settings), self.timesteps)
         return schedulers.make_schedule(self.scheduler_for(settings), settings.steps)
 
     # --- checks before any stage -----------------------------------------------------------------------
@@ -335,6 +395,16 @@ class Pipeline:
             raise ValueError("--guidance-2 sets the low-noise expert's guidance of two-expert checkpoints (Wan2.2 "
                              "A14B); this checkpoint has one transformer, drop --guidance-2")
         self._check_images(has_image, has_last_image)
+        if self.timesteps is not None:
+            if settings.steps != len(self.timesteps):
+                raise ValueError(f"--steps {settings.steps} does not match the {len(self.timesteps)} --timesteps "
+                                 f"{','.join(f'{t:g}' for t in self.timesteps)}; drop --steps (it follows --timesteps)")
+            if settings.scheduler == "unipc":
+                raise ValueError("--timesteps always takes flow-Euler steps (as distilled models were trained); drop "
+                                 "--scheduler unipc")
+            if causal is not None:
+                raise ValueError("--timesteps sets the bidirectional sampler's steps; block-causal generation takes "
+                                 "its per-block timesteps from --causal-steps")
         if causal is not None:
             self._check_causal(settings, causal, has_image)
 
@@ -447,7 +517,14 @@ class Pipeline:
             "dtype": self.dtype.name, "attention": resolve_backend(self.attention_backend, self.dtype),
             "weights": self.weights_identity(*self.expert_dirs),
             **({"precision": "fp8"} if self.precision == "fp8" else {}),  # absent for bf16: old cache keys still match
+            **({"loras": self.loras_identity()} if self.loras else {}),
+            **({"timesteps": list(self.timesteps)} if self.timesteps is not None else {}),
         }
+
+    def loras_identity(self) -> dict[str, list[dict[str, Any]]]:
+        """{expert folder: [{"sha256": of the LoRA file, "scale": strength}, ...]}, in merge order (JSON types, as
+        the stage file stores them)."""
+        return {d: [{"sha256": _lora_identity(p), "scale": w} for p, w in specs] for d, specs in self.loras.items()}
 
     # --- stage 1: encode -------------------------------------------------------------------------------
     def encode(self, settings: GenerateSettings, *, prompt: str | None = None, image=None, last_image=None,
@@ -593,6 +670,11 @@ def generate(
     causal=None,
     vae_options=None,
     encoders: EncoderSet = JAX_ENCODERS,
+    precision: str | None = None,
+    loras: Sequence = (),
+    loras_2: Sequence = (),
+    lora_ignore_missing: bool = False,
+    timesteps: Sequence[float] | None = None,
     log=print,
 ) -> dict[str, Any]:
     """Run encode -> denoise -> decode, writing each stage's file under `work_dir` and the mp4 at `out`.
@@ -601,12 +683,12 @@ def generate(
     bad input fails fast and writes nothing. With `resume`, a stage whose file was computed from exactly
     these inputs is reused; a stale or damaged one is recomputed with a line saying why, and so is every
     later stage. The mp4 is always decoded afresh. `causal` (a `jax_impl.causal.CausalConfig`) switches the
-    denoise stage to block-causal generation; `encoders` chooses the text/image encoder implementation.
+    denoise stage to block-causal generation; `encoders` chooses the text/image encoder implementation;
+    `precision`, `loras`, `loras_2`, `lora_ignore_missing` and `timesteps` go to `Pipeline` (see there).
     """
     from jax_impl.media import load_image, to_uint8, write_mp4
     from jax_impl.stages import reuse_stage, save_stage, stage_key
     from weights.atomic import check_output_path
-    from weights.manifest import file_digest
 
     settings.validate()
     out = Path(out)
@@ -623,7 +705,8 @@ def generate(
              (("image", image_path), ("last_image", last_image_path), ("embeddings", embeddings_path))}
     t0 = time.perf_counter()
     pipe = Pipeline(checkpoint, dtype=dtype, attention_backend=attention_backend, load_encoders=False,
-                    vae_options=vae_options, encoders=encoders)
+                    vae_options=vae_options, encoders=encoders, precision=precision, loras=loras, loras_2=loras_2,
+                    lora_ignore_missing=lora_ignore_missing, timesteps=timesteps, log=log)
     pipe.check_request(settings, prompt=prompt, negative_prompt=negative_prompt, has_image=image is not None,
                        has_last_image=last_image is not None, embeddings=embeddings, causal=causal,
                        source=str(embeddings_path))

@@ -41,6 +41,12 @@ def env(tiny_ckpt, tmp_path_factory):
           for k in ("prompt_embeds", "negative_prompt_embeds")}
     save_tensors(root / "e1.safetensors", e1)
     save_tensors(root / "e2.safetensors", {k: v + 0.5 for k, v in e1.items()})
+    from tests.lora_helpers import random_lora
+    from weights.lora_convert import write_lora
+
+    cfg = get_preset(PRESET).transformer
+    for k, name in enumerate(("l1", "l2")):
+        write_lora(root / f"{name}.safetensors", random_lora(cfg, 20 + k), "wan")
     return {"root": root, "ckpt": ckpt, "bases": {}}
 
 
@@ -53,7 +59,7 @@ def _args(env, opts: dict, ckpt: Path) -> list[str]:
     for k, v in opts.items():
         if v is None:
             continue
-        if k in ("--image", "--last-image", "--embeddings"):
+        if k in ("--image", "--last-image", "--embeddings", "--lora", "--lora-2"):
             v = str(env["root"] / v)
         args += [k] if v is True else [k, v]
     return args
@@ -74,7 +80,7 @@ class Case:
     reused: tuple[bool, bool]  # (encoded, latents) expected reused
     field: str | None = None  # the input the log must name as changed
     base: dict | None = None  # a different base, when the input is absent from BASE
-    mutate: str | None = None  # a component whose weights are rewritten in place between base and change
+    mutate: str | None = None  # a component whose weights (or "lora": the --lora file) are rewritten in place
 
 
 CASES = [
@@ -101,16 +107,32 @@ CASES = [
     Case("weights-transformer", {}, (True, False), "weights.transformer", mutate="transformer"),
     Case("weights-vae", {}, (False, False), "weights.vae", mutate="vae"),
     Case("weights-text-encoder", {}, (False, False), "weights.text_encoder", mutate="text_encoder"),
+    Case("lora-added", {"--lora": "l1.safetensors"}, (True, False), "loras"),
+    Case("lora-scale", {"--lora": "l1.safetensors:0.5"}, (True, False), "loras.transformer",
+         base={**BASE, "--lora": "l1.safetensors"}),
+    Case("lora-2-scale", {"--lora-2": "l2.safetensors:0.5"}, (True, False), "loras.transformer_2",
+         base={**BASE, "--lora-2": "l2.safetensors"}),
+    Case("lora-other-file", {"--lora": "l2.safetensors"}, (True, False), "loras.transformer",
+         base={**BASE, "--lora": "l1.safetensors"}),
+    Case("lora-file-rewritten", {}, (True, False), "loras.transformer", base={**BASE, "--lora": "l1.safetensors"},
+         mutate="lora"),
+    Case("timesteps", {"--timesteps": "1000,600"}, (True, False), "timesteps",
+         base={**BASE, "--steps": None, "--timesteps": "1000,500"}),
 ]
 
 
 def _rewrite_weights(folder: Path) -> None:
     """Replace a component's weights in place (same names, shapes and file size, other values)."""
+    for path in sorted(folder.glob("*.safetensors")):
+        _rewrite_file(path)
+
+
+def _rewrite_file(path: Path) -> None:
+    """Replace a safetensors file's floats in place (same names, shapes and file size, other values)."""
     from weights.safetensors_io import load_tensors, save_tensors
 
-    for path in sorted(folder.glob("*.safetensors")):
-        tensors, meta = load_tensors(path)
-        save_tensors(path, {k: (v * 1.1 if v.dtype.kind == "f" else v) for k, v in tensors.items()}, meta)
+    tensors, meta = load_tensors(path)
+    save_tensors(path, {k: (v * 1.1 if v.dtype.kind == "f" else v) for k, v in tensors.items()}, meta)
 
 
 def _stale_fields(log: str, stage: str) -> list[str]:
@@ -123,7 +145,10 @@ def _stale_fields(log: str, stage: str) -> list[str]:
 def test_resume_matrix(env, case, tmp_path, capsys):
     root, base = env["root"], case.base or BASE
     ckpt = env["ckpt"]
-    if case.mutate:  # a private checkpoint copy whose weights are rewritten after the base run
+    if case.mutate == "lora":  # a private copy of the LoRA file, rewritten after the base run
+        shutil.copy(root / base["--lora"], tmp_path / "lora.safetensors")
+        base = {**base, "--lora": str(tmp_path / "lora.safetensors")}
+    elif case.mutate:  # a private checkpoint copy whose weights are rewritten after the base run
         ckpt = tmp_path / "ckpt"
         shutil.copytree(env["ckpt"], ckpt)
     key = (str(ckpt), tuple(sorted((k, str(v)) for k, v in base.items())))
@@ -131,7 +156,9 @@ def test_resume_matrix(env, case, tmp_path, capsys):
         work = tmp_path / "base.stages"
         _run(_args(env, base, ckpt), tmp_path / "base.mp4", work, capsys, resume=False)
         env["bases"][key] = work
-    if case.mutate:
+    if case.mutate == "lora":
+        _rewrite_file(tmp_path / "lora.safetensors")
+    elif case.mutate:
         _rewrite_weights(ckpt / case.mutate)
     changed = _args(env, {**base, **case.change}, ckpt)
 

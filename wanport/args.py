@@ -19,7 +19,7 @@ _SIZE_HELP = {
     "frames": ("video length, 4k+1", " (default 81: 5 s at 16 fps)"),
     "height": ("multiple of 16 (32 for TI2V-5B)", "; default 480"),
     "width": ("multiple of 16 (32 for TI2V-5B)", "; default 832"),
-    "steps": ("denoising steps", " (default 40)"),
+    "steps": ("denoising steps", " (default 40; with --timesteps, their count)"),
 }
 
 
@@ -69,17 +69,39 @@ def add_generate_arguments(p: argparse.ArgumentParser, *, tiny: dict[str, int] |
     p.add_argument("--backend", default="auto", choices=["auto", "xla", "cudnn", "splash"],
                    help="attention back-end (default auto: cuDNN on GPU, Splash on TPU, XLA on CPU)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                   help="DiT dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+                   help="DiT dtype (default: bfloat16 on GPU/TPU, float32 on CPU; bfloat16 with --precision fp8)")
     p.add_argument("--encoders", default="jax", choices=["jax", "torch"],
                    help="text and image encoders: jax (default: Flax UMT5 and CLIP, needs no torch) or torch "
                         "(transformers' models, the reference); both float32. Part of the encode stage's resume key")
+    m = p.add_argument_group("model variants: FP8, LoRAs, few-step (distilled) sampling")
+    m.add_argument("--precision", choices=["bf16", "fp8"], default=None,
+                   help="fp8: the DiT's block linears as FP8 (e4m3, one scale per output channel) with bf16 "
+                        "activations; implies --dtype bfloat16 (--dtype float32 is refused). A bf16/float32 "
+                        "checkpoint is quantised while loading; an FP8 one (`wanport convert --dtype float8_e4m3fn`) "
+                        "is read as stored. Default bf16: every weight in --dtype")
+    m.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA into the DiT as it loads, at strength SCALE (default 1); repeat for several. "
+                        "Goes to the only transformer, or the high-noise expert (transformer/) of Wan2.2 A14B. "
+                        "Layouts: diffusers/PEFT, original Wan/LightX2V, ComfyUI, kohya/musubi (docs/loras.md)")
+    m.add_argument("--lora-2", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="as --lora, for the low-noise expert (transformer_2/) of two-expert checkpoints (Wan2.2 A14B)")
+    m.add_argument("--lora-ignore-missing", action="store_true",
+                   help="skip (and list) LoRA keys for modules this model lacks, e.g. Wan2.1 I2V image-branch keys "
+                        "on Wan2.2; without it such a LoRA is refused")
+    m.add_argument("--timesteps", metavar="T,T,..",
+                   help="explicit timesteps for step-distilled LoRAs (LightX2V, Lightning), noisiest first, in "
+                        "unshifted units of the 1000 training timesteps, e.g. 1000,750,500,250; each step is a "
+                        "flow-Euler step at the shifted level, --steps follows their count. Use with --guidance 1 "
+                        "(distilled models run without CFG) and the distill LoRA's --shift (LightX2V Wan2.2: 5)")
 
 
 def _add_size(p: argparse.ArgumentParser, name: str, tiny: dict[str, int] | None) -> None:
     start, tail = _SIZE_HELP[name]
     if tiny is not None:
         tail = f"; default {GENERATE_SIZES[name]} with --checkpoint, {tiny[name]} without"
-    p.add_argument(f"--{name}", type=int, default=GENERATE_SIZES[name] if tiny is None else None, help=start + tail)
+    # --steps defaults to None: settings_from_args fills it in, from --timesteps when given
+    default = GENERATE_SIZES[name] if tiny is None and name != "steps" else None
+    p.add_argument(f"--{name}", type=int, default=default, help=start + tail)
 
 
 def causal_from_args(args: argparse.Namespace) -> CausalConfig | None:
@@ -102,7 +124,44 @@ def causal_from_args(args: argparse.Namespace) -> CausalConfig | None:
                         shift=args.causal_shift)
 
 
+def timesteps_from_args(args: argparse.Namespace) -> tuple[float, ...] | None:
+    """--timesteps parsed, and --steps set to their count (an explicit --steps must agree); None without it."""
+    if not getattr(args, "timesteps", None):
+        return None
+    from jax_impl.schedulers import parse_timesteps  # lazy: jax only once a command runs
+
+    ts = parse_timesteps(args.timesteps)
+    if args.steps is None:
+        args.steps = len(ts)
+    elif args.steps != len(ts):
+        raise ValueError(f"--steps {args.steps} does not match the {len(ts)} --timesteps {args.timesteps}; drop --steps "
+                         "(it follows --timesteps)")
+    return ts
+
+
+def check_precision(args: argparse.Namespace) -> None:
+    """--precision fp8 needs bfloat16 activations: implied when --dtype is omitted, a float32 --dtype refused."""
+    if getattr(args, "precision", None) == "fp8":
+        if args.dtype == "float32":
+            raise ValueError("--precision fp8 runs the DiT in bfloat16 between its FP8 matmuls: drop --dtype float32 "
+                             "(fp8 implies --dtype bfloat16), or drop --precision fp8 for a float32 run")
+        args.dtype = "bfloat16"
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """`jax_impl.pipeline.Pipeline`'s model options from the command line: dtype, precision, LoRAs per expert,
+    explicit timesteps. Checks what can be checked without the checkpoint (fp8 and --dtype, --timesteps
+    against --steps) first; the LoRA files are read against the checkpoint when the Pipeline opens."""
+    check_precision(args)
+    timesteps = timesteps_from_args(args)
+    return {"dtype": default_dtype(args.dtype), "precision": args.precision, "loras": list(args.lora),
+            "loras_2": list(args.lora_2), "lora_ignore_missing": args.lora_ignore_missing, "timesteps": timesteps}
+
+
 def settings_from_args(args: argparse.Namespace) -> GenerateSettings:
+    timesteps_from_args(args)
+    if args.steps is None:
+        args.steps = GENERATE_SIZES["steps"]
     return GenerateSettings(
         frames=args.frames, height=args.height, width=args.width, steps=args.steps, shift=args.shift,
         scheduler=args.scheduler, guidance=args.guidance, guidance_2=args.guidance_2,

@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from jax_impl.runtime import configure_xla
-from wanport.commands import analyze, convert, demo, generate, make_tiny, parity, presets
+from wanport.commands import analyze, convert, convert_lora, demo, generate, make_tiny, parity, presets
 from wanport.commands import compile as compile_tpu
 
 EPILOG = """\
@@ -23,12 +23,15 @@ examples:
   wanport parity --model dit --preset tiny-wan2.1-t2v-1.3b --json report.json
   wanport parity --model dit --checkpoint ckpt/transformer --dtype bfloat16
   wanport generate --checkpoint ckpt --image cat.png --prompt "a cat" --out cat.mp4
+  wanport generate --checkpoint a14b --image cat.png --prompt "a cat" --lora high.safetensors:0.8 \
+      --lora-2 low.safetensors --timesteps 1000,750,500,250 --shift 5 --guidance 1 --out fast.mp4
+  wanport convert-lora lora.safetensors lora-diffusers.safetensors --to diffusers
   wanport demo --out wanport-demo                     # the whole tiny default end to end
   wanport analyze truncation --out trunc --cut 0,5,10  # CFG per step (analyze cfg), guidance truncation
   wanport compile --target v5p-8 --preset wan2.2-i2v-a14b --size 720x1280 --frames 81  # TPU memory, no TPU
 """
 
-COMMANDS = (presets, make_tiny, parity, convert, generate, demo, analyze, compile_tpu)  # in `wanport --help` order
+COMMANDS = (presets, make_tiny, parity, convert, convert_lora, generate, demo, analyze, compile_tpu)  # in `wanport --help` order
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,8 @@ from weights.checkpoint import Checkpoint
 from weights.configs.dit import DitConfig
 from weights.dit_map import DIT, LAYOUTS
 from weights.entry import FORMAT_KEY
+from weights.lora_apply import apply_loras
+from weights.single_file import is_single_file, open_dit
 from weights.safetensors_io import CheckpointError, TensorSpec, validate_tree, write_safetensors
 
 WEIGHT_STEM = {"diffusers": "diffusion_pytorch_model", "wan": "diffusion_pytorch_model", "flax": "flax_model"}
@@ -165,9 +167,12 @@ def cast_dtype(name: str | None) -> np.dtype | None:
 class _Job:
     """One DiT folder to convert: opened (validated) before any output exists."""
 
-    def __init__(self, src: Path, rel: str, to: str, cast, allow_pickle: bool):
+    def __init__(self, src: Path, rel: str, to: str, cast, allow_pickle: bool, loras=()):
         self.rel = rel
-        self.ckpt = Checkpoint(src, DIT, allow_pickle=allow_pickle)
+        # a single file (.safetensors or an index json, config read off the shapes) or a model folder
+        self.ckpt = open_dit(src) if is_single_file(src) else Checkpoint(src, DIT, allow_pickle=allow_pickle)
+        if loras:  # merged in float32, written in each base tensor's dtype (or --dtype); every LoRA read now
+            self.ckpt = apply_loras(self.ckpt, loras, dtype=None)
         self.specs: list[TensorSpec] = []
         self.by_name = {}
         self.cast = cast
@@ -237,9 +242,15 @@ def convert(
     force: bool = False,
     allow_pickle: bool = False,
     progress: bool | ProgressFn = False,
+    loras=(),
+    loras_2=(),
 ) -> Path:
-    """Convert a DiT model folder, or a whole pipeline folder (model_index.json + transformer[_2]/),
-    to layout `to`; other pipeline components and files are copied through unchanged.
+    """Convert a DiT model folder, a single-file DiT checkpoint (one .safetensors or an index json, e.g.
+    ComfyUI's; written as a model folder with its config), or a whole pipeline folder (model_index.json +
+    transformer[_2]/) to layout `to`; other pipeline components and files are copied through unchanged.
+
+    `loras` ("FILE[:SCALE]" or (file, scale)) are merged into the model folder, or a pipeline's
+    transformer/; `loras_2` into its transformer_2/ (Wan2.2 A14B's low-noise expert).
 
     `progress=True` shows a tqdm bar over bytes; a callable gets (tensor name, bytes) per tensor.
     """
@@ -248,8 +259,9 @@ def convert(
     src, dst = Path(src), Path(dst)
     limit = parse_size(shard_size) if shard_size is not None else None
     cast = cast_dtype(dtype)
-    if not src.is_dir():
-        raise CheckpointError(f"{src}: not a folder")
+    single = is_single_file(src)
+    if not (src.is_dir() or single):
+        raise CheckpointError(f"{src}: not a folder, a .safetensors file or a .safetensors.index.json")
     s, d = src.resolve(), dst.resolve()
     if s == d or s in d.parents or d in s.parents:
         raise ValueError(f"destination {dst} overlaps the source {src}; choose a folder outside it")
@@ -261,14 +273,20 @@ def convert(
     # Open and validate every model before creating anything.
     jobs: list[_Job] = []
     copies: list[Path] = []
-    if (src / "config.json").is_file():
-        jobs.append(_Job(src, "", to, cast, allow_pickle))
+    if single or (src / "config.json").is_file():
+        if loras_2:
+            raise ValueError(f"{src}: --lora-2 goes to transformer_2/ of a pipeline folder; this is one model folder: "
+                             "use --lora")
+        jobs.append(_Job(src, "", to, cast, allow_pickle, loras))
     elif (src / "model_index.json").is_file():
+        if loras_2 and not is_dit_folder(src / "transformer_2"):
+            raise ValueError(f"{src}: --lora-2 goes to transformer_2/, which this pipeline folder does not have")
         for child in sorted(src.iterdir()):
             if child.name == mf.MANIFEST_NAME or any(tag in child.name for tag in TEMP_TAGS):
                 continue
             if child.is_dir() and is_dit_folder(child):
-                jobs.append(_Job(child, child.name, to, cast, allow_pickle))
+                merged = {"transformer": loras, "transformer_2": loras_2}.get(child.name, ())
+                jobs.append(_Job(child, child.name, to, cast, allow_pickle, merged))
             else:
                 copies.append(child)
         if not jobs:
@@ -283,7 +301,8 @@ def convert(
         raise CheckpointError(f"{src}: neither a model folder (config.json) nor a pipeline folder (model_index.json)")
 
     manifest = mf.new_manifest(
-        layout=to, source=str(src), dtype=dtype or "unchanged", models=[j.rel or "." for j in jobs], created=time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        layout=to, source=str(src), dtype=dtype or "unchanged", models=[j.rel or "." for j in jobs],
+        **({"loras": [str(x) for x in loras], "loras_2": [str(x) for x in loras_2]} if loras or loras_2 else {}), created=time.strftime("%Y-%m-%dT%H:%M:%S%z")
     )
     bar, on_tensor = None, None
     if progress is True:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from wanport.args import GENERATE_SIZES, add_generate_arguments, default_dtype, encoders_from_args, settings_from_args
+from wanport.args import GENERATE_SIZES, add_generate_arguments, encoders_from_args, model_options, settings_from_args
 from wanport.commands.demo import DEMO_IMAGE, DEMO_PROMPT
 
 TINY_DEFAULTS = {"frames": 17, "height": 64, "width": 64, "steps": 10}
@@ -96,6 +96,7 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
 
     out = Path(args.out)
     tiny = args.checkpoint is None
+    options = model_options(args)  # first: --steps from --timesteps, fp8 against --dtype
     defaults = TINY_DEFAULTS if tiny else FULL_DEFAULTS
     for k, v in defaults.items():
         if getattr(args, k) is None:
@@ -115,10 +116,10 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     if tiny and not (checkpoint / "model_index.json").is_file():
         write_tiny_checkpoint(args.preset, checkpoint, seed=args.seed, force=True)
         print(f"wrote the tiny {args.preset} pipeline (random weights): {checkpoint}")
-    dtype = default_dtype(args.dtype)
+    dtype = options["dtype"]
     t0 = time.perf_counter()
-    pipe = Pipeline(checkpoint, dtype=dtype, attention_backend=args.backend, load_encoders=embeddings is None,
-                    encoders=encoders_from_args(args))
+    pipe = Pipeline(checkpoint, attention_backend=args.backend, load_encoders=embeddings is None,
+                    encoders=encoders_from_args(args), **options)
     load_s = time.perf_counter() - t0
     pipe.check_settings(settings, image is not None)
     meta = {

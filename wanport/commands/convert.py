@@ -23,6 +23,13 @@ examples:
   # halve the size: cast to bfloat16 (only ever done when asked)
   wanport convert ckpt/transformer dit-bf16 --to diffusers --dtype bfloat16
 
+  # a single-file DiT (ComfyUI / original Wan release) -> a diffusers model folder with its config.json
+  wanport convert wan2.1_t2v_1.3B_bf16.safetensors wan-dit --to diffusers
+
+  # merge a LoRA (strength 0.8) into the weights; FP8 for --precision fp8 (a LoRA merged first, then quantised)
+  wanport convert ckpt merged --to diffusers --lora style.safetensors:0.8
+  wanport convert ckpt ckpt-fp8 --to diffusers --dtype float8_e4m3fn --lora distill.safetensors
+
   # check a converted folder against its wanport_manifest.json (sha256 per file and per tensor)
   wanport convert --verify wan22-flax
 
@@ -45,10 +52,20 @@ def add_parser(subparsers) -> None:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("src", nargs="?", metavar="SRC", help="model folder (config.json + weights) or pipeline folder (model_index.json)")
+    p.add_argument("src", nargs="?", metavar="SRC",
+                   help="model folder (config.json + weights), pipeline folder (model_index.json), or a single-file DiT "
+                        "(.safetensors or .safetensors.index.json, e.g. ComfyUI's; its config is read off the shapes)")
     p.add_argument("dst", nargs="?", metavar="DST", help="output folder (must not exist unless --force)")
     p.add_argument("--to", choices=LAYOUTS, help="output layout")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="cast every tensor (default: keep each tensor's dtype)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float8_e4m3fn"),
+                   help="cast every tensor (default: keep each tensor's dtype); float8_e4m3fn: the DiT blocks' linear "
+                        "weights as FP8 e4m3 with a float32 scale per output channel (scale_weight), everything else "
+                        "bfloat16, for `wanport generate --precision fp8` (half the bf16 size)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA at strength SCALE (default 1) into the model folder, or a pipeline's "
+                        "transformer/; repeatable. Merged in float32, written in each tensor's dtype (or --dtype)")
+    p.add_argument("--lora-2", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="as --lora, into a pipeline's transformer_2/ (Wan2.2 A14B low-noise expert)")
     p.add_argument("--shard-size", metavar="SIZE", help="split weights into shards of at most SIZE (e.g. 5GB, 500MB) with an index json")
     p.add_argument("--force", action="store_true", help="replace an existing DST (only once the new output is complete)")
     p.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin/.pt/.pth weights (read with torch.load(weights_only=True))")
@@ -74,6 +91,6 @@ def run(args: argparse.Namespace) -> int:
     if not (args.src and args.dst and args.to):
         raise ValueError("convert needs SRC, DST and --to (or --verify DIR); see --help")
     out = convert(args.src, args.dst, args.to, dtype=args.dtype, shard_size=args.shard_size, force=args.force,
-                  allow_pickle=args.allow_pickle, progress=not args.no_progress)
+                  allow_pickle=args.allow_pickle, progress=not args.no_progress, loras=args.lora, loras_2=args.lora_2)
     print(f"wrote {out} ({args.to} layout)")
     return 0

@@ -10,7 +10,8 @@ stage whose file was computed from exactly the same inputs is reused, so a crash
 continues where it stopped, and a different --steps or --guidance re-runs only the denoise and decode.
 A stage is keyed by everything that determines it: the encode stage by the prompts, the bytes of --image,
 --last-image and --embeddings, the size and batch, the encoder/VAE weights and --encoders; the denoise stage by the
-encode stage's key, every sampling option, --dtype, the attention back-end and the transformer weights.
+encode stage's key, every sampling option, --dtype, --precision, the attention back-end, the transformer weights,
+each LoRA file's sha256 and strength, and --timesteps.
 What changed is printed ("[resume] encoded stage is stale: image changed"). Every option, input file and
 output path is checked before the first stage runs; a run that produces NaN or inf latents stops with an
 error naming the step and writes no video. Exit codes: 0 done, 2 bad input or failed run, 130 Ctrl-C.
@@ -21,6 +22,9 @@ examples:
       --steps 20 --shift 3 --guidance 5 --seed 1 --out short.mp4
   wanport generate --checkpoint a14b --image img.png --prompt "..." --guidance 3.5 --guidance-2 2.0 \\
       --guidance-steps 30 --out out.mp4             # CFG only for the first 30 of 40 steps
+  wanport generate --checkpoint a14b --image img.png --prompt "..." --lora high.safetensors:0.8 \\
+      --lora-2 low.safetensors --timesteps 1000,750,500,250 --shift 5 --guidance 1 --out fast.mp4  # 4 steps
+  wanport generate --checkpoint ckpt --image img.png --prompt "..." --precision fp8 --out fp8.mp4
   wanport generate --checkpoint ckpt --prompt "..." --causal --frames-per-block 3 --window 9 \\
       --frames 321 --out long.mp4                   # streaming: 81 latent frames in blocks of 3, KV cache
 
@@ -35,19 +39,20 @@ from __future__ import annotations
 
 import argparse
 
-from wanport.args import add_generate_arguments, causal_from_args, default_dtype, encoders_from_args, settings_from_args
+from wanport.args import add_generate_arguments, causal_from_args, encoders_from_args, model_options, settings_from_args
 
 
 def run(args: argparse.Namespace) -> int:
     # lazy: `wanport --help` must not start jax (measured: 10.7 s -> 0.2 s)
+    options = model_options(args)  # before any jax work: fp8 against --dtype, --timesteps against --steps
     from jax_impl.latents import VaeOptions
     from jax_impl.pipeline import generate
 
     result = generate(
         args.checkpoint, args.out, prompt=args.prompt, image_path=args.image, settings=settings_from_args(args),
         negative_prompt=args.negative_prompt, last_image_path=args.last_image, embeddings_path=args.embeddings,
-        work_dir=args.work_dir, resume=args.resume, dtype=default_dtype(args.dtype), attention_backend=args.backend,
-        causal=causal_from_args(args), vae_options=VaeOptions(tile=args.vae_tile), encoders=encoders_from_args(args),
+        work_dir=args.work_dir, resume=args.resume, attention_backend=args.backend, causal=causal_from_args(args),
+        vae_options=VaeOptions(tile=args.vae_tile), encoders=encoders_from_args(args), **options,
     )
     t = result["timings"]
     print(f"wrote {result['video']} ({result['frames']} frames); load {t['load']:.1f} s, encode {t['encode']:.1f} s, "
