@@ -230,7 +230,7 @@ def _model_and_inputs(args, dtype: str, attention: str):
     from weights.configs.presets import get_preset
 
     cfg = get_preset(TINY_PRESET if args.tiny else PRESET).transformer
-    grid = latent_grid(*args.size, args.frames)
+    grid = latent_grid(TINY_PRESET if args.tiny else PRESET, *args.size, args.frames)
     model = random_dit(cfg, dtype=dtype, attention_backend=attention)
     act = jnp.dtype(dtype)
     lat, t, text, img = (None if a is None else jnp.asarray(a, act if a.ndim > 1 else jnp.float32)
@@ -288,7 +288,7 @@ def forward_summary(rows: list[dict], args) -> dict:
     from weights.configs.presets import get_preset
 
     cfg = get_preset(TINY_PRESET if args.tiny else PRESET).transformer
-    grid = latent_grid(*args.size, args.frames)
+    grid = latent_grid(TINY_PRESET if args.tiny else PRESET, *args.size, args.frames)
     flops = dit_flops(cfg, grid, args.text_len)
     outs = {}
     for r in rows:

@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from weights.configs.dit import DitConfig
+from weights.configs.dit import DitConfig, check_dit_inputs
 from weights.configs.presets import PRESETS, get_preset
 from weights.dit_map import dit_entries
 from weights.safetensors_io import CheckpointError, save_tensors
@@ -143,7 +143,7 @@ def test_missing_and_unexpected_keys_are_named(tmp_path, t2v_state):
 def test_wrong_config_is_named_by_shape(tmp_path, t2v_state):
     cfg = get_preset(T2V).transformer
     path = write_single_file(tmp_path / "m.safetensors", cfg, t2v_state)
-    with pytest.raises(CheckpointError, match=r"mis-shaped: .*blocks\.0\.ffn\.0\.weight: checkpoint \[64, 32\], config expects \[128, 32\]"):
+    with pytest.raises(CheckpointError, match=r"mis-shaped .*blocks\.0\.ffn\.0\.weight: checkpoint \[64, 32\], config expects \[128, 32\]"):
         SingleFileCheckpoint(path, cfg.replace(ffn_dim=128))
     with pytest.raises(CheckpointError, match="not a multiple of Wan's head width 128: give the head count"):
         SingleFileCheckpoint(path)
@@ -166,7 +166,7 @@ def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="pickled"):
         SingleFileCheckpoint(tmp_path / "m.pt")
     save_tensors(tmp_path / "vae.safetensors", {"decoder.conv1.weight": np.ones((2, 2), np.float32)})
-    with pytest.raises(CheckpointError, match="cannot tell the checkpoint layout"):
+    with pytest.raises(CheckpointError, match="cannot tell the model checkpoint layout"):
         SingleFileCheckpoint(tmp_path / "vae.safetensors")
 
 
@@ -197,4 +197,5 @@ def test_flf2v_original_file_forward_equals_diffusers(tmp_path):
     report = compare_dit({"jax": model, "torch_fp32": diffusers_on(cfg, state)}, inputs, "float32")
     assert report.passed and report.worst_rel_l2 < 1e-5, report.table()
     with pytest.raises(ValueError, match=r"first-last-frame image tokens must be \[2, 3, 24\]"):
-        model.check_inputs(inputs.latents, inputs.timestep, inputs.text, inputs.image.reshape(1, 2 * n, -1))
+        check_dit_inputs(cfg, inputs.latents.shape, inputs.timestep.shape, inputs.text.shape,
+                         inputs.image.reshape(1, 2 * n, -1).shape)

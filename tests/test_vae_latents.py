@@ -81,7 +81,8 @@ def test_pipeline_helpers_use_the_vae_config():
     assert "0.7571" not in src and "0.2289" not in src
 
 
-def test_vae_options_validated_and_bound():
+def test_vae_options_validated_and_bound(monkeypatch):
+    from jax_impl import vae_run
     from jax_impl.latents import VaeOptions
 
     with pytest.raises(ValueError, match="dtype must be one of"):
@@ -89,27 +90,20 @@ def test_vae_options_validated_and_bound():
     with pytest.raises(ValueError, match="tile must be one of"):
         VaeOptions(tile="always")
 
-    class RecordingVae:
+    class FakeVae:
         cfg = TINY_WAN21_VAE
 
-        def __init__(self):
-            self.calls = []
-
-        def encode(self, video, **kw):
-            self.calls.append(("encode", kw))
-            return np.zeros((1, 1, 1, 1, 16), np.float32)
-
-        def decode(self, z, **kw):
-            self.calls.append(("decode", kw))
-            return z
-
-    vae = RecordingVae()
+    calls = []
+    monkeypatch.setattr(vae_run, "encode", lambda model, video, **kw: calls.append(("encode", model, kw))
+                        or np.zeros((1, 1, 1, 1, 16), np.float32))
+    monkeypatch.setattr(vae_run, "decode", lambda model, z, **kw: calls.append(("decode", model, kw)) or z)
+    vae = FakeVae()
     opts = VaeOptions(tile="on", tiling="T")
     bound = opts.bind(vae)
     assert bound.cfg is TINY_WAN21_VAE
     encode_video(bound, None)
     decode_latents(bound, np.zeros((1, 1, 1, 1, 16), np.float32))
-    assert vae.calls == [("encode", {"tile": "on", "tiling": "T"}), ("decode", {"tile": "on", "tiling": "T"})]
+    assert calls == [("encode", vae, {"tile": "on", "tiling": "T"}), ("decode", vae, {"tile": "on", "tiling": "T"})]
 
 
 def test_pipeline_and_cli_pass_vae_options(tiny_ckpt, monkeypatch, tmp_path):
@@ -117,8 +111,8 @@ def test_pipeline_and_cli_pass_vae_options(tiny_ckpt, monkeypatch, tmp_path):
     and decodes with their tile mode."""
     import jax_impl.pipeline as pipeline
     from wanport.cli import main
+    from jax_impl import vae_run
     from jax_impl.latents import VaeOptions
-    from jax_impl.vae import WanVAE
 
     seen = {}
     monkeypatch.setattr(pipeline, "generate", lambda *a, **kw: seen.update(kw) or {
@@ -131,7 +125,7 @@ def test_pipeline_and_cli_pass_vae_options(tiny_ckpt, monkeypatch, tmp_path):
                              vae_options=VaeOptions(dtype="bfloat16", tile="off"))
     assert pipe.vae.dtype == jnp.bfloat16 and pipe.vae.decoder.conv_in.kernel.get_value().dtype == jnp.bfloat16
     calls = []
-    monkeypatch.setattr(WanVAE, "decode", lambda self, z, **kw: calls.append(kw) or jnp.zeros((1, 1, 8, 8, 3)))
+    monkeypatch.setattr(vae_run, "decode", lambda model, z, **kw: calls.append(kw) or jnp.zeros((1, 1, 8, 8, 3)))
     pipe.decode(np.zeros((1, 1, 1, 1, 16), np.float32))
     assert calls == [{"tile": "off", "tiling": None}]
     assert pipeline.Pipeline(tiny_ckpt("tiny-wan2.1-t2v-1.3b"), load_encoders=False).vae.dtype == jnp.float32
