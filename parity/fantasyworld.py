@@ -10,6 +10,7 @@ predictions. float32: every tap must be within `FP32_TOL` relative L2.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import tempfile
@@ -112,3 +113,23 @@ def fantasyworld_parity(folder: str | Path | None = None, *, seed: int = 0, came
         inputs = make_inputs(flax_model.cfg, seed=seed, camera=camera)
         return compare_fantasyworld(flax_model, reference, inputs, heads=heads,
                                     meta={"folder": str(folder), "seed": seed, "camera": camera})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m parity.fantasyworld [--heads] [--no-camera] [--json PATH]`: the tiny model's parity table."""
+    p = argparse.ArgumentParser(description="FantasyWorld parity: Flax joint forward vs the torch reference, per tap.")
+    p.add_argument("--folder", help="checkpoint folder (default: a fresh tiny random one)")
+    p.add_argument("--seed", type=int, default=0, help="weights and inputs seed (default 0)")
+    p.add_argument("--heads", action="store_true", help="also run and compare the camera, depth and point heads")
+    p.add_argument("--no-camera", action="store_true", help="no camera rays (the adapters are skipped)")
+    p.add_argument("--json", help="also write the report as JSON to this path")
+    a = p.parse_args(argv)
+    report = fantasyworld_parity(a.folder, seed=a.seed, camera=not a.no_camera, heads=a.heads)
+    print(report.table())
+    if a.json:
+        report.write_json(a.json)
+    return 0 if report.passed else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
