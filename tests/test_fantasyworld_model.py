@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -73,3 +74,15 @@ def test_flax_loads_the_released_pickle_only_when_allowed(folder, tmp_path):
         load_fantasyworld(only_pth)
     model = load_fantasyworld(only_pth, allow_pickle=True)
     assert model.frame_blocks.norm1.scale.value.shape == (CFG.joint_layers, CFG.geo_dim)
+
+
+@pytest.mark.slow
+def test_bfloat16_runs_close_to_float32(folder, models):
+    """The Wan half in bf16, the geometry stream in float32 (its weights are): runs, and stays near fp32."""
+    inputs = make_inputs(CFG, seed=5)
+    fp32 = run_flax(models[0], inputs)
+    bf16 = run_flax(load_fantasyworld(folder, dtype=jnp.bfloat16, attention_backend="xla"), inputs)
+    assert bf16["output"].dtype == jnp.bfloat16 and bf16["layers.1.geo"].dtype == np.float32
+    for name in ("wan.blocks.1", "layers.1.geo", "output"):
+        err = np.linalg.norm(bf16[name].astype(np.float32) - fp32[name]) / np.linalg.norm(fp32[name])
+        assert err < 3e-2, f"{name}: bf16 vs fp32 rel L2 {err:.2e}"

@@ -124,7 +124,7 @@ class FantasyWorld(nnx.Module):
             taps.update({f"wan.blocks.{i}": y for i, y in enumerate(jnp.concatenate(outs, axis=0))})
 
         # geometry stream
-        geo = self.geometry(x, grid)  # [B*f, P, D]
+        geo = self.geometry(x.astype(F32), grid)  # [B*f, P, D]; the geometry stream stays float32 (its weights are)
         e0 = self.geometry.time(t)  # [B, 6, D]
         p = geo.shape[1]
         rope_frame = rope2d_tables(frame_positions(h, w, cfg.patch_start), cfg.geo_dim // cfg.geo_heads,
