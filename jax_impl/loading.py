@@ -46,17 +46,28 @@ def _key(path) -> str:
     return ".".join(str(p) for p in path)
 
 
+def _stacked_split(key: str, stacked: tuple[str, ...]) -> tuple[str, str] | None:
+    """(stack prefix, rest of the path) when parameter `key` lies under one of the `stacked` prefixes."""
+    for prefix in stacked:
+        if key.startswith(prefix + "."):
+            return prefix, key[len(prefix) + 1:]
+    return None
+
+
 def fill(module: nnx.Module, get: Callable[[str], np.ndarray], shapes: Mapping[str, tuple[int, ...]], *,
-         source: str, stacked: str | None = None, progress: Progress | None = None) -> nnx.Module:
+         source: str, stacked: str | tuple[str, ...] | None = None, progress: Progress | None = None) -> nnx.Module:
     """`module` with every parameter set from `get(name)` (see the module docstring); `shapes` is
-    {name: shape} of what `get` serves. Returns the filled module (in the parameters' own dtypes)."""
+    {name: shape} of what `get` serves; `stacked` is one or several (dotted) paths of layer-stacked modules.
+    Returns the filled module (in the parameters' own dtypes)."""
+    stacks = (stacked,) if isinstance(stacked, str) else tuple(stacked or ())
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     flat = nnx.to_flat_state(params)
     wanted: dict[str, tuple[int, ...]] = {}
     for path, var in flat:
         shape = tuple(var.get_value().shape)
-        if path[0] == stacked:
-            wanted.update({f"{stacked}.{i}.{_key(path[1:])}": shape[1:] for i in range(shape[0])})
+        under = _stacked_split(_key(path), stacks)
+        if under is not None:
+            wanted.update({f"{under[0]}.{i}.{under[1]}": shape[1:] for i in range(shape[0])})
         else:
             wanted[_key(path)] = shape
     problems = describe_mismatch(wanted, shapes, unit="")
@@ -64,10 +75,11 @@ def fill(module: nnx.Module, get: Callable[[str], np.ndarray], shapes: Mapping[s
         raise CheckpointError(f"{source} do not fit {type(module).__name__}: {problems}")
     for path, var in flat:
         key, target = _key(path), var.get_value()
-        if path[0] == stacked:
+        under = _stacked_split(key, stacks)
+        if under is not None:
             host = np.empty(target.shape, dtype=target.dtype)
             for i in range(target.shape[0]):
-                host[i] = np.asarray(get(f"{stacked}.{i}.{_key(path[1:])}")).astype(target.dtype)
+                host[i] = np.asarray(get(f"{under[0]}.{i}.{under[1]}")).astype(target.dtype)
         else:
             host = np.asarray(get(key)).astype(target.dtype)
         var.set_value(jax.device_put(host))
@@ -85,7 +97,7 @@ def checkpoint_source(ckpt) -> str:
     return str(getattr(ckpt, "folder", None) or getattr(ckpt, "path", "checkpoint"))
 
 
-def load_checkpoint(ckpt: Checkpoint, build: Callable[[], nnx.Module], *, stacked: str | None = None,
+def load_checkpoint(ckpt: Checkpoint, build: Callable[[], nnx.Module], *, stacked: str | tuple[str, ...] | None = None,
                     progress: Progress | None = None) -> nnx.Module:
     """`build()`, made abstractly, filled tensor by tensor from an opened checkpoint in any layout."""
     by_flax = {en.flax: en for en in ckpt.entries}

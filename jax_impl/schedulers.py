@@ -254,6 +254,20 @@ def schedule_from_timesteps(cfg: SchedulerConfig, timesteps: Sequence[float]) ->
     return Schedule(euler, len(ts), unshifted=tuple(t / T for t in ts))
 
 
+def diffsynth_schedule(shift: float, num_steps: int, num_train_timesteps: int = 1000) -> Schedule:
+    """DiffSynth's `FlowMatchScheduler(shift, sigma_min=0, extra_one_step=True)`, the schedule of the public
+    FantasyWorld pipeline (docs/fantasyworld.md, section 7): sigma_k = shift(1 - k/N) for k = 0..N-1, model
+    timesteps T sigma_k, the flow-Euler step x + (sigma_{k+1} - sigma_k) v with sigma_N = 0.
+
+    Not diffusers' default FlowMatchEuler levels at the same shift (its last nonzero level at shift 5 and 50
+    steps is 0.024, DiffSynth's 0.093); it is diffusers' `set_timesteps(sigmas=[1 - k/N ...])`.
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ConfigError(f"num_steps must be an int >= 1, got {num_steps!r}")
+    euler = SchedulerConfig("euler", shift, num_train_timesteps=num_train_timesteps)
+    return Schedule(euler, int(num_steps), unshifted=tuple(1.0 - k / num_steps for k in range(num_steps)))
+
+
 # --- sampler state and step -----------------------------------------------------------------------------
 
 

@@ -45,6 +45,7 @@ class Mutation:
 
 
 REAL_WIDTH_FP32 = "tests/test_dit_real_width.py::test_fp32_real_head_width"
+FW_JOINT = "tests/test_fantasyworld_model.py::test_joint_forward_parity"
 
 MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
@@ -178,6 +179,30 @@ MUTATIONS: tuple[Mutation, ...] = (
         "weights/lora_apply.py",
         (("    return LoraCheckpoint(checkpoint, scaled, dtype=dtype)", "    return LoraCheckpoint(checkpoint, scaled, dtype=None)"),),
         ("tests/test_lora_apply.py", "-k", "single_file"),
+    ),
+    Mutation(
+        "fw-adapter-after-output",
+        "FantasyWorld's camera adapter shifts the cross-attention after its output projection instead of before",
+        "jax_impl/fantasyworld/model.py",
+        (("                shifted = adapter(out.reshape(*out.shape[:2], -1), camera)\n"
+          "                return attn.output(shifted.reshape(out.shape))",
+          "                return adapter(attn.output(out), camera)"),),
+        (FW_JOINT,),
+    ),
+    Mutation(
+        "fw-joint-order-swapped",
+        "a FantasyWorld joint layer runs the Wan feed-forward half before the bidirectional attention",
+        "jax_impl/fantasyworld/model.py",
+        (("            x, g = bc(x, g, rope_video, rope_geo)\n            x = block.ffn_half(x, ffn_mod)",
+          "            x = block.ffn_half(x, ffn_mod)\n            x, g = bc(x, g, rope_video, rope_geo)"),),
+        (FW_JOINT,),
+    ),
+    Mutation(
+        "fw-bicross-one-way",
+        "FantasyWorld's bidirectional attention updates the video stream only (the geometry stream drops its update)",
+        "jax_impl/fantasyworld/model.py",
+        (("            x, g = bc(x, g, rope_video, rope_geo)", "            x, _ = bc(x, g, rope_video, rope_geo)"),),
+        (FW_JOINT,),
     ),
 )
 

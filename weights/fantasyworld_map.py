@@ -16,7 +16,7 @@ import numpy as np
 
 from weights.configs.fantasyworld import FantasyWorldConfig
 from weights.dit_map import dit_entries
-from weights.entry import Entry, describe_mismatch
+from weights.entry import Entry, WeightMap, describe_mismatch
 from weights.safetensors_io import CheckpointError
 
 TORCH, RELEASED, FLAX = "diffusers", "wan", "flax"  # Entry field names used for our three layouts
@@ -237,3 +237,18 @@ def relayout(tensors: dict[str, np.ndarray], entries: Entries, src: str, dst: st
     if problems:
         raise CheckpointError(f"{source} does not match the FantasyWorld config ({src} layout): {problems}")
     return {en.name(dst): en.convert(np.asarray(tensors[en.name(src)]), src, dst) for en in entries}
+
+
+# The checkpoint engine's view (weights.checkpoint.Checkpoint): a FantasyWorld folder holds config.json
+# (FantasyWorldConfig) and `model.safetensors` (or the released `model.pth`, read only with allow_pickle) in
+# the released layout, our torch reference's names or the Flax names.
+FANTASYWORLD = WeightMap(
+    what="FantasyWorld model",
+    subfolder="fantasyworld",
+    signatures={RELEASED: ("pipe.dit.patch_embedding.weight",), TORCH: ("wan.patch_embedding.weight",),
+                FLAX: ("wan.patch_kernel",)},
+    entries=fantasyworld_entries,
+    read_config=lambda raw, keys, source: FantasyWorldConfig.from_dict(raw, source=source),
+    hint="Check that config.json (FantasyWorldConfig) belongs to these weights (branch_start, adapter_blocks, widths).",
+    prefer="model",
+)
