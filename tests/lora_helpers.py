@@ -76,3 +76,21 @@ def kohya_keys(wan_tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         else:
             raise ValueError(f"no kohya spelling for {k}")
     return out
+
+
+def fuse_in_diffusers(models: list, loads: list[tuple[str, float, int]]) -> None:
+    """diffusers' own path: `load_lora_weights` (expert 2 via load_into_transformer_2), then `fuse_lora`
+    at the given strengths, adapters unloaded. Changes `models` in place."""
+    from diffusers import WanPipeline
+
+    two = len(models) > 1
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=models[0], vae=None, scheduler=None,
+                       transformer_2=models[1] if two else None, boundary_ratio=0.9 if two else None)
+    for i, (path, _, expert) in enumerate(loads):
+        pipe.load_lora_weights(str(path), adapter_name=f"l{i}", load_into_transformer_2=expert == 2)
+    for expert, model in enumerate(models, start=1):
+        names = [f"l{i}" for i, (_, _, x) in enumerate(loads) if x == expert]
+        if names:
+            model.set_adapters(names, weights=[s for _, s, x in loads if x == expert])
+            model.fuse_lora(adapter_names=names)
+    pipe.unload_lora_weights()

@@ -25,7 +25,7 @@ from weights.lora import Lora, LoraError, Pair, Target, merge_lora, merged_tenso
 from weights.lora_read import read_lora
 from weights.lora_convert import convert_lora, lora_tensors, write_lora
 from weights.safetensors_io import SafetensorsFile
-from tests.lora_helpers import is_norm, kohya_keys, random_lora, role
+from tests.lora_helpers import fuse_in_diffusers, is_norm, kohya_keys, random_lora, role
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5  # fp32 rel L2 per tensor
@@ -45,22 +45,11 @@ def rel(x, ref) -> float:
 def diffusers_fused(preset: str, loads: list[tuple[Path, float, int]]) -> list[dict[str, np.ndarray]]:
     """Each expert's state dict after diffusers loads every (file, strength, expert) with
     `load_lora_weights`, fuses them at those strengths and unloads the adapters. Experts are seeded 0, 1."""
-    from diffusers import WanPipeline  # imported here so collecting the other tests stays light
-
     from torch_ref.models import build_transformer
 
     cfg = cfg_of(preset)
     models = [build_transformer(cfg, seed=i) for i in range(get_preset(preset).num_experts)]
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=models[0], vae=None, scheduler=None,
-                       transformer_2=models[1] if len(models) > 1 else None, boundary_ratio=0.9 if len(models) > 1 else None)
-    for i, (path, _, expert) in enumerate(loads):
-        pipe.load_lora_weights(str(path), adapter_name=f"l{i}", load_into_transformer_2=expert == 2)
-    for expert, model in enumerate(models, start=1):
-        names = [f"l{i}" for i, (_, _, x) in enumerate(loads) if x == expert]
-        if names:
-            model.set_adapters(names, weights=[s for _, s, x in loads if x == expert])
-            model.fuse_lora(adapter_names=names)
-    pipe.unload_lora_weights()
+    fuse_in_diffusers(models, loads)
     return [{k: v.detach().numpy().copy() for k, v in m.state_dict().items()} for m in models]
 
 

@@ -14,28 +14,10 @@ from weights.single_file import open_dit
 from weights.lora import LoraError
 from weights.lora_apply import apply_loras
 from weights.lora_convert import write_lora
-from tests.lora_helpers import random_lora
+from tests.lora_helpers import fuse_in_diffusers, random_lora
 from tests.test_lora import diffusers_readable_wan_lora
 
 A14B, T2V = "tiny-wan2.2-i2v-a14b", "tiny-wan2.1-t2v-1.3b"
-
-
-def fuse_in_diffusers(models: list, loads: list[tuple[str, float, int]]) -> None:
-    """diffusers' own path: `load_lora_weights` (expert 2 via load_into_transformer_2), then `fuse_lora`
-    at the given strengths, adapters unloaded. Changes `models` in place."""
-    from diffusers import WanPipeline
-
-    two = len(models) > 1
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=models[0], vae=None, scheduler=None,
-                       transformer_2=models[1] if two else None, boundary_ratio=0.9 if two else None)
-    for i, (path, _, expert) in enumerate(loads):
-        pipe.load_lora_weights(str(path), adapter_name=f"l{i}", load_into_transformer_2=expert == 2)
-    for expert, model in enumerate(models, start=1):
-        names = [f"l{i}" for i, (_, _, x) in enumerate(loads) if x == expert]
-        if names:
-            model.set_adapters(names, weights=[s for _, s, x in loads if x == expert])
-            model.fuse_lora(adapter_names=names)
-    pipe.unload_lora_weights()
 
 
 def forward_report(ours, ref, seed: int = 0):
