@@ -327,6 +327,21 @@ class CheckpointReader:
             self.files[files[0].name] = f
             self.where = {k: files[0].name for k in f.keys()}
 
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "CheckpointReader":
+        """The tensors of one `.safetensors` file, or of the shards a `*.safetensors.index.json` beside them
+        lists (single-file checkpoints as users download them), under their names in the file(s)."""
+        path = Path(path)
+        reader = cls.__new__(cls)
+        reader.folder, reader.files, reader.where = path.parent, {}, {}
+        if path.name.endswith(".safetensors.index.json"):
+            reader._from_index(path)
+        else:
+            f = SafetensorsFile(path)
+            reader.files[path.name] = f
+            reader.where = {k: path.name for k in f.keys()}
+        return reader
+
     def _from_index(self, index_path: Path) -> None:
         try:
             weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]

@@ -30,7 +30,7 @@ from weights.configs.base import ConfigError
 from weights.configs.dit import DitConfig
 from weights.dit_map import DIT, dit_entries
 from weights.entry import Entry, check_keys
-from weights.safetensors_io import CheckpointError, SafetensorsFile, TensorInfo
+from weights.safetensors_io import CheckpointError, CheckpointReader
 
 logger = logging.getLogger("wanport.checkpoint")
 
@@ -56,48 +56,14 @@ _NAMES = {
 }
 
 
-class _Files:
-    """The tensors of one file, or of the shards an index json lists, under their names in the file."""
-
-    def __init__(self, path: Path):
-        self.files: dict[str, SafetensorsFile] = {}
-        self.where: dict[str, str] = {}
-        if path.name.endswith(".safetensors.index.json"):
-            try:
-                weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
-                assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
-            except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
-                raise CheckpointError(f"{path}: not a valid shard index (a JSON object with a 'weight_map'): {e!r}") from None
-            for shard in sorted(set(weight_map.values())):
-                sp = path.parent / shard
-                if "/" in shard or "\\" in shard or not shard.endswith(".safetensors") or not sp.is_file():
-                    raise CheckpointError(f"{path}: lists shard {shard!r}, which is not a .safetensors file next to it")
-                self.files[shard] = SafetensorsFile(sp)
-            for name, shard in weight_map.items():
-                if name not in self.files[shard].tensors:
-                    raise CheckpointError(f"{path}: says {name!r} is in {shard!r}, but that shard has no such tensor")
-                self.where[name] = shard
-        elif path.suffix == ".safetensors":
-            f = SafetensorsFile(path)
-            self.files[path.name] = f
-            self.where = {k: path.name for k in f.keys()}
-        else:
-            raise CheckpointError(
-                f"{path}: a single-file checkpoint is a .safetensors file or a *.safetensors.index.json shard index "
-                "(pickled .pt/.pth/.ckpt files can run code: convert them with `wanport convert --allow-pickle`)"
-            )
-
-    def info(self, name: str) -> TensorInfo:
-        return self.files[self.where[name]].tensors[name]
-
-    def get(self, name: str) -> np.ndarray:
-        return self.files[self.where[name]].get(name, copy=False)
-
-
 def is_single_file(path: str | os.PathLike) -> bool:
     """Whether `path` names a single-file checkpoint (as opposed to a model folder)."""
     p = Path(path)
-    return p.is_file() and (p.suffix == ".safetensors" or p.name.endswith(".safetensors.index.json"))
+    return p.is_file() and _single_file_name(p)
+
+
+def _single_file_name(p: Path) -> bool:
+    return p.suffix == ".safetensors" or p.name.endswith(".safetensors.index.json")
 
 
 def strip_prefix(keys: list[str]) -> tuple[str, dict[str, str]]:
@@ -165,8 +131,13 @@ class SingleFileCheckpoint:
         self.path = Path(path)
         if not self.path.exists():
             raise CheckpointError(f"{self.path}: no such checkpoint file")
-        self.files = _Files(self.path)
-        keys = list(self.files.where)
+        if not _single_file_name(self.path):
+            raise CheckpointError(
+                f"{self.path}: a single-file checkpoint is a .safetensors file or a *.safetensors.index.json shard index "
+                "(pickled .pt/.pth/.ckpt files can run code: convert them with `wanport convert --allow-pickle`)"
+            )
+        self.files = CheckpointReader.from_file(self.path)
+        keys = self.files.keys()
         if not keys:
             raise CheckpointError(f"{self.path}: the file holds no tensors")
         scaled = [k for k in keys if _SCALED_FP8.search(k)]
@@ -211,7 +182,7 @@ class SingleFileCheckpoint:
 
     def get(self, entry: Entry, layout: str) -> np.ndarray:
         """One tensor, re-laid into `layout`."""
-        return entry.convert(self.files.get(self.names[entry.name(self.layout)]), self.layout, layout)
+        return entry.convert(self.files.get(self.names[entry.name(self.layout)], copy=False), self.layout, layout)
 
     def dtype(self, entry: Entry) -> np.dtype:
         return self.files.info(self.names[entry.name(self.layout)]).dtype
