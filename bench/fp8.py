@@ -332,8 +332,10 @@ def layers_child(args) -> dict:
     _, grid, model, inputs = _model_and_inputs(args, "bfloat16", "xla" if args.tiny else "cudnn")
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    rows = fp8_layer_errors(model, inputs, sublayers=args.sublayers, act_scaling=args.act_scaling)
-    return {"grid": grid, "build_s": build_s, "run_s": time.perf_counter() - t0, "sublayers": args.sublayers,
+    attention = None if args.tiny else args.variant  # the FP8 run's attention (the reference's stays cuDNN bf16)
+    rows = fp8_layer_errors(model, inputs, sublayers=args.sublayers, act_scaling=args.act_scaling,
+                            attention_backend=attention)
+    return {"attention": attention or "xla", "grid": grid, "build_s": build_s, "run_s": time.perf_counter() - t0, "sublayers": args.sublayers,
             "layers": [{"name": r.name, "rel_l2": r.rel_l2} for r in rows], "peak_bytes": _peak_bytes(),
             "device": _device()}
 
@@ -345,12 +347,19 @@ def layers_summary(res: dict, args) -> dict:
         h, w = args.layers_size
         print("\n" + format_layer_errors([LayerError(r["name"], r["rel_l2"]) for r in res["layers"]],
                                         f"per-layer rel L2, FP8 vs bf16 DiT ({'tiny' if args.tiny else 'full-size'} "
-                                        f"random weights, {h}x{w}x{args.layers_frames})"))
+                                        f"random weights, {h}x{w}x{args.layers_frames}; FP8 run's attention: "
+                                        f"{res.get('attention', '?')})"))
     return res
 
 
 # ------------------------------------------------------------------------------------------------------------
 CHILDREN = {"gemm": gemm_child, "attention": attention_child, "forward": forward_child, "layers": layers_child}
+
+
+# JAX's default pool is 75% of the card (59 GiB of an H100): the layer table at 480p x 81 frames (bf16 weights,
+# 12.5 GiB of reference taps and the forward's temporaries) ran out of it; the card has room for it. A value the
+# user set wins.
+CHILD_ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.94"}
 
 
 def _child_cmd(args, part: str, variant: str | None, size: tuple[int, int] | None) -> list[str]:
@@ -379,7 +388,8 @@ def run_child(args, part: str, variant: str | None = None, size: tuple[int, int]
     print(f"[{label}] running (timeout {timeout} s)", flush=True)
     t0 = time.perf_counter()
     try:
-        p = subprocess.run(_child_cmd(args, part, variant, size), capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(_child_cmd(args, part, variant, size), capture_output=True, text=True, timeout=timeout,
+                           env=CHILD_ENV | dict(os.environ))
     except subprocess.TimeoutExpired:
         return {"variant": variant, "error": f"did not finish within {timeout} s"}
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -410,14 +420,19 @@ def run_part(args, part: str) -> dict:
             rows = [run_child(args, "forward", v, size) for v in args.variants]
             out[f"{size[0]}x{size[1]}"] = {"frames": args.frames, **forward_summary(rows, sized)}
         return out
-    res = layers_summary(run_child(args, "layers"), args)
-    return {"size": list(args.layers_size), "frames": args.layers_frames, **res}
+    out = {}
+    for attention in args.layers_attention:  # the first is "layers" in the JSON, others "layers_<backend>"
+        res = layers_summary(run_child(args, "layers", attention), args)
+        out[attention] = {"size": list(args.layers_size), "frames": args.layers_frames, **res}
+    return out
 
 
 def _failed(part: str, res: dict) -> bool:
     """A part failed if its subprocess did, or any row did other than the optional cuDNN FP8 attention ones."""
     if part == "forward":
         return any(_failed("rows", r) for r in res.values())
+    if part == "layers_cudnn_fp8":  # optional, like the fp8-attn forward: an error is reported, not fatal
+        return False
     if "error" in res:
         return True
     rows = res.get("rows", [])
@@ -448,6 +463,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sublayers", action="store_true",
                     help="layers: also compare each block's self_attn / cross_attn / ffn (4x the reference taps' memory: "
                          "use a short clip, e.g. --layers-frames 21, at full size)")
+    ap.add_argument("--layers-attention", default="cudnn",
+                    help="layers: comma list of the FP8 run's attention back-ends, one table each (cudnn: FP8 linears "
+                         "only; cudnn_fp8: FP8 linears + cuDNN FP8 attention); the reference is always bf16 cuDNN")
     ap.add_argument("--variants", default="bf16,fp8", help=f"forward: comma list of {', '.join(VARIANTS)}")
     ap.add_argument("--act-scaling", default="token", choices=("token", "tensor"), help="FP8 activation scaling")
     ap.add_argument("--warmup", type=int, default=1, help="forward calls before timing (default 1)")
@@ -473,6 +491,9 @@ def main(argv=None) -> int:
     except argparse.ArgumentTypeError as e:
         ap.error(str(e))
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    args.layers_attention = [v.strip() for v in args.layers_attention.split(",") if v.strip()]
+    if set(args.layers_attention) - {"cudnn", "cudnn_fp8"}:
+        ap.error(f"--layers-attention takes cudnn and/or cudnn_fp8, got {args.layers_attention}")
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         ap.error(f"unknown forward variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
@@ -495,6 +516,10 @@ def main(argv=None) -> int:
             args.out = stack.enter_context(tempfile.TemporaryDirectory(prefix="fp8-bench-"))
         Path(args.out).mkdir(parents=True, exist_ok=True)
         results = {p: run_part(args, p) for p in parts}
+    if "layers" in results:  # one table per attention back-end: the first keeps the key "layers"
+        tables = results.pop("layers")
+        for i, (attention, res) in enumerate(tables.items()):
+            results["layers" if i == 0 else f"layers_{attention}"] = res
     doc = {"date": datetime.date.today().isoformat(), "tiny": args.tiny, "preset": TINY_PRESET if args.tiny else PRESET,
            "act_scaling": args.act_scaling, "weight_scaling": "channel", "text_len": args.text_len,
            "warmup": args.warmup, "iters": args.iters, "versions": versions("jax", "jaxlib", "flax"), **results}

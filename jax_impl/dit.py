@@ -181,6 +181,17 @@ def mask_backend(backend: str, dtype) -> str:
     return name  # explicitly chosen: let kernels.attention raise its own clear error
 
 
+def set_attention_backend(model: nnx.Module, backend: str) -> int:
+    """Switch every attention of `model` to `kernels` back-end `backend` (e.g. "cudnn_fp8" after a bf16 reference
+    run of the same weights); returns how many were switched. The next jitted call compiles for the new one."""
+    n = 0
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, Attention):
+            node.backend = backend
+            n += 1
+    return n
+
+
 @dataclasses.dataclass(frozen=True)
 class MaskedAttention:
     """Self-attention over [past keys | own keys] under a boolean `mask` [1, 1, 1 or T, S] (True = attend):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_impl.dit import WanTransformer, token_grid
+from jax_impl.dit import WanTransformer, set_attention_backend, token_grid
 from jax_impl.rope import rope_tables
 from jax_impl.fp8 import quantize_model
 from jax_impl.frozen_jit import frozen_jit
@@ -99,12 +99,19 @@ def layer_errors(ref_model: WanTransformer, model: WanTransformer, inputs, *, su
 
 
 def fp8_layer_errors(model: WanTransformer, inputs, *, sublayers: bool = True, weight_scaling: str = "channel",
-                     act_scaling: str | None = "token") -> list[LayerError]:
+                     act_scaling: str | None = "token", attention_backend: str | None = None) -> list[LayerError]:
     """The FP8 DiT against the bf16 one: runs `model` as it is, quantises it IN PLACE (jax_impl.fp8.quantize_model:
-    the block linears become Fp8Dense) and runs it again. One copy of the weights at a time; `model` is FP8 after."""
+    the block linears become Fp8Dense) and runs it again. One copy of the weights at a time; `model` is FP8 after.
+    `attention_backend` (e.g. "cudnn_fp8"): the FP8 run's attention back-end (default: the model's own)."""
     ref = reference_taps(model, inputs, sublayers)
+    # The reference taps wait in host memory while the model is quantised: quantising a stacked [40, 5120, 13824]
+    # weight briefly needs float32 copies of it, and beside the bf16 weights and 13 GiB of taps that ran an
+    # A14B expert at 480p x 81 frames out of an 80 GB card's memory.
+    ref = jax.device_get(ref)
     quantize_model(model, weight_scaling=weight_scaling, act_scaling=act_scaling)
-    return compare_to_reference(model, inputs, ref)
+    if attention_backend is not None:
+        set_attention_backend(model, attention_backend)
+    return compare_to_reference(model, inputs, jax.device_put(ref))
 
 
 def format_layer_errors(rows: list[LayerError], title: str = "per-layer rel L2") -> str:
