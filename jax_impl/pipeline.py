@@ -203,6 +203,13 @@ class Pipeline:
             raise ValueError(f"precision fp8 runs the DiT in bfloat16 between its FP8 matmuls; dtype is {self.dtype}: "
                              "pass dtype=bfloat16 (--dtype bfloat16)")
         self.precision = precision
+        if attention_backend == "cudnn_fp8":
+            import jax
+
+            if jax.default_backend() != "gpu" or self.dtype != jnp.bfloat16:
+                raise PipelineError(
+                    f"attention back-end cudnn_fp8 needs an NVIDIA Hopper GPU and a bfloat16 DiT; JAX runs on "
+                    f"{jax.default_backend()!r} with dtype {self.dtype}: use --backend auto (or pass --dtype bfloat16)")
         self.attention_backend = attention_backend
         self.timesteps = None if timesteps is None else tuple(float(t) for t in timesteps)
         # Headers and configs only (every weight file's header and size validated); weights load on first use.

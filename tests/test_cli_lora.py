@@ -132,6 +132,7 @@ def _refusals(loras):
     return [
         (SINGLE, ["--lora-2", high], "--lora-2 goes to the low-noise expert"),
         (SINGLE, ["--precision", "fp8", "--dtype", "float32"], "drop --dtype float32"),
+        (SINGLE, ["--precision", "fp8", "--backend", "cudnn_fp8"], "cudnn_fp8 needs an NVIDIA Hopper GPU"),
         (A14B, ["--precision", "fp8", "--lora", high], "fp8 with LoRAs is not supported"),
         (A14B, ["--timesteps", "1000,500", "--steps", "3"], "--steps 3 does not match the 2 --timesteps"),
         (A14B, ["--timesteps", "500,1000"], "strictly decreasing"),
@@ -141,7 +142,7 @@ def _refusals(loras):
     ]
 
 
-@pytest.mark.parametrize("k", range(8))
+@pytest.mark.parametrize("k", range(9))
 def test_bad_combinations_exit_2_before_any_work(tiny_ckpt, loras, tmp_path, capsys, k):
     preset, extra, message = _refusals(loras)[k]
     out = tmp_path / "v.mp4"

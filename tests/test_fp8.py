@@ -614,3 +614,12 @@ def test_pipeline_precision_fp8_loads_fp8_experts_and_keys_its_stages_apart(tiny
     settings = GenerateSettings(frames=5, height=32, width=32, steps=2)
     a, b = pipe8.denoise_inputs(settings, "k"), pipe16.denoise_inputs(settings, "k")
     assert a.pop("precision") == "fp8" and a == b
+
+
+def test_cudnn_fp8_stays_on_self_attention():
+    """FP8 attention pays only for long keys (bench/results/fp8_2026-11-25b: 1.38x self, 0.79x cross at 480p):
+    a model built with cudnn_fp8 runs its cross-attention on bf16 cuDNN, any other back-end on itself."""
+    from jax_impl.dit import cross_backend
+
+    assert cross_backend("cudnn_fp8") == "cudnn"
+    assert [cross_backend(b) for b in ("xla", "cudnn", "splash", "auto")] == ["xla", "cudnn", "splash", "auto"]
