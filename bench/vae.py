@@ -16,8 +16,12 @@ Phases (each process has a deadline from the global --budget; what a deadline cu
      in threads (--compile-threads) into a persistent compilation cache in the work dir, and recording compile
      time and the memory estimate (jax_impl.vae_memory), within 40% of the budget left. The measuring processes
      load the executables from the cache (XLA's autotuner scratch would otherwise count in their peaks; a pair
-     compiled there is marked `precompiled: false`). A kept --workdir makes a second run skip compiling.
-  2. ours, measure: one process per VAE version and dtype (the weights loaded once); its (configuration, op)
+     compiled there is marked `precompiled: false`). A kept --workdir (or --cache) makes a second run skip
+     compiling. On one H100 compiling the whole matrix takes about 5 minutes (48 chunk steps, 10-13 s each), so
+     the whole matrix in one 10-minute call needs a cache filled beforehand:
+       python bench/vae.py --compile-only --workdir /tmp/w            # then carry /tmp/w/jax_cache over
+       python bench/vae.py --cache CACHE --budget 530 --json bench/results/vae_h100.json
+  2. ours, measure: one process per VAE version (each dtype's weights loaded once); its (configuration, op)
      pairs run in increasing order of the estimated peak, so each pair's peak (`peak_bytes_in_use` cannot be
      reset in JAX) is its own; a pair whose peak stayed below an earlier one is marked `peak_masked`.
   3. diffusers: one process per VAE version; peak stats reset before each op.
@@ -216,7 +220,8 @@ def _pairs_by_estimate(configs: list[dict], estimates: dict) -> list[tuple[dict,
 
 
 def worker_ours_measure(spec: dict) -> dict:
-    """One VAE version and dtype: every (configuration, op) pair, warm-up then timed, in increasing peak."""
+    """One VAE version, both dtypes (weights loaded once each): every (configuration, op) pair, warm-up then timed,
+    in increasing estimated peak."""
     import jax
     import jax.numpy as jnp
 
@@ -225,11 +230,11 @@ def worker_ours_measure(spec: dict) -> dict:
     tiling = _tiling(spec)
     deadline = Deadline(spec.get("deadline"))
     out: dict = {"device": str(jax.devices()[0].device_kind), "configs": {c["key"]: {} for c in spec["configs"]}}
-    model, weights = _load_ours(spec, spec["dtype"])
+    models = {d: _load_ours(spec, d) for d in sorted({c["dtype"] for c in spec["configs"]})}
     top = 0
     for c, op in _pairs_by_estimate(spec["configs"], spec.get("estimates", {})):
         row = out["configs"][c["key"]]
-        row["weights_bytes"] = weights
+        model, row["weights_bytes"] = models[c["dtype"]]
         if "error" in row:
             continue
         if not deadline.allows():
@@ -564,6 +569,8 @@ def parse_args(argv):
     ap.add_argument("--workdir", help="keep weights, inputs, compilation cache and frames here (default: a temp dir;"
                                       " a kept compilation cache makes a second run skip compiling)")
     ap.add_argument("--json", default="bench_vae.json", help="results (rewritten after every process)")
+    ap.add_argument("--cache", help="JAX persistent compilation cache folder (default: WORKDIR/jax_cache); one filled "
+                                    "by --compile-only on the same kind of GPU makes the compile phase a load")
     ap.add_argument("--append", action="store_true", help="keep the rows of an existing --json not measured now")
     ap.add_argument("--compile-only", action="store_true",
                     help="only ours' compile phase, into --workdir's persistent cache (no budget): a later run with the "
@@ -657,7 +664,7 @@ def _spec(args, v: Variant, work: Path, configs: list[Config], **kw) -> dict:
         return dict(dataclasses.asdict(c), key=c.key, video=video, latents=latents)
 
     return {"folder": str(v.folder), "tiling": v.tiling, "repeats": args.repeats,
-            "cache_dir": str(work / "jax_cache"), "time_taps": args.time_taps, "strict_fp32": args.strict_fp32,
+            "cache_dir": str(args.cache or work / "jax_cache"), "time_taps": args.time_taps, "strict_fp32": args.strict_fp32,
             "configs": [one(c) for c in configs], **kw}
 
 
@@ -730,19 +737,22 @@ def main(argv=None) -> int:
         # measuring processes, ours then diffusers; each gets a share of what is left of the budget
         jobs = []
         if "ours" in args.impls:
-            jobs += [("ours", v, [c for c in g if c.dtype == d]) for v, g in groups for d in args.dtypes]
+            jobs += [("ours", v, g) for v, g in groups]  # one process per VAE version: both dtypes in it
         if "diffusers" in args.impls:
             jobs += [("diffusers", v, g) for v, g in groups]
         jobs = [j for j in jobs if j[2]]
-        weight = {"ours": 1.0, "diffusers": 2.5}  # diffusers takes about 2.5x our time (bench/results)
+        # shares of the budget per process: ours' pairs take about 1.3x diffusers' wall time in the H100 run of
+        # 2026-11-25 (our warm-ups include the tiles' eager ops and loading 32 executables; diffusers warms up on a
+        # 5-frame clip)
+        weight = {"ours": 1.3, "diffusers": 1.0}
         for i, (impl, v, configs) in enumerate(jobs):
             share = weight[impl] / sum(weight[j[0]] for j in jobs[i:])
             left = runner.left()
-            print(f"[{v.name}] {impl}{' ' + configs[0].dtype if impl == 'ours' else ''}: {len(configs)} "
+            print(f"[{v.name}] {impl}: {len(configs)} "
                   f"configuration(s)" + (f", deadline in {share * left:.0f} s" if left is not None else ""), flush=True)
             extra = {"save": {c.key: save_path(impl, c) for c in configs}}
             if impl == "ours":
-                extra |= {"role": "measure", "dtype": configs[0].dtype,
+                extra |= {"role": "measure",
                           "estimates": {c.key: rows[c.key].get("ours", {}) for c in configs}}
             res = runner.run(_spec(args, v, work, configs, impl=impl, **extra), share)
             merge(impl, res, configs)
