@@ -603,6 +603,17 @@ def test_load_dit_fp8_leaves_are_load_dit_and_the_jax_quantiser_bit_for_bit(nois
     assert np.asarray(model.blocks.ffn.fc1.kernel_scale[...])[1, 3] == 1.0  # the all-zero channel
 
 
+def test_load_dit_fp8_reads_and_quantises_each_layer_once(noisy_dit_folder, monkeypatch):
+    """The kernel and its scale come from one quantisation: 12 FP8 linears x 2 layers, not twice that."""
+    from jax_impl import fp8_loading
+
+    calls = []
+    real = fp8_loading._fp8_linear
+    monkeypatch.setattr(fp8_loading, "_fp8_linear", lambda ckpt, entry: calls.append(entry.flax) or real(ckpt, entry))
+    fp8_loading.load_dit_fp8(noisy_dit_folder)
+    assert len(calls) == 24 and len(set(calls)) == 24
+
+
 @pytest.mark.parametrize("scales", ["scale_weight", "weight_scale", "none"])
 def test_load_dit_fp8_reads_community_files_with_per_tensor_or_no_scales(f32_dit_folder, tmp_path, scales):
     """ComfyUI-style wan-layout files: scalar `scale_weight` (plus a `scaled_fp8` marker and `scale_input`),
