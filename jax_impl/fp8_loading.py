@@ -10,8 +10,9 @@ folder with the model's config.json like any checkpoint here (weights.checkpoint
 Each FP8 layer's e4m3 weight is placed as stored (a per-tensor scale widened to one per output channel, the
 same product); a weight the file holds in high precision is quantised per output channel (weights/fp8.py);
 a tensor the file holds in FP8 that our model keeps in bf16 (Comfy-Org's files quantise the head and the time
-projection too) is dequantised. One layer stack is on the host at a time; the bf16 copies of the FP8 layers
-never exist on the device.
+projection too) is dequantised. The tensors go through `jax_impl.loading.fill` like every other model's (one
+layer stack on the host at a time), the getter here quantising each layer of an FP8 stack once; the bf16
+copies of the FP8 layers never exist on the device.
 """
 
 from __future__ import annotations
