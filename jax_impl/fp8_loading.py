@@ -10,8 +10,9 @@ folder with the model's config.json like any checkpoint here (weights.checkpoint
 Each FP8 layer's e4m3 weight is placed as stored (a per-tensor scale widened to one per output channel, the
 same product); a weight the file holds in high precision is quantised per output channel (weights/fp8.py);
 a tensor the file holds in FP8 that our model keeps in bf16 (Comfy-Org's files quantise the head and the time
-projection too) is dequantised. One layer stack is on the host at a time; the bf16 copies of the FP8 layers
-never exist on the device.
+projection too) is dequantised. The tensors go through `jax_impl.loading.fill` like every other model's (one
+layer stack on the host at a time), the getter here quantising each layer of an FP8 stack once; the bf16
+copies of the FP8 layers never exist on the device.
 """
 
 from __future__ import annotations
@@ -19,18 +20,16 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jax_impl.dit import WanTransformer
 from jax_impl.fp8 import fp8_layers, quantize_model
-from jax_impl.loading import load_dit
+from jax_impl.loading import checkpoint_source, fill, load_dit
 from weights import fp8 as wfp8
 from weights.checkpoint import Checkpoint
 from weights.dit_map import DIT
-from weights.safetensors_io import CheckpointError
 
 PRECISIONS = ("bf16", "fp8")
 
@@ -44,6 +43,29 @@ def _fp8_linear(ckpt: Checkpoint, entry) -> tuple[np.ndarray, np.ndarray]:
         return q, s
     q, s = wfp8.quantize_linear(ckpt.get(entry, "flax"), in_axis=0)  # bf16 / float32 (or e5m2) in the file
     return q, s.reshape(out)
+
+
+def _fp8_getter(ckpt: Checkpoint, fp8_kernels: set[str]) -> Callable[[str], np.ndarray]:
+    """`get(name)` for `jax_impl.loading.fill`: a checkpoint's tensors in the Flax layout, where the per-layer
+    `KERNEL` of each name in `fp8_kernels` comes back as e4m3 and its `..._scale` as float32 [out].
+
+    Each layer is read and quantised once; the half of its pair not asked for yet (the scale: `fill` reads a
+    module's kernel stack before its scale stack) is kept until it is."""
+    by_flax = {en.flax: en for en in ckpt.entries}
+    waiting: dict[str, np.ndarray] = {}
+
+    def get(name: str) -> np.ndarray:
+        if name in waiting:
+            return waiting.pop(name)
+        kernel = name.removesuffix("_scale")
+        if kernel not in fp8_kernels:
+            return ckpt.get(by_flax[name], "flax")
+        pair = dict(zip((kernel, f"{kernel}_scale"), _fp8_linear(ckpt, by_flax[kernel])))
+        asked = pair.pop(name)
+        waiting.update(pair)
+        return asked
+
+    return get
 
 
 def load_dit_fp8(
@@ -66,37 +88,12 @@ def load_dit_fp8(
         return model
 
     abstract = nnx.eval_shape(build)  # the quantised model's structure; no arrays made
-    fp8_modules = {path for path, _ in fp8_layers(abstract)}
-    graphdef, state = nnx.split(abstract)
-    by_flax = {en.flax: en for en in ckpt.entries}
-    flat = nnx.to_flat_state(state)
-    done: dict[str, np.ndarray] = {}  # the other half (kernel or scale) of an FP8 layer stack read already
-    for path, var in flat:
-        key = ".".join(str(p) for p in path)
-        target = var.value
-        module, _, leaf = key.rpartition(".")
-        if module in fp8_modules and leaf in ("kernel", "kernel_scale"):
-            if key not in done:
-                rest = module[len("blocks."):]
-                parts = [_fp8_linear(ckpt, by_flax[f"blocks.{i}.{rest}.kernel"]) for i in range(cfg.num_layers)]
-                done[f"{module}.kernel"] = np.stack([q for q, _ in parts])
-                done[f"{module}.kernel_scale"] = np.stack([s for _, s in parts])
-            host = done.pop(key)
-        elif path[0] == "blocks":
-            rest = ".".join(str(p) for p in path[1:])
-            host = np.empty(target.shape, dtype=target.dtype)
-            for i in range(cfg.num_layers):
-                host[i] = ckpt.get(by_flax[f"blocks.{i}.{rest}"], "flax").astype(target.dtype)
-        else:
-            host = ckpt.get(by_flax[key], "flax").astype(target.dtype)
-        if host.shape != target.shape or host.dtype != target.dtype:
-            raise CheckpointError(f"{folder}: {key} is {host.dtype}{list(host.shape)}, the FP8 model wants "
-                                  f"{target.dtype}{list(target.shape)}")
-        var.value = jax.device_put(host)
-        del host
-        if progress:
-            progress(key)
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    fp8_kernels = {f"blocks.{i}.{path[len('blocks.'):]}.kernel" for path, _ in fp8_layers(abstract)
+                   for i in range(cfg.num_layers)}
+    shapes = {en.flax: en.flax_shape() for en in ckpt.entries}
+    shapes |= {f"{k}_scale": shapes[k][-1:] for k in fp8_kernels}
+    return fill(abstract, _fp8_getter(ckpt, fp8_kernels), shapes, source=f"{checkpoint_source(ckpt)}: the weights",
+                stacked="blocks", progress=progress)
 
 
 def load_dit_precision(folder: str | os.PathLike, precision: str, *, attention_backend: str = "auto",

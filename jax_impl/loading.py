@@ -180,5 +180,5 @@ def save_dit(model: WanTransformer, folder: str | os.PathLike, *, force: bool = 
     return write_model_folder(folder, cfg, "flax", specs, lambda k: thunks[k](), source="save_dit", force=force)
 
 
-__all__ = ["fill", "load_checkpoint", "load_dit", "load_vae", "load_umt5", "load_clip_vision", "load_params",
-           "build_loaded", "flax_tensors", "save_dit"]
+__all__ = ["fill", "checkpoint_source", "load_checkpoint", "load_dit", "load_vae", "load_umt5", "load_clip_vision",
+           "load_params", "build_loaded", "flax_tensors", "save_dit"]

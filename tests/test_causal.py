@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from jax_impl import causal as C
 from weights.configs.presets import get_preset
@@ -301,6 +302,22 @@ def test_fresh_shape_traces_step_and_commit_once(models):
     list(C.sample_blocks(models["jax"], inp.text, **_sample_kw(inp, config)))
     delta = C.TRACE_COUNTS - before
     assert delta == {"block_step": 1, "commit_block": 1}, delta
+
+
+def test_calls_leave_the_weights_in_place(models):
+    """Every jitted entry point reads the weights without copying them (jax_impl/frozen_jit.py): `nnx.jit` would
+    return the module's state from the compiled program and give every parameter a fresh buffer per call, twice
+    the weights at the call's peak (bench/NOTES.md)."""
+    model = models["jax"]
+
+    def pointers():
+        return {path: var.get_value().unsafe_buffer_pointer() for path, var in nnx.to_flat_state(nnx.state(model))}
+
+    before = pointers()
+    inp = _inputs(models, WIN, batch=2, frames=6, seed=6)  # the shapes of the tests above: compiled already
+    C.sample_causal(model, inp.text, **_sample_kw(inp, WIN)).block_until_ready()  # context, block step, commit
+    C.causal_forward(model, inp.latents, inp.timesteps, inp.text, inp.image, config=WIN).block_until_ready()
+    assert pointers() == before, "a call replaced the model's weights by copies"
 
 
 def test_t2v_sampler_parity(tiny_ckpt):

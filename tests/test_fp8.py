@@ -551,6 +551,69 @@ def test_load_dit_fp8_quantises_a_high_precision_file_and_bf16_loading_dequantis
         load_dit_precision(out, "int8")
 
 
+def _flat(model) -> dict[str, np.ndarray]:
+    return {".".join(map(str, path)): np.asarray(var.get_value()) for path, var in nnx.to_flat_state(nnx.state(model))}
+
+
+@pytest.fixture(scope="module")
+def noisy_dit_folder(tmp_path_factory):
+    """A tiny float32 DiT with every parameter random (norm scales and modulation tables too), each layer of a stack
+    different, one output channel of one layer all zero (scale 1), one past e4m3's 448."""
+    from jax_impl.loading import save_dit
+
+    model = _tiny_dit(jnp.float32, seed=1)
+    rng = _rng(7)
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        var.set_value(jnp.asarray(rng.standard_normal(var.get_value().shape, np.float32)))
+    fc1 = np.asarray(model.blocks.ffn.fc1.kernel[...]).copy()
+    fc1[1, :, 3] = 0.0
+    fc1[0, 2, 5] = 1000.0
+    model.blocks.ffn.fc1.kernel.set_value(jnp.asarray(fc1))
+    return save_dit(model, tmp_path_factory.mktemp("fp8noisy") / "f32")
+
+
+@pytest.mark.parametrize("stored", ["float32", "bfloat16", "float8_e4m3fn"])
+def test_load_dit_fp8_leaves_are_load_dit_and_the_jax_quantiser_bit_for_bit(noisy_dit_folder, tmp_path, stored):
+    """Every leaf of `load_dit_fp8`, computed independently: each FP8 layer's e4m3 kernel and per-channel scales are
+    `jax_impl.fp8.quantize_weight` of the weights in the precision they were quantised from (the file's; for an FP8
+    file, the float32 weights the converter quantised), every other leaf is `load_dit(bfloat16)`'s."""
+    from weights.convert import convert
+    from jax_impl.fp8_loading import load_dit_fp8
+    from jax_impl.loading import load_dit
+
+    src = noisy_dit_folder
+    folder = src if stored == "float32" else convert(src, tmp_path / stored, "wan", dtype=stored)
+    high = _flat(load_dit(src if stored != "bfloat16" else folder, dtype="float32"))  # what was quantised
+    model = load_dit_fp8(folder)
+    fp8_modules = {path for path, _ in fp8.fp8_layers(model)}
+    assert len(fp8_modules) == 12
+    want = {}
+    for key, value in _flat(load_dit(folder, dtype="bfloat16")).items():
+        module, _, leaf = key.rpartition(".")
+        if module in fp8_modules and leaf == "kernel":
+            q, s = fp8.quantize_weight(high[key])
+            want[key], want[f"{module}.kernel_scale"] = np.asarray(q), np.asarray(s)
+        else:
+            want[key] = value
+    got = _flat(model)
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert (got[key].dtype, got[key].shape) == (want[key].dtype, want[key].shape), key
+        np.testing.assert_array_equal(_bits(got[key]), _bits(want[key]), err_msg=key)
+    assert np.asarray(model.blocks.ffn.fc1.kernel_scale[...])[1, 3] == 1.0  # the all-zero channel
+
+
+def test_load_dit_fp8_reads_and_quantises_each_layer_once(noisy_dit_folder, monkeypatch):
+    """The kernel and its scale come from one quantisation: 12 FP8 linears x 2 layers, not twice that."""
+    from jax_impl import fp8_loading
+
+    calls = []
+    real = fp8_loading._fp8_linear
+    monkeypatch.setattr(fp8_loading, "_fp8_linear", lambda ckpt, entry: calls.append(entry.flax) or real(ckpt, entry))
+    fp8_loading.load_dit_fp8(noisy_dit_folder)
+    assert len(calls) == 24 and len(set(calls)) == 24
+
+
 @pytest.mark.parametrize("scales", ["scale_weight", "weight_scale", "none"])
 def test_load_dit_fp8_reads_community_files_with_per_tensor_or_no_scales(f32_dit_folder, tmp_path, scales):
     """ComfyUI-style wan-layout files: scalar `scale_weight` (plus a `scaled_fp8` marker and `scale_input`),
