@@ -226,22 +226,45 @@ def worker_ours_measure(spec: dict) -> dict:
     import jax.numpy as jnp
 
     from jax_impl import vae_memory
+    from jax_impl.vae_tiling import Tiling
 
-    tiling = _tiling(spec)
     deadline = Deadline(spec.get("deadline"))
     out: dict = {"device": str(jax.devices()[0].device_kind), "configs": {c["key"]: {} for c in spec["configs"]}}
-    models = {d: _load_ours(spec, d) for d in sorted({c["dtype"] for c in spec["configs"]})}
+    models = {(f, d): _load_ours(dict(spec, folder=f), d) for f, d in sorted({(c["folder"], c["dtype"])
+                                                                              for c in spec["configs"]})}
+    estimates = spec.get("estimates", {})
+    if spec.get("estimate_here"):  # no compile phase ran: load (or compile) every step now, ordered by estimate
+        estimates = {}
+        for c in spec["configs"]:
+            model, weights = models[(c["folder"], c["dtype"])]
+            for op in ("encode", "decode"):
+                shape = np.load(c["latents" if op == "decode" else "video"], mmap_mode="r").shape
+                t = time.perf_counter()
+                try:
+                    est = vae_memory.estimate(model, op, shape, dtype=jnp.dtype(c["dtype"]), tile=c["tiled"],
+                                              tiling=Tiling(**c["tiling"]))
+                except Exception as e:  # noqa: BLE001 - the pair reports it again when it runs
+                    out["configs"][c["key"]]["error"] = f"{op}: {type(e).__name__}: {str(e)[:400]}"
+                    continue
+                row = estimates.setdefault(c["key"], {})
+                row[f"{op}_compile_s"] = out["configs"][c["key"]][f"{op}_load_s"] = time.perf_counter() - t
+                if est is not None:
+                    nbytes = int(np.prod(shape)) * jnp.dtype(c["dtype"]).itemsize
+                    row[f"{op}_estimate"] = out["configs"][c["key"]][f"{op}_estimate"] = \
+                        est.as_dict() | {"total_bytes": est.peak_bytes + weights + nbytes}
+        _write_result(spec, out)
     top = 0
-    for c, op in _pairs_by_estimate(spec["configs"], spec.get("estimates", {})):
+    for c, op in _pairs_by_estimate(spec["configs"], estimates):
         row = out["configs"][c["key"]]
-        model, row["weights_bytes"] = models[c["dtype"]]
+        model, row["weights_bytes"] = models[(c["folder"], c["dtype"])]
+        tiling = Tiling(**c["tiling"])
         if "error" in row:
             continue
         if not deadline.allows():
             row[f"{op}_skipped"] = BUDGET_SKIP
             continue
         # compiled here, not loaded from the cache: the peak may include XLA's autotuner scratch
-        row[f"{op}_precompiled"] = f"{op}_compile_s" in (spec.get("estimates", {}).get(c["key"]) or {})
+        row[f"{op}_precompiled"] = f"{op}_compile_s" in (estimates.get(c["key"]) or {})
         t0 = time.perf_counter()
         try:
             # The chunk steps, looked up as the compile phase made them (same abstract arguments, so the same
@@ -250,7 +273,7 @@ def worker_ours_measure(spec: dict) -> dict:
             shape = np.load(c["latents" if op == "decode" else "video"], mmap_mode="r").shape
             t = time.perf_counter()
             vae_memory.estimate(model, op, shape, dtype=jnp.dtype(c["dtype"]), tile=c["tiled"], tiling=tiling)
-            row[f"{op}_load_s"] = time.perf_counter() - t
+            row.setdefault(f"{op}_load_s", time.perf_counter() - t)
             x = jax.device_put(_host_input(c, op, jnp.dtype(c["dtype"])))
             t = time.perf_counter()
             _ours_call(model, op, x, c["tiled"], tiling)  # warm-up (its output is dropped: it would count)
@@ -282,7 +305,7 @@ def worker_diffusers(spec: dict) -> dict:
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     deadline = Deadline(spec.get("deadline"))
     out: dict = {"configs": {c["key"]: {} for c in spec["configs"]}}
-    model, model_dtype = None, None
+    model, model_key = None, None
 
     def to_torch(c: dict, op: str, dtype, frames: int | None = None):
         a = np.load(c["latents" if op == "decode" else "video"], mmap_mode="r")
@@ -300,13 +323,13 @@ def worker_diffusers(spec: dict) -> dict:
                     continue
                 t0 = time.perf_counter()
                 try:
-                    if model_dtype != dtype:
+                    if model_key != (c["folder"], dtype):
                         model = None
                         if dev == "cuda":
                             torch.cuda.empty_cache()
-                        model, model_dtype = load_vae_torch(spec["folder"], dtype).to(dev), dtype
+                        model, model_key = load_vae_torch(c["folder"], dtype).to(dev), (c["folder"], dtype)
                     if c["tiled"]:
-                        t = spec["tiling"]
+                        t = c["tiling"]
                         model.enable_tiling(tile_sample_min_height=t["tile_height"], tile_sample_min_width=t["tile_width"],
                                             tile_sample_stride_height=t["stride_height"],
                                             tile_sample_stride_width=t["stride_width"])
@@ -569,6 +592,10 @@ def parse_args(argv):
     ap.add_argument("--workdir", help="keep weights, inputs, compilation cache and frames here (default: a temp dir;"
                                       " a kept compilation cache makes a second run skip compiling)")
     ap.add_argument("--json", default="bench_vae.json", help="results (rewritten after every process)")
+    ap.add_argument("--skip-compile-phase", action="store_true",
+                    help="no separate compile processes: the measuring process loads (or compiles) every chunk step "
+                         "first and orders the pairs by their memory estimate; with a --cache filled by --compile-only "
+                         "this saves the compile processes' start-up and weight loading (about 85 s on an H100)")
     ap.add_argument("--cache", help="JAX persistent compilation cache folder (default: WORKDIR/jax_cache); one filled "
                                     "by --compile-only on the same kind of GPU makes the compile phase a load")
     ap.add_argument("--append", action="store_true", help="keep the rows of an existing --json not measured now")
@@ -659,13 +686,16 @@ def _prepare(args, work: Path) -> list[Variant]:
 
 def _spec(args, v: Variant, work: Path, configs: list[Config], **kw) -> dict:
     """A worker's spec: what every worker of variant `v` needs, and `configs` with their input files."""
-    def one(c: Config) -> dict:
-        video, latents = v.inputs[(c.height, c.width)]
-        return dict(dataclasses.asdict(c), key=c.key, video=video, latents=latents)
-
     return {"folder": str(v.folder), "tiling": v.tiling, "repeats": args.repeats,
             "cache_dir": str(args.cache or work / "jax_cache"), "time_taps": args.time_taps, "strict_fp32": args.strict_fp32,
-            "configs": [one(c) for c in configs], **kw}
+            "configs": [_config_spec(v, c) for c in configs], **kw}
+
+
+def _config_spec(v: Variant, c: Config) -> dict:
+    """One configuration as a worker reads it: with its VAE's folder, tiles and input files (a measuring process
+    may hold configurations of both VAE versions)."""
+    video, latents = v.inputs[(c.height, c.width)]
+    return dict(dataclasses.asdict(c), key=c.key, video=video, latents=latents, folder=str(v.folder), tiling=v.tiling)
 
 
 def main(argv=None) -> int:
@@ -721,7 +751,7 @@ def main(argv=None) -> int:
                     Path(p).unlink(missing_ok=True)
         write()
         groups = [(v, v.configs) for v in variants]
-        if "ours" in args.impls:
+        if "ours" in args.impls and not args.skip_compile_phase:
             print(f"compiling ours: {sum(len(g) for _, g in groups)} configuration(s), {args.compile_jobs} process(es)"
                   f" x {args.compile_threads} thread(s)", flush=True)
             specs = [_spec(args, v, work, g, impl="ours", role="compile", threads=args.compile_threads) for v, g in groups]
@@ -735,26 +765,27 @@ def main(argv=None) -> int:
         if args.compile_only:
             return 0
         # measuring processes, ours then diffusers; each gets a share of what is left of the budget
-        jobs = []
-        if "ours" in args.impls:
-            jobs += [("ours", v, g) for v, g in groups]  # one process per VAE version: both dtypes in it
-        if "diffusers" in args.impls:
-            jobs += [("diffusers", v, g) for v, g in groups]
-        jobs = [j for j in jobs if j[2]]
+        # one process per implementation, holding both VAE versions and dtypes: every process start (importing
+        # JAX or torch, loading weights: 15-30 s) is paid once
+        everything = [(v, c) for v, g in groups for c in g]
+        jobs = [(impl, everything) for impl in ("ours", "diffusers") if impl in args.impls and everything]
         # shares of the budget per process: ours' pairs take about 1.3x diffusers' wall time in the H100 run of
         # 2026-11-25 (our warm-ups include the tiles' eager ops and loading 32 executables; diffusers warms up on a
         # 5-frame clip)
         weight = {"ours": 1.3, "diffusers": 1.0}
-        for i, (impl, v, configs) in enumerate(jobs):
+        for i, (impl, pairs) in enumerate(jobs):
             share = weight[impl] / sum(weight[j[0]] for j in jobs[i:])
             left = runner.left()
-            print(f"[{v.name}] {impl}: {len(configs)} "
-                  f"configuration(s)" + (f", deadline in {share * left:.0f} s" if left is not None else ""), flush=True)
+            configs = [c for _, c in pairs]
+            print(f"{impl}: {len(configs)} configuration(s)"
+                  + (f", deadline in {share * left:.0f} s" if left is not None else ""), flush=True)
             extra = {"save": {c.key: save_path(impl, c) for c in configs}}
             if impl == "ours":
-                extra |= {"role": "measure",
+                extra |= {"role": "measure", "estimate_here": args.skip_compile_phase,
                           "estimates": {c.key: rows[c.key].get("ours", {}) for c in configs}}
-            res = runner.run(_spec(args, v, work, configs, impl=impl, **extra), share)
+            spec = _spec(args, pairs[0][0], work, [], impl=impl, **extra)
+            spec["configs"] = [_config_spec(v, c) for v, c in pairs]
+            res = runner.run(spec, share)
             merge(impl, res, configs)
             write()
         for v in variants:
