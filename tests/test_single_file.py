@@ -254,6 +254,34 @@ def test_comfyui_scaled_fp8_single_file_is_dequantised(tmp_path, t2v_state):
         assert np.array_equal(ckpt.get(e, "wan"), want), e.wan
 
 
+@pytest.mark.parametrize("container", ["safetensors", "shards", "pth"])
+@pytest.mark.parametrize("layout,prefix", [("wan", "model.diffusion_model."), ("diffusers", "transformer."), ("wan", "")])
+def test_convert_single_file_round_trips_bit_exact(tmp_path, container, layout, prefix):
+    """`wanport convert FILE` in each container and layout -> a Flax folder -> back to the file's layout: every
+    tensor as stored, the config the one read off the shapes (head width 128)."""
+    import torch
+
+    from weights.convert import convert
+
+    cfg = get_preset("tiny-hd128-wan2.1-i2v-14b").transformer
+    state = base_state(cfg, seed=1)
+    if container == "pth":
+        src = tmp_path / "model.pth"
+        torch.save({prefix + k: torch.from_numpy(v) for k, v in _stored(state, cfg, layout, "fp32").items()}, src)
+        dtype = "fp32"
+    else:
+        dtype = "bf16"
+        src = write_single_file(tmp_path / "model.safetensors", cfg, state, layout=layout, prefix=prefix, dtype=dtype,
+                                shards=2 if container == "shards" else 1)
+    flax = convert(src, tmp_path / "flax", "flax", allow_pickle=container == "pth")
+    back = open_dit(convert(flax, tmp_path / "back", layout))
+    assert (back.config, back.layout, back.single_file) == (cfg, layout, False)
+    want = _stored(state, cfg, layout, dtype)
+    for e in back.entries:
+        got = back.get(e, layout)
+        assert got.dtype == want[e.name(layout)].dtype and np.array_equal(got, want[e.name(layout)]), e.name(layout)
+
+
 # --- the DiT map's key hook -----------------------------------------------------------------------------------
 def test_top_level_names_are_the_maps():
     """`TOP_LEVEL` (what a real key may start with, so a shared first part that is not one is a prefix) is the set

@@ -80,7 +80,9 @@ class Checkpoint:
             raise CheckpointError(f"{self.source}: {e}") from None
         self.names, self.prefix, self.dropped = view.names, view.prefix, view.dropped
         if view.dropped:
-            (log or logger.info)(f"{self.source}: set aside {len(view.dropped)} tensor(s) ({_groups(view.dropped)}): {view.why}")
+            files = "" if self.single_file else f" ({', '.join(sorted(set(self.reader.where.values())))})"
+            (log or logger.info)(f"{self.source}{files}: set aside {len(view.dropped)} tensor(s) "
+                                 f"({_groups(view.dropped)}): {view.why}")
         try:
             self.layout = weight_map.detect_layout(self.names)
         except ValueError as e:

@@ -490,7 +490,7 @@ def open_reader(source: str | os.PathLike, allow_pickle: bool = False, prefer: s
         if source.suffix in PICKLE_SUFFIXES:
             if not allow_pickle:
                 raise CheckpointError(f"{source}: a pickled checkpoint; unpickling can run code, so it is read only with "
-                                      "--allow-pickle (allow_pickle=True; then weights-only), or convert it to safetensors")
+                                      "--allow-pickle (allow_pickle=True), and then weights-only")
             return PickleReader.from_file(source)
         return CheckpointReader.from_file(source)
     if allow_pickle and source.is_dir() and not any(source.glob("*.safetensors")) and not any(source.glob("*.safetensors.index.json")):
