@@ -59,7 +59,6 @@ class Checkpoint:
         self.single_file = self.source.is_file()
         self.folder = self.source.parent if self.single_file else self.source
         cfg_path = self.folder / "config.json"
-        make_config = file_config or weight_map.file_config
         if not self.single_file and config is None and not cfg_path.is_file():
             sub = self.folder / weight_map.subfolder
             hint = f"; did you mean {sub}?" if (sub / "config.json").is_file() else ""
@@ -89,22 +88,26 @@ class Checkpoint:
             removed = f" (prefix {self.prefix!r} removed)" if self.prefix else ""
             raise CheckpointError(f"{self.source}{removed}: {e}") from None
         found = {k: tuple(infos[v].shape) for k, v in self.names.items()}
-        if config is not None:
-            self.config, hint = config, "Compared with the config given: does the preset or config match these weights?"
-        elif not self.single_file:
-            self.config, hint = self._read_config(cfg_path, keys), weight_map.hint
-        elif make_config is not None:
-            try:
-                self.config, hint = make_config(found, self.layout), weight_map.file_hint
-            except (CheckpointError, ConfigError) as e:
-                raise CheckpointError(f"{self.source}: {e}") from None
-        else:
-            raise CheckpointError(f"{self.source}: a single {weight_map.what} file has no config.json: put it in a folder "
-                                  "with its config.json, or give the config")
+        self.config, hint = self._config(config, file_config or weight_map.file_config, found, cfg_path)
         self.entries: list[Entry] = weight_map.entries(self.config)
         if self.prefix:
             hint = f"Names are shown without the file's prefix {self.prefix!r}. {hint}"
         check_keys(self.entries, found, self.layout, str(self.source), hint=hint, ignore=weight_map.ignore)
+
+    def _config(self, given: Any, make: FileConfig | None, found: dict[str, tuple[int, ...]], cfg_path: Path):
+        """(config, what the key check's error says it was compared with): the one given, the folder's
+        config.json, or a single file's from the map's `file_config`."""
+        if given is not None:
+            return given, "Compared with the config given: does the preset or config match these weights?"
+        if not self.single_file:
+            return self._read_config(cfg_path, list(found)), self.map.hint
+        if make is None:
+            raise CheckpointError(f"{self.source}: a single {self.map.what} file has no config.json: put it in a folder "
+                                  "with its config.json, or give the config")
+        try:
+            return make(found, self.layout), self.map.file_hint
+        except (CheckpointError, ConfigError) as e:
+            raise CheckpointError(f"{self.source}: {e}") from None
 
     def _canonical(self, keys: list[str]) -> FileKeys:
         """The map's hook applied to `keys`, checked: each file key named once or set aside, none lost."""
