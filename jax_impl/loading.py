@@ -94,7 +94,7 @@ def checkpoint_source(ckpt) -> str:
     view of either."""
     while hasattr(ckpt, "base"):
         ckpt = ckpt.base
-    return str(getattr(ckpt, "folder", None) or getattr(ckpt, "path", "checkpoint"))
+    return str(getattr(ckpt, "source", None) or getattr(ckpt, "folder", "checkpoint"))
 
 
 def load_checkpoint(ckpt: Checkpoint, build: Callable[[], nnx.Module], *, stacked: str | tuple[str, ...] | None = None,

@@ -15,12 +15,13 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from torch_ref.fantasyworld.camera import AdaptedCrossAttention, plucker_rays
 from torch_ref.fantasyworld.checkpoint import (
-    PICKLE, SAFETENSORS, build_model, load_fantasyworld, read_released, torch_state, write_tiny_fantasyworld,
+    BASE_COMPONENT_SHAPES, PICKLE, SAFETENSORS, build_model, load_fantasyworld, read_released, torch_state,
+    write_tiny_fantasyworld,
 )
 from torch_ref.fantasyworld.heads import CameraHead, ResidualConvUnit, TemporalUpsampler
 from torch_ref.fantasyworld.model import wan_attention_half, wan_ffn_half
 from weights.configs.fantasyworld import FantasyWorldConfig
-from weights.fantasyworld_map import fantasyworld_entries
+from weights.fantasyworld_map import BASE_COMPONENTS, fantasyworld_entries
 from weights.safetensors_io import CheckpointError
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "fantasyworld.md"
@@ -235,9 +236,14 @@ def written(tmp_path_factory, cfg):
 
 
 def test_written_checkpoint_keys_are_the_doc_patterns(written, cfg):
+    """The files hold the doc's keys plus, as the public model's state dict does, base-component tensors under
+    each of `pipe.text_encoder.`, `pipe.image_encoder.`, `pipe.vae.`, which reading sets aside."""
     keys = set(expand(doc_key_patterns(), cfg))
+    assert {k.startswith(BASE_COMPONENTS) for k in BASE_COMPONENT_SHAPES} == {True}
+    assert {p for p in BASE_COMPONENTS if any(k.startswith(p) for k in BASE_COMPONENT_SHAPES)} == set(BASE_COMPONENTS)
     assert set(read_released(written / SAFETENSORS)) == keys
-    assert set(torch.load(written / PICKLE, weights_only=True)) == keys
+    assert set(read_released(written / PICKLE, allow_pickle=True)) == keys
+    assert set(torch.load(written / PICKLE, weights_only=True)) == keys | set(BASE_COMPONENT_SHAPES)
 
 
 def test_every_written_parameter_is_perturbed(written):
@@ -281,5 +287,5 @@ def test_loader_names_missing_and_misshaped_tensors(written, tmp_path, cfg):
     shutil.copytree(written, bad)
     (bad / PICKLE).unlink()
     save_tensors(bad / SAFETENSORS, tensors)
-    with pytest.raises(CheckpointError, match=r"missing 1: vggt\.camera_head\.token_norm\.weight.*mis-shaped 1: IRGBlock\.0"):
+    with pytest.raises(CheckpointError, match=r"missing 1 tensor\(s\): vggt\.camera_head\.token_norm\.weight.*mis-shaped 1 tensor\(s\): IRGBlock\.0"):
         load_fantasyworld(bad)

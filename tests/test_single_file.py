@@ -1,4 +1,5 @@
-"""Single-file DiT checkpoints (`weights.single_file`): layouts, prefixes, dtypes and shards as users have them.
+"""Single-file DiT checkpoints (`weights.single_file.open_dit` through the one engine, the DiT map's hooks in
+`weights.dit_map`): layouts, prefixes, dtypes and shards as users have them.
 
 Each file is written here from a diffusers model's state dict renamed to the original Wan keys (the names
 `tests/wan_original_layout.py` derives from the Wan repositories' model code) under the prefix ComfyUI or
@@ -16,9 +17,9 @@ import pytest
 
 from weights.configs.dit import DitConfig, check_dit_inputs
 from weights.configs.presets import PRESETS, get_preset
-from weights.dit_map import dit_entries
+from weights.dit_map import LAYOUTS, PREFIXES, TOP_LEVEL, dit_entries, dit_file_keys, infer_dit_config
 from weights.safetensors_io import CheckpointError, save_tensors
-from weights.single_file import SingleFileCheckpoint, infer_config, is_single_file
+from weights.single_file import is_single_file, open_dit
 from tests.wan_original_layout import WanModelSpec, wan_state_dict_shapes
 
 DTYPES = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16, "fp32": np.float32}
@@ -87,7 +88,7 @@ def test_single_file_forward_equals_diffusers(tmp_path, preset, layout, prefix, 
     path = write_single_file(tmp_path / "model.safetensors", cfg, state, layout=layout, prefix=prefix, dtype=dtype, shards=shards)
     assert is_single_file(path)
     lines: list[str] = []
-    ckpt = SingleFileCheckpoint(path, num_heads=heads, log=lines.append)
+    ckpt = open_dit(path, num_heads=heads, log=lines.append)
     assert (ckpt.layout, ckpt.prefix, ckpt.config) == (layout, prefix, cfg)
     assert f"{layout} layout, prefix {prefix!r}, {shards} file(s)" in lines[0]
     model = load_dit(ckpt)
@@ -111,12 +112,12 @@ def test_config_read_off_shapes(name, layout):
     cfg = PRESETS[name].transformer
     shapes = {e.name(layout): e.shape for e in dit_entries(cfg)}
     heads = None if cfg.attention_head_dim == 128 else cfg.num_attention_heads
-    assert infer_config(shapes, layout, heads) == cfg
+    assert infer_dit_config(shapes, layout, heads) == cfg
     variants = [cfg.replace(patch_size=(2, 1, 3), out_channels=12, cross_attn_norm=False)]
     if cfg.has_image_tokens:
         variants.append(cfg.replace(pos_embed_seq_len=6))  # FLF2V's image positions
     for v in variants:
-        assert infer_config({e.name(layout): e.shape for e in dit_entries(v)}, layout, heads) == v
+        assert infer_dit_config({e.name(layout): e.shape for e in dit_entries(v)}, layout, heads) == v
 
 
 # --- errors: named keys, the prefix, the fix -------------------------------------------------------------
@@ -134,7 +135,7 @@ def test_missing_and_unexpected_keys_are_named(tmp_path, t2v_state):
                              drop=("blocks.1.ffn.2.bias",),
                              extra={"model.diffusion_model.blocks.0.self_attn.extra.weight": np.zeros(3, np.float32)})
     with pytest.raises(CheckpointError) as err:
-        SingleFileCheckpoint(path, cfg)
+        open_dit(path, cfg)
     msg = str(err.value)
     assert "missing 1 tensor(s): blocks.1.ffn.2.bias" in msg and "unexpected 1 tensor(s): blocks.0.self_attn.extra.weight" in msg
     assert "'model.diffusion_model.'" in msg and "does the preset or config match" in msg
@@ -144,30 +145,161 @@ def test_wrong_config_is_named_by_shape(tmp_path, t2v_state):
     cfg = get_preset(T2V).transformer
     path = write_single_file(tmp_path / "m.safetensors", cfg, t2v_state)
     with pytest.raises(CheckpointError, match=r"mis-shaped .*blocks\.0\.ffn\.0\.weight: checkpoint \[64, 32\], config expects \[128, 32\]"):
-        SingleFileCheckpoint(path, cfg.replace(ffn_dim=128))
+        open_dit(path, cfg.replace(ffn_dim=128))
     with pytest.raises(CheckpointError, match="not a multiple of Wan's head width 128: give the head count"):
-        SingleFileCheckpoint(path)
+        open_dit(path)
 
 
 @pytest.mark.parametrize("extra,match", [
-    ({"scaled_fp8": np.zeros(0, np.float32)}, "scaled-fp8 checkpoint"),
-    ({"model.diffusion_model.blocks.0.ffn.0.scale_weight": np.ones(1, np.float32)}, "scaled-fp8 checkpoint"),
-    ({"first_stage_model.decoder.conv.weight": np.ones(1, np.float32)}, "bundles other models"),
+    ({"model.diffusion_model.blocks.0.ffn.0.scale_weight": np.ones(1, np.float32)},
+     r"m\.safetensors: scale tensor model\.diffusion_model\.blocks\.0\.ffn\.0\.scale_weight .* not FP8"),
+    ({"first_stage_model.decoder.conv.weight": np.ones(1, np.float32)}, "bundles other models .*give the diffusion model file alone"),
+    ({"blocks.0.ffn.0.weight": np.ones(1, np.float32)}, r"mixed prefixes: .* 1 do not \(blocks\.0\.ffn\.0\.weight\)"),
+    ({"model.diffusion_model.proj_out.weight": np.ones(1, np.float32)}, r"prefix 'model\.diffusion_model\.' removed\): mixed layouts: .*\(diffusers: proj_out\.weight; wan: head\.head\.weight\)"),
 ])
 def test_refused_files(tmp_path, t2v_state, extra, match):
+    """Files that are not one DiT under one prefix in one layout: refused with the problem and the fix."""
     cfg = get_preset(T2V).transformer
     path = write_single_file(tmp_path / "m.safetensors", cfg, t2v_state, prefix="model.diffusion_model.", extra=extra)
     with pytest.raises(CheckpointError, match=match):
-        SingleFileCheckpoint(path, cfg)
+        open_dit(path, cfg)
 
 
 def test_not_a_checkpoint(tmp_path):
     (tmp_path / "m.pt").write_bytes(b"x")
-    with pytest.raises(CheckpointError, match="pickled"):
-        SingleFileCheckpoint(tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match="pickled checkpoint.*--allow-pickle"):
+        open_dit(tmp_path / "m.pt")
     save_tensors(tmp_path / "vae.safetensors", {"decoder.conv1.weight": np.ones((2, 2), np.float32)})
     with pytest.raises(CheckpointError, match="cannot tell the model checkpoint layout"):
-        SingleFileCheckpoint(tmp_path / "vae.safetensors")
+        open_dit(tmp_path / "vae.safetensors")
+    save_tensors(tmp_path / "net.safetensors", {"net.blocks.0.ffn.0.weight": np.ones(2, np.float32),
+                                                "net.head.head.weight": np.ones(2, np.float32)})
+    with pytest.raises(CheckpointError, match="every key starts with 'net.', a prefix wanport does not know"):
+        open_dit(tmp_path / "net.safetensors")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="not a weights file"):
+        open_dit(tmp_path / "notes.txt")
+
+
+# --- round trips: every layout, prefix and container a single file comes in --------------------------------
+def _stored(state: dict[str, np.ndarray], cfg: DitConfig, layout: str, dtype: str) -> dict[str, np.ndarray]:
+    """The tensors `write_single_file` stores, under the map's names in `layout` (no prefix)."""
+    return {e.name(layout): state[e.diffusers].astype(DTYPES[dtype]) for e in dit_entries(cfg)}
+
+
+@pytest.mark.parametrize("layout", ["wan", "diffusers"])
+@pytest.mark.parametrize("prefix", ["", *PREFIXES])
+def test_every_prefix_reads_back_bit_exact(tmp_path, t2v_state, layout, prefix):
+    """Each tensor comes back exactly as stored, whatever the prefix (the engine reads the file's names through the
+    hook's map: a prefix stripped twice or not at all would miss or mislabel tensors)."""
+    cfg = get_preset(T2V).transformer
+    path = write_single_file(tmp_path / "m.safetensors", cfg, t2v_state, layout=layout, prefix=prefix, shards=2)
+    ckpt = open_dit(path, num_heads=cfg.num_attention_heads)
+    assert (ckpt.layout, ckpt.prefix, ckpt.config, ckpt.single_file) == (layout, prefix, cfg, True)
+    want = _stored(t2v_state, cfg, layout, "bf16")
+    for e in ckpt.entries:
+        got = ckpt.get(e, layout)
+        assert got.dtype == want[e.name(layout)].dtype and np.array_equal(got, want[e.name(layout)]), e.name(layout)
+
+
+def test_flax_single_file_opens_with_its_config_only(tmp_path, t2v_state):
+    """A Flax-layout file has no shapes-to-config reading (Flax checkpoints are folders): with the config given
+    it opens and re-lays exactly; without, the error says so."""
+    cfg = get_preset(T2V).transformer
+    entries = dit_entries(cfg)
+    save_tensors(tmp_path / "flax.safetensors", {e.flax: e.to_flax(t2v_state[e.diffusers]) for e in entries})
+    with pytest.raises(CheckpointError, match="flax-layout file: its config cannot be read off the shapes"):
+        open_dit(tmp_path / "flax.safetensors")
+    ckpt = open_dit(tmp_path / "flax.safetensors", cfg)
+    assert ckpt.layout == "flax"
+    for e in entries:
+        assert np.array_equal(ckpt.get(e, "diffusers"), t2v_state[e.diffusers]), e.diffusers
+
+
+def test_pickled_single_file_only_when_allowed(tmp_path, t2v_state):
+    """A .pth DiT (the original release's own format): refused without allow_pickle, read weights-only with it."""
+    import torch
+
+    cfg = get_preset(T2V).transformer
+    want = _stored(t2v_state, cfg, "wan", "fp32")
+    torch.save({"model.diffusion_model." + k: torch.from_numpy(v) for k, v in want.items()}, tmp_path / "wan.pth")
+    with pytest.raises(CheckpointError, match="--allow-pickle"):
+        open_dit(tmp_path / "wan.pth", num_heads=2)
+    ckpt = open_dit(tmp_path / "wan.pth", num_heads=2, allow_pickle=True)
+    assert (ckpt.layout, ckpt.prefix, ckpt.config) == ("wan", "model.diffusion_model.", cfg)
+    assert all(np.array_equal(ckpt.get(e, "wan"), want[e.wan]) for e in ckpt.entries)
+
+
+def test_comfyui_scaled_fp8_single_file_is_dequantised(tmp_path, t2v_state):
+    """ComfyUI's scaled-fp8 files (a `scaled_fp8` marker, scalar `scale_weight` and `scale_input` per block
+    linear, under `model.diffusion_model.`) open as folders do: the scales are paired before the prefix is
+    stripped and `get` returns weight * scale."""
+    from weights import fp8 as wfp8
+
+    cfg = get_preset(T2V).transformer
+    tensors = {"model.diffusion_model." + k: v for k, v in _stored(t2v_state, cfg, "wan", "bf16").items()}
+    scales = {}
+    for k in [k for k in tensors if wfp8.is_fp8_linear(k) and k.endswith(".weight")]:
+        q, s = wfp8.quantize_linear(tensors[k].astype(np.float32), scaling="tensor")
+        tensors[k], scales[k] = q, s
+        tensors[k[: -len("weight")] + "scale_weight"] = s
+        tensors[k[: -len("weight")] + "scale_input"] = np.float32(1.0)
+    tensors["scaled_fp8"] = np.zeros((0,), wfp8.E4M3)
+    save_tensors(tmp_path / "wan_fp8_scaled.safetensors", tensors)
+    ckpt = open_dit(tmp_path / "wan_fp8_scaled.safetensors", num_heads=2)
+    assert ckpt.prefix == "model.diffusion_model." and len(ckpt.fp8) == len(scales) > 0
+    for e in ckpt.entries:
+        key = "model.diffusion_model." + e.wan
+        want = wfp8.dequantize(tensors[key], scales[key]) if key in scales else tensors[key]
+        assert np.array_equal(ckpt.get(e, "wan"), want), e.wan
+
+
+@pytest.mark.parametrize("container", ["safetensors", "shards", "pth"])
+@pytest.mark.parametrize("layout,prefix", [("wan", "model.diffusion_model."), ("diffusers", "transformer."), ("wan", "")])
+def test_convert_single_file_round_trips_bit_exact(tmp_path, container, layout, prefix):
+    """`wanport convert FILE` in each container and layout -> a Flax folder -> back to the file's layout: every
+    tensor as stored, the config the one read off the shapes (head width 128)."""
+    import torch
+
+    from weights.convert import convert
+
+    cfg = get_preset("tiny-hd128-wan2.1-i2v-14b").transformer
+    state = base_state(cfg, seed=1)
+    if container == "pth":
+        src = tmp_path / "model.pth"
+        torch.save({prefix + k: torch.from_numpy(v) for k, v in _stored(state, cfg, layout, "fp32").items()}, src)
+        dtype = "fp32"
+    else:
+        dtype = "bf16"
+        src = write_single_file(tmp_path / "model.safetensors", cfg, state, layout=layout, prefix=prefix, dtype=dtype,
+                                shards=2 if container == "shards" else 1)
+    flax = convert(src, tmp_path / "flax", "flax", allow_pickle=container == "pth")
+    back = open_dit(convert(flax, tmp_path / "back", layout))
+    assert (back.config, back.layout, back.single_file) == (cfg, layout, False)
+    want = _stored(state, cfg, layout, dtype)
+    for e in back.entries:
+        got = back.get(e, layout)
+        assert got.dtype == want[e.name(layout)].dtype and np.array_equal(got, want[e.name(layout)]), e.name(layout)
+
+
+# --- the DiT map's key hook -----------------------------------------------------------------------------------
+def test_top_level_names_are_the_maps():
+    """`TOP_LEVEL` (what a real key may start with, so a shared first part that is not one is a prefix) is the set
+    of first name parts of every preset's entries in every layout."""
+    firsts = {e.name(layout).split(".")[0] for p in PRESETS.values() for cfg in [p.transformer]
+              for e in dit_entries(cfg) for layout in LAYOUTS}
+    assert firsts == TOP_LEVEL
+
+
+def test_dit_file_keys_strips_the_longest_prefix_once():
+    keys = ["model.diffusion_model.blocks.0.ffn.0.weight", "model.diffusion_model.head.head.weight"]
+    view = dit_file_keys(keys)
+    assert view.prefix == "model.diffusion_model." and view.names == {k[22:]: k for k in keys} and not view.dropped
+    # a name that itself starts like a prefix keeps it: only the file's prefix, once
+    keys = ["model.model.x", "model.blocks.0.ffn.0.weight"]
+    assert dit_file_keys(keys).names == {"model.x": "model.model.x", "blocks.0.ffn.0.weight": keys[1]}
+    assert dit_file_keys(["blocks.0.ffn.0.weight", "head.head.weight"]).prefix == ""
+    assert dit_file_keys(["blocks.0.ffn.0.weight", "blocks.1.ffn.0.weight"]).prefix == ""  # blocks only: no prefix
 
 
 def test_flf2v_original_file_forward_equals_diffusers(tmp_path):
@@ -184,7 +316,7 @@ def test_flf2v_original_file_forward_equals_diffusers(tmp_path):
     assert state[pos].std() > 0.01  # non-trivial (torch_ref perturbs diffusers' zero init)
     path = write_single_file(tmp_path / "flf2v.safetensors", cfg, state, prefix="model.diffusion_model.", dtype="fp32")
     lines: list[str] = []
-    ckpt = SingleFileCheckpoint(path, log=lines.append)
+    ckpt = open_dit(path, log=lines.append)
     assert ckpt.config == cfg and "6-token image positions (FLF2V)" in lines[0]
     rng = np.random.default_rng(0)
     inputs = DitInputs(

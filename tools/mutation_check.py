@@ -181,6 +181,29 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_lora_apply.py", "-k", "single_file"),
     ),
     Mutation(
+        "checkpoint-hook-skipped",
+        "the checkpoint engine reads a file's names as they are, without its weight map's canonical_keys hook",
+        "weights/checkpoint.py",
+        (("        view = self.map.file_keys(keys)\n", "        view = FileKeys.identity(keys)\n"),),
+        ("tests/test_checkpoint_hooks.py",),
+    ),
+    Mutation(
+        "dit-prefix-stripped-twice",
+        "the DiT hook strips a known prefix again from names that already lost the file's prefix",
+        "weights/dit_map.py",
+        (("        return FileKeys({k[len(prefix):]: k for k in keys}, prefix=prefix)",
+          "        again = lambda n: next((n[len(p):] for p in PREFIXES if n.startswith(p)), n)  # noqa: E731\n"
+          "        return FileKeys({again(k[len(prefix):]): k for k in keys}, prefix=prefix)"),),
+        ("tests/test_single_file.py", "-k", "prefix"),
+    ),
+    Mutation(
+        "fw-base-components-kept",
+        "FantasyWorld's hook sets nothing aside: the released file's pipe.text_encoder/image_encoder/vae tensors reach the key check",
+        "weights/fantasyworld_map.py",
+        (('BASE_COMPONENTS = ("pipe.text_encoder.", "pipe.image_encoder.", "pipe.vae.")', "BASE_COMPONENTS = ()"),),
+        ("tests/test_convert_fantasyworld.py",),
+    ),
+    Mutation(
         "fw-adapter-after-output",
         "FantasyWorld's camera adapter shifts the cross-attention after its output projection instead of before",
         "jax_impl/fantasyworld/model.py",

@@ -4,12 +4,15 @@ The command modules define their options with light imports only; each imports j
 inside its `run`, so `wanport --help` and `wanport presets` answer at once (measured on the 2-core CI machine:
 10.7 s with the commands' heavy imports at module level, 0.2 s without; tests/test_cli.py checks that
 `--help` leaves jax, flax and torch unimported). Errors from bad input are one
-line and exit code 2, Ctrl-C one line and exit code 130, here for every subcommand.
+line and exit code 2, Ctrl-C one line and exit code 130, here for every subcommand. The library's log lines
+(`wanport.*` loggers at INFO: what a checkpoint was opened as, what its hook set aside, LoRA keys skipped) go
+to stdout with the commands' own progress lines, so stderr keeps holding the one error line.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from jax_impl.runtime import configure_xla
@@ -47,8 +50,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Stdout(logging.Handler):
+    """Log records as plain lines on the current stdout (looked up per record, so captured output sees them)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stdout, flush=True)
+
+
+def show_logs() -> None:
+    """`wanport.*` INFO log lines on stdout (once, however often `main` runs in one process)."""
+    log = logging.getLogger("wanport")
+    if not any(isinstance(h, _Stdout) for h in log.handlers):
+        log.addHandler(_Stdout())
+    log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     configure_xla()
+    show_logs()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

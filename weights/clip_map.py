@@ -10,7 +10,7 @@ the `position_ids` buffer; `canonical_keys` removes both.
 from __future__ import annotations
 
 from weights.configs.encoders import ClipVisionConfig
-from weights.entry import Entry, WeightMap
+from weights.entry import Entry, FileKeys, WeightMap
 
 PREFIX = "vision_model."
 BUFFERS = ("embeddings.position_ids",)
@@ -51,14 +51,16 @@ def clip_vision_entries(cfg: ClipVisionConfig) -> list[Entry]:
     return e
 
 
-def canonical_keys(keys: list[str]) -> dict[str, str]:
-    """{name in `clip_vision_entries` -> name in the file}: the `vision_model.` prefix and buffers dropped."""
-    out = {}
+def canonical_keys(keys: list[str]) -> FileKeys:
+    """{name in `clip_vision_entries` -> name in the file}: the `vision_model.` prefix removed, buffers set aside."""
+    out, buffers = {}, []
     for k in keys:
         name = k[len(PREFIX):] if k.startswith(PREFIX) else k
-        if name not in BUFFERS:
+        if name in BUFFERS:
+            buffers.append(k)
+        else:
             out[name] = k
-    return out
+    return FileKeys(out, dropped=tuple(buffers), why="buffers transformers saves, not weights")
 
 
 CLIP = WeightMap(

@@ -1,9 +1,14 @@
-"""Convert Wan DiT checkpoints between the diffusers, original-Wan and Flax layouts.
+"""Convert Wan DiT (and FantasyWorld) checkpoints between the diffusers, original-Wan and Flax layouts.
 
 The design goals, in order: never damage anything (the source is only read, the output appears
 whole or not at all, an existing destination survives unless --force), be exact (re-laying is a
 permutation, dtypes change only on request, and a manifest of sha256 hashes proves it), and stream
 (one memory-mapped tensor at a time, so a 14B expert converts in a couple of hundred MB of RAM).
+
+Sources open through the one checkpoint engine (`weights.checkpoint.Checkpoint`): a DiT model folder, a
+pipeline folder, a single DiT file (`weights.single_file.open_dit`), or a FantasyWorld model (a folder with
+its config.json, or the released `model.pth` alone; its layouts are named as the DiT's: `wan` = the
+released names, `diffusers` = our torch reference's, `flax`), written as a folder of the same kind.
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ from weights import manifest as mf
 from weights.atomic import TEMP_TAGS, atomic_folder, check_output_path
 from weights.checkpoint import Checkpoint
 from weights.configs.dit import DitConfig
-from weights.dit_map import DIT, LAYOUTS
+from weights.dit_map import LAYOUTS
 from weights.entry import FORMAT_KEY
+from weights.fantasyworld_map import FANTASYWORLD
 from weights.lora_apply import apply_loras
 from weights.single_file import is_single_file, open_dit
-from weights.safetensors_io import CheckpointError, TensorSpec, validate_tree, write_safetensors
+from weights.safetensors_io import CheckpointError, TensorSpec, open_reader, validate_tree, write_safetensors
 
 WEIGHT_STEM = {"diffusers": "diffusion_pytorch_model", "wan": "diffusion_pytorch_model", "flax": "flax_model"}
 DIT_CLASSES = ("WanTransformer3DModel", "WanModel")
@@ -72,8 +78,8 @@ def plan_shards(specs: list[TensorSpec], limit: int | None) -> list[list[TensorS
     return shards
 
 
-def shard_file_names(layout: str, n: int) -> list[str]:
-    stem = WEIGHT_STEM[layout]
+def shard_file_names(layout: str, n: int, stem: str | None = None) -> list[str]:
+    stem = stem or WEIGHT_STEM[layout]
     if n == 1:
         return [f"{stem}.safetensors"]
     return [f"{stem}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
@@ -87,13 +93,15 @@ def write_weights(
     *,
     shard_size: int | None = None,
     on_tensor: ProgressFn | None = None,
+    stem: str | None = None,
 ) -> dict[str, tuple[str, int, dict[str, dict]]]:
-    """Write the weights (one file, or shards plus index json) into `folder`.
+    """Write the weights (one file, or shards plus index json) into `folder`, named `stem` (default: the
+    layout's usual name).
 
     Returns {file name: (file sha256, size, {tensor: manifest record})} for the manifest.
     """
     shards = plan_shards(specs, shard_size)
-    names = shard_file_names(layout, len(shards))
+    names = shard_file_names(layout, len(shards), stem)
     meta = {FORMAT_KEY: layout, "format": "flax" if layout == "flax" else "pt"}
     out: dict[str, tuple[str, int, dict[str, dict]]] = {}
     weight_map: dict[str, str] = {}
@@ -108,7 +116,7 @@ def write_weights(
             total += int(np.prod(s.shape, dtype=np.int64)) * np.dtype(s.dtype).itemsize
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        iname = f"{WEIGHT_STEM[layout]}.safetensors.index.json"
+        iname = f"{stem or WEIGHT_STEM[layout]}.safetensors.index.json"
         (folder / iname).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         sha, size = mf.hash_file(folder / iname)
         out[iname] = (sha, size, {})
@@ -122,15 +130,16 @@ def config_dict(cfg: DitConfig, layout: str) -> dict:
 
 def write_model(out: Path, cfg: DitConfig, layout: str, specs: list[TensorSpec], produce: Callable[[str], np.ndarray],
                 manifest: dict, *, prefix: str = "", shard_size: int | None = None,
-                on_tensor: ProgressFn | None = None) -> None:
-    """config.json and the weights of one DiT in `layout` into `out`, every file recorded in `manifest`
-    (under `prefix`, the model's folder inside a pipeline)."""
+                on_tensor: ProgressFn | None = None, config_json: dict | None = None, stem: str | None = None) -> None:
+    """config.json and the weights of one model in `layout` into `out`, every file recorded in `manifest`
+    (under `prefix`, the model's folder inside a pipeline). `config_json` and `stem` default to the DiT's."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config_dict(cfg, layout), indent=2) + "\n")
+    raw = config_json if config_json is not None else config_dict(cfg, layout)
+    (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     sha, size = mf.hash_file(out / "config.json")
     mf.add_file(manifest, prefix + "config.json", sha, size)
     for fname, (sha, size, records) in write_weights(out, layout, specs, produce, shard_size=shard_size,
-                                                     on_tensor=on_tensor).items():
+                                                     on_tensor=on_tensor, stem=stem).items():
         mf.add_file(manifest, prefix + fname, sha, size, records if fname.endswith(".safetensors") else None)
 
 
@@ -146,13 +155,36 @@ def write_model_folder(dst: str | os.PathLike, cfg: DitConfig, layout: str, spec
 
 
 # --- conversion -----------------------------------------------------------------------------------
-def is_dit_folder(folder: Path) -> bool:
-    """A model folder whose config.json names the Wan DiT (diffusers or original class)."""
+def _class_name(folder: Path) -> str | None:
+    """The `_class_name` of a folder's config.json (None when there is none to read)."""
     try:
         raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return None
+    return raw.get("_class_name") if isinstance(raw, dict) else None
+
+
+def is_dit_folder(folder: Path) -> bool:
+    """A model folder whose config.json names the Wan DiT (diffusers or original class)."""
+    return _class_name(folder) in DIT_CLASSES
+
+
+def is_fantasyworld(src: Path, allow_pickle: bool = False) -> bool:
+    """A FantasyWorld model: a folder whose config.json says so, or a single file with its names."""
+    if src.is_dir():
+        return _class_name(src) == "FantasyWorld"
+    try:
+        FANTASYWORLD.detect_layout(open_reader(src, allow_pickle=allow_pickle).keys())
+    except (ValueError, OSError):  # CheckpointError is a ValueError: opening the DiT will say what is wrong
         return False
-    return isinstance(raw, dict) and raw.get("_class_name") in DIT_CLASSES
+    return True
+
+
+def open_model(src: Path, allow_pickle: bool = False):
+    """The DiT or FantasyWorld model at `src` (model folder or single file), opened and checked."""
+    if is_fantasyworld(src, allow_pickle):
+        return Checkpoint(src, FANTASYWORLD, allow_pickle=allow_pickle)
+    return open_dit(src, allow_pickle=allow_pickle)
 
 
 def cast_dtype(name: str | None) -> np.dtype | None:
@@ -169,8 +201,11 @@ class _Job:
 
     def __init__(self, src: Path, rel: str, to: str, cast, allow_pickle: bool, loras=()):
         self.rel = rel
-        # a single file (.safetensors or an index json, config read off the shapes) or a model folder
-        self.ckpt = open_dit(src) if is_single_file(src) else Checkpoint(src, DIT, allow_pickle=allow_pickle)
+        # a model folder or a single file (.safetensors, an index json or a .pth; a DiT's config read off the shapes)
+        self.ckpt = open_model(src, allow_pickle)
+        self.fantasyworld = self.ckpt.map is FANTASYWORLD
+        if self.fantasyworld and (loras or (cast is not None and cast == wfp8.E4M3)):
+            raise ValueError(f"{src}: a FantasyWorld model; --lora and --dtype float8_e4m3fn are for Wan DiT checkpoints")
         if loras:  # merged in float32, written in each base tensor's dtype (or --dtype); every LoRA read now
             self.ckpt = apply_loras(self.ckpt, loras, dtype=None)
         self.specs: list[TensorSpec] = []
@@ -217,8 +252,9 @@ class _Job:
         return x.astype(self.cast) if self.cast is not None and x.dtype != self.cast else x
 
     def write(self, out: Path, manifest: dict, shard_size: int | None, on_tensor: ProgressFn | None) -> None:
+        extra = dict(config_json=self.ckpt.config.to_dict(), stem=FANTASYWORLD.prefer) if self.fantasyworld else {}
         write_model(out, self.ckpt.config, self.to, self.specs, self.produce, manifest,
-                    prefix=f"{self.rel}/" if self.rel else "", shard_size=shard_size, on_tensor=on_tensor)
+                    prefix=f"{self.rel}/" if self.rel else "", shard_size=shard_size, on_tensor=on_tensor, **extra)
 
 
 def _copy_tree(src: Path, dst: Path, rel: str, manifest: dict) -> None:
@@ -245,8 +281,9 @@ def convert(
     loras=(),
     loras_2=(),
 ) -> Path:
-    """Convert a DiT model folder, a single-file DiT checkpoint (one .safetensors or an index json, e.g.
-    ComfyUI's; written as a model folder with its config), or a whole pipeline folder (model_index.json +
+    """Convert a DiT model folder, a single-file DiT checkpoint (one .safetensors, an index json, e.g.
+    ComfyUI's, or with `allow_pickle` a .pth; written as a model folder with its config), a FantasyWorld model
+    (folder, or the released model.pth alone), or a whole pipeline folder (model_index.json +
     transformer[_2]/) to layout `to`; other pipeline components and files are copied through unchanged.
 
     `loras` ("FILE[:SCALE]" or (file, scale)) are merged into the model folder, or a pipeline's
@@ -261,7 +298,8 @@ def convert(
     cast = cast_dtype(dtype)
     single = is_single_file(src)
     if not (src.is_dir() or single):
-        raise CheckpointError(f"{src}: not a folder, a .safetensors file or a .safetensors.index.json")
+        raise CheckpointError(f"{src}: not a folder, a .safetensors file, a .safetensors.index.json or a .pth "
+                              "(with --allow-pickle)")
     s, d = src.resolve(), dst.resolve()
     if s == d or s in d.parents or d in s.parents:
         raise ValueError(f"destination {dst} overlaps the source {src}; choose a folder outside it")

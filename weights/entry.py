@@ -4,8 +4,10 @@ An `Entry` names a tensor in each layout (diffusers or transformers, the origina
 parameter path), gives its torch-side shape and how it is re-laid for Flax (`kind`). Re-laying is a pure
 permutation or reshape, so conversions are bit-exact both ways. A `WeightMap` says what the checkpoint
 engine (`weights.checkpoint`) needs to know about one model: its entries for a config, how its config.json
-is read, and which key names tell its layouts apart. `check_keys` and `describe_mismatch` are the one key
-check: every missing, unexpected and mis-shaped tensor named in one error, before any data is read.
+is read, and which key names tell its layouts apart; its `canonical_keys` hook says what a file's names
+mean (`FileKeys`: a prefix removed, other components' tensors set aside). `check_keys` and
+`describe_mismatch` are the one key check: every missing, unexpected and mis-shaped tensor named in one
+error, before any data is read.
 """
 
 from __future__ import annotations
@@ -123,13 +125,39 @@ def check_keys(entries: list[Entry], found: Mapping[str, tuple[int, ...]], layou
 
 
 @dataclasses.dataclass(frozen=True)
+class FileKeys:
+    """What a `canonical_keys` hook makes of a file's tensor names.
+
+    `names` maps each name the weight map uses to the file's name for it. Every file key lands in `names` or
+    in `dropped` (the engine checks that nothing is lost on the way): a prefix is stripped (`prefix`, said in
+    the log and in key errors, so a user can find the names in the file), tensors of other components are
+    set aside with `why` (one log line), anything else stays and the key check reports it as unexpected."""
+
+    names: dict[str, str]
+    prefix: str = ""
+    dropped: tuple[str, ...] = ()
+    why: str = ""
+
+    @classmethod
+    def identity(cls, keys: Collection[str]) -> "FileKeys":
+        return cls({k: k for k in keys})
+
+
+# config read off a file without config.json: ({canonical name: shape}, layout) -> config
+FileConfig = Callable[[Mapping[str, tuple[int, ...]], str], Any]
+
+
+@dataclasses.dataclass(frozen=True)
 class WeightMap:
     """What the checkpoint engine needs to know about one model.
 
-    `signatures`: layout -> key names (a trailing "." marks a prefix) only that layout uses, tried in order;
-    a model stored in one layout only has one entry with no names. `read_config(raw, keys, source)` makes
-    the config from the folder's config.json (the tensor names may decide a detail, e.g. the original Wan
-    format's image branch). `canonical_keys(keys)` maps a map name to the file's name where files vary.
+    `signatures`: layout -> key names (a trailing "." marks a prefix) only that layout uses; a model stored
+    in one layout only has one entry with no names. `read_config(raw, keys, source)` makes the config from
+    the folder's config.json (the tensor names may decide a detail, e.g. the original Wan format's image
+    branch). `canonical_keys(keys) -> FileKeys` turns a file's names into the map's where files vary
+    (prefixes, buffers, other components bundled in). `file_config(shapes, layout)` gives the config of a
+    single weights file that comes without config.json (read off the shapes, or the one released model),
+    and `file_hint` says in key errors what it was compared with.
     """
 
     what: str  # in messages: "model" (the DiT), "VAE", "UMT5 text encoder", ...
@@ -139,21 +167,39 @@ class WeightMap:
     read_config: Callable[[dict, list[str], str], Any]
     hint: str = "Check that config.json belongs to these weights."
     ignore: tuple[str, ...] = ()  # suffixes of tensors a file may hold that the model does not use
-    canonical_keys: Callable[[list[str]], dict[str, str]] | None = None
+    canonical_keys: Callable[[list[str]], FileKeys] | None = None
     prefer: str = "diffusion_pytorch_model"  # weights file stem when a folder holds several single files
+    file_config: FileConfig | None = None
+    file_hint: str = ""
 
     @property
     def layouts(self) -> tuple[str, ...]:
         return tuple(self.signatures)
 
+    def file_keys(self, keys: list[str]) -> FileKeys:
+        """The hook's view of `keys` (all names kept as they are without a hook)."""
+        return self.canonical_keys(keys) if self.canonical_keys else FileKeys.identity(keys)
+
     def detect_layout(self, keys: Collection[str]) -> str:
-        """Which layout a set of checkpoint keys is in, from names only one layout uses."""
+        """Which layout a set of checkpoint keys is in, from names only one layout uses; names of two layouts
+        in one set are refused (a file or folder holds one layout)."""
         if len(self.signatures) == 1:
             return self.layouts[0]
         keys = set(keys)
-        for layout, names in self.signatures.items():
-            if any(k in keys if not k.endswith(".") else any(x.startswith(k) for x in keys) for k in names):
-                return layout
+        found = {layout: hit for layout, names in self.signatures.items()
+                 if (hit := next((k for k in names if _has(keys, k)), None))}
+        if len(found) > 1:
+            both = "; ".join(f"{layout}: {hit}" for layout, hit in found.items())
+            raise ValueError(f"mixed layouts: the {self.what} checkpoint holds key names of several layouts ({both}). "
+                             "One checkpoint holds one layout: keep the tensors of one and convert the others with "
+                             "`wanport convert`")
+        if found:
+            return next(iter(found))
         markers = ", ".join(n for names in self.signatures.values() for n in names)
         raise ValueError(f"cannot tell the {self.what} checkpoint layout ({', '.join(self.layouts)}): none of the "
                          f"key names {markers} found")
+
+
+def _has(keys: set[str], marker: str) -> bool:
+    """`marker` is a key of `keys`, or (ending in ".") a prefix of one."""
+    return any(x.startswith(marker) for x in keys) if marker.endswith(".") else marker in keys

@@ -8,6 +8,11 @@ the parameter path in `jax_impl.fantasyworld` (our module tree, `kernel`/`scale`
 type (`weights.entry`) covers its 2D/1D/transposed convolutions and (C, 1, 1, 1) gains.
 
 The per-module builders take path prefixes so one module can be mapped alone (parity tests).
+
+The released file is the public model's `state_dict()`, which also holds the pipeline's other components
+(`pipe.text_encoder.*`, `pipe.image_encoder.*`, `pipe.vae.*`): frozen copies of the base
+Wan2.1-I2V-14B-480P's encoders and VAE. `fantasyworld_file_keys`, the map's hook, sets them aside with
+one log line; the base checkpoint supplies those components (see `BASE_COMPONENTS`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import numpy as np
 
 from weights.configs.fantasyworld import FantasyWorldConfig
 from weights.dit_map import dit_entries
-from weights.entry import Entry, WeightMap, describe_mismatch
+from weights.entry import Entry, FileKeys, WeightMap, describe_mismatch
 from weights.safetensors_io import CheckpointError
 
 TORCH, RELEASED, FLAX = "diffusers", "wan", "flax"  # Entry field names used for our three layouts
@@ -239,9 +244,29 @@ def relayout(tensors: dict[str, np.ndarray], entries: Entries, src: str, dst: st
     return {en.name(dst): en.convert(np.asarray(tensors[en.name(src)]), src, dst) for en in entries}
 
 
+# The public model (`FantasyWorldFusionModel`) holds a DiffSynth `WanVideoPipeline` as `pipe`, whose modules
+# are `text_encoder`, `image_encoder`, `dit` and `vae` (motion_controller and vace stay None for this model).
+# Its inference script builds the whole pipeline from the base Wan2.1-I2V-14B-480P files, then loads
+# model.pth over it with strict=False, asserting no unexpected key: so the only `pipe.*` tensors besides
+# `pipe.dit.*` a released file can hold are these three components. The VAE is built frozen
+# (requires_grad_(False)); nothing in the public code trains or replaces the encoders. wanport runs them from
+# the base checkpoint folder (diffusers layout), so their copies here are set aside, with one log line.
+BASE_COMPONENTS = ("pipe.text_encoder.", "pipe.image_encoder.", "pipe.vae.")
+
+
+def fantasyworld_file_keys(keys: list[str]) -> FileKeys:
+    """The `canonical_keys` hook of FantasyWorld: the base components' tensors set aside, every other name kept
+    (an unknown `pipe.*` module then shows up as unexpected in the key check)."""
+    dropped = tuple(k for k in keys if k.startswith(BASE_COMPONENTS))
+    return FileKeys({k: k for k in keys if not k.startswith(BASE_COMPONENTS)}, dropped=dropped,
+                    why="the text encoder, CLIP image encoder and VAE of the base Wan2.1-I2V-14B-480P, which the public "
+                        "model saves with its own weights; wanport takes them from the base checkpoint")
+
+
 # The checkpoint engine's view (weights.checkpoint.Checkpoint): a FantasyWorld folder holds config.json
 # (FantasyWorldConfig) and `model.safetensors` (or the released `model.pth`, read only with allow_pickle) in
-# the released layout, our torch reference's names or the Flax names.
+# the released layout, our torch reference's names or the Flax names. The released `model.pth` alone (no
+# config.json) is checked against the released model's config.
 FANTASYWORLD = WeightMap(
     what="FantasyWorld model",
     subfolder="fantasyworld",
@@ -251,4 +276,8 @@ FANTASYWORLD = WeightMap(
     read_config=lambda raw, keys, source: FantasyWorldConfig.from_dict(raw, source=source),
     hint="Check that config.json (FantasyWorldConfig) belongs to these weights (branch_start, adapter_blocks, widths).",
     prefer="model",
+    canonical_keys=fantasyworld_file_keys,
+    file_config=lambda shapes, layout: FantasyWorldConfig.full(),
+    file_hint="Compared with the released FantasyWorld-Wan2.1-I2V-14B-480P config (FantasyWorldConfig.full()); for "
+              "another model put the file in a folder with its config.json.",
 )

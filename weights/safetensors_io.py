@@ -384,19 +384,32 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 class PickleReader:
-    """Tensors of a folder of pickled torch weights, read with `torch.load(weights_only=True)` only.
+    """Tensors of pickled torch weights (a folder's .bin/.pt/.pth files, or one file), read with
+    `torch.load(weights_only=True)` only.
 
     `weights_only` refuses arbitrary objects, so a malicious pickle cannot run code; `mmap=True` keeps
     the tensors file-backed so memory stays bounded. Same interface as `CheckpointReader`.
     """
 
     def __init__(self, folder: str | os.PathLike):
-        import torch
-
         self.folder = Path(folder)
         files = sorted(p for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
         if not files:
             raise CheckpointError(f"{self.folder}: no .safetensors or pickled ({', '.join(PICKLE_SUFFIXES)}) weights found")
+        self._read(files)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "PickleReader":
+        """The tensors of one pickled file (a single-file checkpoint such as a released `model.pth`)."""
+        path = Path(path)
+        reader = cls.__new__(cls)
+        reader.folder = path.parent
+        reader._read([path])
+        return reader
+
+    def _read(self, files: list[Path]) -> None:
+        import torch
+
         self._tensors: dict[str, "torch.Tensor"] = {}
         self.where: dict[str, str] = {}
         for p in files:
@@ -458,11 +471,29 @@ def _torch_to_numpy_dtype(tdtype, what: str) -> np.dtype:
     return np.dtype(table[tdtype])
 
 
-def open_reader(folder: str | os.PathLike, allow_pickle: bool = False, prefer: str = "diffusion_pytorch_model"):
-    """The reader for a model folder: safetensors always (`prefer`: the file stem to read when a folder holds
-    several single files); pickled weights only when explicitly allowed."""
-    folder = Path(folder)
-    if allow_pickle and folder.is_dir() and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.safetensors.index.json")):
-        if any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir()):
-            return PickleReader(folder)
-    return CheckpointReader(folder, prefer=prefer)
+def is_weights_file(path: str | os.PathLike) -> bool:
+    """Whether `path` names a file the readers take alone: a .safetensors file, a *.safetensors.index.json
+    shard index, or a pickled .bin/.pt/.pth/.ckpt file."""
+    p = Path(path)
+    return p.suffix in (".safetensors", *PICKLE_SUFFIXES) or p.name.endswith(".safetensors.index.json")
+
+
+def open_reader(source: str | os.PathLike, allow_pickle: bool = False, prefer: str = "diffusion_pytorch_model"):
+    """The reader for a model folder or one weights file: safetensors always (`prefer`: the file stem to read
+    when a folder holds several single files; a file: itself, or the shards its index lists); pickled
+    weights only when explicitly allowed."""
+    source = Path(source)
+    if source.is_file():
+        if not is_weights_file(source):
+            raise CheckpointError(f"{source}: not a weights file (.safetensors, a *.safetensors.index.json shard index, "
+                                  f"or with --allow-pickle {'/'.join(PICKLE_SUFFIXES)})")
+        if source.suffix in PICKLE_SUFFIXES:
+            if not allow_pickle:
+                raise CheckpointError(f"{source}: a pickled checkpoint; unpickling can run code, so it is read only with "
+                                      "--allow-pickle (allow_pickle=True), and then weights-only")
+            return PickleReader.from_file(source)
+        return CheckpointReader.from_file(source)
+    if allow_pickle and source.is_dir() and not any(source.glob("*.safetensors")) and not any(source.glob("*.safetensors.index.json")):
+        if any(p.suffix in PICKLE_SUFFIXES for p in source.iterdir()):
+            return PickleReader(source)
+    return CheckpointReader(source, prefer=prefer)

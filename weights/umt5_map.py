@@ -12,7 +12,7 @@ The token embedding is tied: transformers stores `shared.weight`, older or hand-
 from __future__ import annotations
 
 from weights.configs.encoders import Umt5Config
-from weights.entry import Entry, WeightMap
+from weights.entry import Entry, FileKeys, WeightMap
 
 EMBED = "shared.weight"
 EMBED_ALIAS = "encoder.embed_tokens.weight"
@@ -44,13 +44,14 @@ def umt5_entries(cfg: Umt5Config) -> list[Entry]:
     return e
 
 
-def canonical_keys(keys: list[str]) -> dict[str, str]:
+def canonical_keys(keys: list[str]) -> FileKeys:
     """{name in `umt5_entries` -> name in the file}. With both embedding names present `shared.weight` is
-    used, as transformers ties `encoder.embed_tokens` to it."""
-    out = {k: k for k in keys if k != EMBED_ALIAS}
+    used, as transformers ties `encoder.embed_tokens` to it (the other is set aside)."""
     if EMBED_ALIAS in keys and EMBED not in keys:
-        out[EMBED] = EMBED_ALIAS
-    return out
+        return FileKeys({(EMBED if k == EMBED_ALIAS else k): k for k in keys})
+    tied = (EMBED_ALIAS,) if EMBED_ALIAS in keys else ()
+    return FileKeys({k: k for k in keys if k != EMBED_ALIAS}, dropped=tied,
+                    why=f"the copy of {EMBED} that transformers ties to it")
 
 
 UMT5 = WeightMap(

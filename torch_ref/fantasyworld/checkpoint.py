@@ -4,6 +4,9 @@ A checkpoint folder holds `config.json` (FantasyWorldConfig), `model.pth` (a pla
 as the public code's `torch.load` expects; we only ever read it back with weights_only=True) and the
 same tensors as `model.safetensors`. Every parameter is perturbed away from its initialisation (unit
 norms, zero biases, zero gates and 0.01 LayerScales would hide whole code paths from a parity test).
+Like the public model's `state_dict()`, the files also hold a few tensors of the pipeline's base
+components (`pipe.text_encoder.*`, `pipe.image_encoder.*`, `pipe.vae.*`), which readers set aside
+(`weights.fantasyworld_map.fantasyworld_file_keys`). Reading goes through the one checkpoint engine.
 """
 
 from __future__ import annotations
@@ -16,13 +19,24 @@ import torch
 
 from torch_ref.fantasyworld.model import FantasyWorld
 from weights.atomic import atomic_folder
+from weights.checkpoint import Checkpoint
 from weights.configs.fantasyworld import FantasyWorldConfig
-from weights.fantasyworld_map import RELEASED, TORCH, fantasyworld_entries, relayout
-from weights.safetensors_io import CheckpointError, load_tensors, save_tensors
+from weights.fantasyworld_map import FANTASYWORLD, RELEASED, TORCH, fantasyworld_entries, relayout
+from weights.safetensors_io import CheckpointError, open_reader, save_tensors
 
 CONFIG, PICKLE, SAFETENSORS = "config.json", "model.pth", "model.safetensors"
-# The public model's state dict also holds its frozen encoders; they come from the base checkpoint.
-IGNORED_PREFIXES = ("pipe.text_encoder.", "pipe.image_encoder.", "pipe.vae.")
+# A few tensors of each base component, named as the public module tree names them (DiffSynth's WanTextEncoder,
+# WanImageEncoder wrapping the open-clip ViT as `model`, WanVideoVAE wrapping the VAE as `model`); the shapes are
+# small stand-ins: readers set these tensors aside whatever they hold.
+BASE_COMPONENT_SHAPES = {
+    "pipe.text_encoder.token_embedding.weight": (16, 8),
+    "pipe.text_encoder.blocks.0.attn.q.weight": (8, 8),
+    "pipe.text_encoder.norm.weight": (8,),
+    "pipe.image_encoder.model.visual.patch_embedding.weight": (8, 3, 2, 2),
+    "pipe.image_encoder.model.visual.transformer.0.attn.to_qkv.weight": (24, 8),
+    "pipe.vae.model.encoder.conv1.weight": (4, 3, 3, 3, 3),
+    "pipe.vae.model.conv2.weight": (4, 4, 1, 1, 1),
+}
 
 
 @torch.no_grad()
@@ -54,11 +68,21 @@ def released_state(model: FantasyWorld) -> dict[str, np.ndarray]:
     return relayout(torch_state(model), fantasyworld_entries(model.cfg), TORCH, RELEASED, "torch reference")
 
 
+def base_component_tensors(seed: int = 0) -> dict[str, np.ndarray]:
+    """Random stand-ins for the base components' tensors a released file carries (`BASE_COMPONENT_SHAPES`)."""
+    rng = np.random.default_rng(seed + 7)
+    return {k: rng.standard_normal(shape).astype(np.float32) for k, shape in BASE_COMPONENT_SHAPES.items()}
+
+
 def write_tiny_fantasyworld(folder: str | os.PathLike, cfg: FantasyWorldConfig | None = None, *, seed: int = 0,
-                            force: bool = False) -> Path:
-    """Write config.json, model.pth and model.safetensors (released layout) for a random model; atomic."""
+                            force: bool = False, base_components: bool = True) -> Path:
+    """Write config.json, model.pth and model.safetensors (released layout) for a random model; atomic. With
+    `base_components` (default) both files also hold the base components' tensors, as the released file's
+    state dict does."""
     cfg = cfg or FantasyWorldConfig.tiny()
     tensors = released_state(build_model(cfg, seed))
+    if base_components:
+        tensors.update(base_component_tensors(seed))
     with atomic_folder(folder, force=force) as tmp:
         cfg.to_json(tmp / CONFIG)
         torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}, tmp / PICKLE)
@@ -67,34 +91,20 @@ def write_tiny_fantasyworld(folder: str | os.PathLike, cfg: FantasyWorldConfig |
 
 
 def read_released(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-    """Tensors of a released-layout file (.safetensors, or .pth with `allow_pickle`, read weights-only)."""
+    """The model's tensors in one file (.safetensors, or .pth with `allow_pickle`, read weights-only), as
+    stored, under the names the map uses (the base components' tensors set aside by the map's hook)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
-        tensors, _ = load_tensors(path)
-    elif path.suffix in (".pth", ".pt", ".bin"):
-        if not allow_pickle:
-            raise CheckpointError(f"{path} is a pickle; pass allow_pickle=True (--allow-pickle) to read it weights-only, "
-                                  "or convert it to safetensors first")
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # unpickling raises many types; all mean "not a plain weights file"
-            raise CheckpointError(f"{path}: not a weights-only torch checkpoint ({type(e).__name__}: {e})") from None
-        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
-            raise CheckpointError(f"{path}: expected a flat dict of named tensors")
-        tensors = {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in sd.items()}
-    else:
-        raise CheckpointError(f"{path}: unknown weights format {path.suffix!r} (expected .safetensors or .pth)")
-    return {k: v for k, v in tensors.items() if not k.startswith(IGNORED_PREFIXES)}
+    reader = open_reader(path, allow_pickle=allow_pickle)
+    return {name: reader.get(key) for name, key in FANTASYWORLD.file_keys(reader.keys()).names.items()}
 
 
 def load_fantasyworld(folder: str | os.PathLike, *, allow_pickle: bool = False) -> FantasyWorld:
-    """The torch reference from a checkpoint folder (safetensors preferred over model.pth)."""
-    folder = Path(folder)
-    cfg = FantasyWorldConfig.from_json(folder / CONFIG)
-    path = folder / SAFETENSORS if (folder / SAFETENSORS).is_file() else folder / PICKLE
-    tensors = relayout(read_released(path, allow_pickle=allow_pickle), fantasyworld_entries(cfg), RELEASED, TORCH, str(path))
-    model = FantasyWorld(cfg)
-    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}, strict=True)
+    """The torch reference from a checkpoint folder in any of the map's layouts (safetensors preferred over
+    model.pth), through the one checkpoint engine."""
+    ckpt = Checkpoint(folder, FANTASYWORLD, allow_pickle=allow_pickle)
+    model = FantasyWorld(ckpt.config)
+    state = {e.name(TORCH): torch.from_numpy(np.array(ckpt.get(e, TORCH), dtype=np.float32)) for e in ckpt.entries}
+    model.load_state_dict(state, strict=True)
     return model.eval()

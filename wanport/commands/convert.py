@@ -26,6 +26,10 @@ examples:
   # a single-file DiT (ComfyUI / original Wan release) -> a diffusers model folder with its config.json
   wanport convert wan2.1_t2v_1.3B_bf16.safetensors wan-dit --to diffusers
 
+  # FantasyWorld's released model.pth (a pickle: read weights-only) -> Flax; its copies of the base
+  # model's text encoder, image encoder and VAE (pipe.text_encoder/image_encoder/vae.*) are set aside
+  wanport convert FantasyWorld-Wan2.1-I2V-14B-480P/model.pth fantasyworld-flax --to flax --allow-pickle
+
   # merge a LoRA (strength 0.8) into the weights; FP8 for --precision fp8 (a LoRA merged first, then quantised)
   wanport convert ckpt merged --to diffusers --lora style.safetensors:0.8
   wanport convert ckpt ckpt-fp8 --to diffusers --dtype float8_e4m3fn --lora distill.safetensors
@@ -47,14 +51,16 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "convert",
         help="convert a Wan DiT checkpoint between diffusers, original-Wan and Flax layouts",
-        description="Convert a Wan DiT model folder, or a whole pipeline folder, between the diffusers, "
-        "original-Wan and Flax layouts, streaming one tensor at a time, with a sha256 manifest.",
+        description="Convert a Wan DiT model folder or single file, a whole pipeline folder, or a FantasyWorld "
+        "model between the diffusers, original-Wan (for FantasyWorld: the released names) and Flax layouts, "
+        "streaming one tensor at a time, with a sha256 manifest.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("src", nargs="?", metavar="SRC",
-                   help="model folder (config.json + weights), pipeline folder (model_index.json), or a single-file DiT "
-                        "(.safetensors or .safetensors.index.json, e.g. ComfyUI's; its config is read off the shapes)")
+                   help="model folder (config.json + weights), pipeline folder (model_index.json), a single-file DiT "
+                        "(.safetensors or .safetensors.index.json, e.g. ComfyUI's, or .pth with --allow-pickle; its config "
+                        "is read off the shapes), or FantasyWorld's model.pth (alone, or in a folder with its config.json)")
     p.add_argument("dst", nargs="?", metavar="DST", help="output folder (must not exist unless --force)")
     p.add_argument("--to", choices=LAYOUTS, help="output layout")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float8_e4m3fn"),
