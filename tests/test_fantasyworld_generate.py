@@ -176,17 +176,20 @@ def test_step_is_guided_euler_with_heads_on_the_conditional_pass(fw_ckpt):
     (sigma_1 - sigma_0) (v_neg + g (v_pos - v_neg)), and the predictions are the conditional pass's heads."""
     from jax_impl import schedulers
     from jax_impl.conditioning import ConcatCondition
-    from jax_impl.fantasyworld.pipeline import FantasyWorldPipeline, camera_rays, fantasyworld_step
+    from jax_impl.fantasyworld.pipeline import FantasyWorldPipeline, camera_rays, default_settings, fantasyworld_step
+    from jax_impl.media import load_image
+    from jax_impl.settings import GenerateSettings
     from jax_impl.sampling import DenoiseInputs
     from weights.trajectory import read_trajectory
 
-    pipe = FantasyWorldPipeline(fw_ckpt, attention_backend="xla")
+    pipe = FantasyWorldPipeline(fw_ckpt)  # as the run above, same shapes: its compiled step is reused
     model = pipe.model
-    g = np.random.default_rng(0)
-    rnd = lambda *s: jnp.asarray(g.standard_normal(s), jnp.float32)  # noqa: E731
-    noise, mask = rnd(1, 3, 6, 8, 16), rnd(1, 3, 6, 8, 20)
-    inputs = DenoiseInputs(text=rnd(1, 512, CFG.wan.text_dim), negative_text=rnd(1, 512, CFG.wan.text_dim),
-                           image=rnd(1, 257, CFG.wan.image_dim), condition=ConcatCondition(mask))
+    settings = GenerateSettings(**default_settings(CFG))
+    enc = pipe.encode(settings, prompt="a room", image=load_image(DEMO_IMAGE), negative_prompt="blurry")
+    noise = jnp.asarray(np.random.default_rng(0).standard_normal(pipe.base.latent_shape(settings)), jnp.float32)
+    mask = jnp.asarray(enc.condition.mask_latent)
+    inputs = DenoiseInputs(*(jnp.asarray(enc[k]) for k in ("prompt_embeds", "negative_prompt_embeds", "image_embeds")),
+                           condition=ConcatCondition(mask))
     rays = camera_rays(read_trajectory(DEMO_TRAJECTORY), CFG.height, CFG.width)
     sched = schedulers.diffsynth_schedule(5.0, STEPS)
     t, scale = jnp.float32(sched.timesteps[0]), 5.0
@@ -207,3 +210,16 @@ def test_step_is_guided_euler_with_heads_on_the_conditional_pass(fw_ckpt):
                                     camera_rays(read_trajectory(DEMO_TRAJECTORY), CFG.height, CFG.width, scale=0.1),
                                     jnp.float32(scale), jnp.bool_(True), jnp.int32(-1), guided=True, cfg_batch=True)
     assert not np.allclose(np.asarray(other.sample), np.asarray(state.sample), atol=1e-4), "the camera must matter"
+
+
+@pytest.mark.slow
+def test_demo_runs_fantasyworld_end_to_end(run, tmp_path, capsys):
+    """`wanport demo --fantasyworld`: the tiny checkpoint and the bundled 9-frame run (after `run`, whose compiled
+    functions it reuses: the same tiny model and shapes)."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--fantasyworld", "--out", str(out), "--steps", str(STEPS)]) == 0
+    assert (out / "checkpoint" / "fantasyworld" / "config.json").is_file()
+    names = {"video.mp4", "video_depth.npy", "video_depth_conf.npy", "video.ply", "video_cameras.json"}
+    assert names <= {p.name for p in out.iterdir()}
+    xyz, _, _ = read_ply((out / "video.ply").read_bytes())
+    assert f"({len(xyz)} points)" in capsys.readouterr().out
