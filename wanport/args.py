@@ -15,6 +15,7 @@ from weights.configs.causal import DEFAULT_TIMESTEPS, CausalConfig
 
 # generate's defaults for the size options, and how each one's help starts
 GENERATE_SIZES = {"frames": 81, "height": 480, "width": 832, "steps": 40}
+DEFAULT_GUIDANCE = 3.5
 _SIZE_HELP = {
     "frames": ("video length, 4k+1", " (default 81: 5 s at 16 fps)"),
     "height": ("multiple of 16 (32 for TI2V-5B)", "; default 480"),
@@ -54,8 +55,9 @@ def add_generate_arguments(p: argparse.ArgumentParser, *, tiny: dict[str, int] |
                         "Wan2.1 I2V, 5 for 720p and Wan2.2). Applied before the timesteps are made.")
     p.add_argument("--scheduler", choices=["unipc", "euler"], default=None,
                    help="sampler (default: the checkpoint's, UniPC multistep for Wan)")
-    p.add_argument("--guidance", type=float, default=3.5,
-                   help="classifier-free guidance scale, a finite number >= 0; <= 1 turns guidance off (default 3.5)")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                   help="classifier-free guidance scale, a finite number >= 0; <= 1 turns guidance off "
+                        f"(default {DEFAULT_GUIDANCE:g})")
     p.add_argument("--guidance-2", type=float, default=None,
                    help="guidance for the low-noise expert of Wan2.2 A14B (default: same as --guidance)")
     p.add_argument("--guidance-steps", type=int, default=None,

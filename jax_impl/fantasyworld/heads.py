@@ -199,7 +199,7 @@ class DPTHead(nnx.Module):
     def __call__(self, taps: list[jax.Array], grid: tuple[int, int], frames_per_chunk: int = 16):
         """taps: every joint layer's [B, S, P, D]; grid (h, w) tokens per frame.
         Returns (values [B, T, H, W, out_dim - 1], confidence [B, T, H, W])."""
-        b = taps[0].shape[0]
+        b = taps[self.layers[0]].shape[0]  # only the tapped layers need to be given (others may be None)
         feats = [self.level(k, taps[i], grid) for k, i in enumerate(self.layers)]
         feats = [f.reshape(-1, *f.shape[2:]) for f in feats]
         n = feats[0].shape[0]

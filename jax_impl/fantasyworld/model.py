@@ -85,6 +85,26 @@ class FantasyWorld(nnx.Module):
         [B, 257, image_dim]; rays [B, frames, 8H, 8W, 6] Plucker rays (None: no camera conditioning).
 
         Returns (velocity [B, F, H, W, 16], predictions dict or None, taps dict (empty unless `capture`))."""
+        out, layer_taps, taps = self.forward(latents, timestep, text, image, rays, capture=capture)
+        pred = None
+        if heads:
+            pred = self.predict(layer_taps, token_grid(self.cfg.wan, *latents.shape[1:4])[1:])
+            taps.update({f"pred.{k}": v for k, v in pred.items()})
+        return out, pred, (taps if capture else {})
+
+    def predict(self, layer_taps: list[jax.Array], grid_hw: tuple[int, int]) -> dict[str, jax.Array]:
+        """The heads on the joint layers' taps (each [B, f, P, 2 geo_dim]; grid_hw: tokens per frame side):
+        pose_enc [B, frames, 9], depth [B, frames, H, W, 1], depth_conf, world_points [.., 3], world_points_conf."""
+        poses = self.camera_head(layer_taps[-1])
+        depth, depth_conf = self.depth_head(layer_taps, grid_hw)
+        points, points_conf = self.point_head(layer_taps, grid_hw)
+        return {"pose_enc": poses[-1], "depth": depth, "depth_conf": depth_conf,
+                "world_points": points, "world_points_conf": points_conf}
+
+    def forward(self, latents: jax.Array, timestep: jax.Array, text: jax.Array, image: jax.Array,
+                rays: jax.Array | None = None, *, capture: bool = False):
+        """The joint forward without the heads: (velocity, every joint layer's tap [B, f, P, 2 geo_dim] (the
+        heads' input), taps dict). Arguments as `__call__`."""
         cfg, wan = self.cfg, self.wan
         b = latents.shape[0]
         t = jnp.broadcast_to(jnp.asarray(timestep, F32), (b,))
@@ -173,16 +193,7 @@ class FantasyWorld(nnx.Module):
 
         _, out = wan.apply_head(x, temb, latents.shape)
         taps["output"] = out
-
-        pred = None
-        if heads:
-            poses = self.camera_head(layer_taps[-1])
-            depth, depth_conf = self.depth_head(layer_taps, (h, w))
-            points, points_conf = self.point_head(layer_taps, (h, w))
-            pred = {"pose_enc": poses[-1], "depth": depth, "depth_conf": depth_conf,
-                    "world_points": points, "world_points_conf": points_conf}
-            taps.update({f"pred.{k}": v for k, v in pred.items()})
-        return out, pred, (taps if capture else {})
+        return out, layer_taps, taps
 
 
 def load_fantasyworld(folder: str | os.PathLike, *, dtype=None, attention_backend: str = "auto",

@@ -1,5 +1,8 @@
 """Tiny random FantasyWorld checkpoints in the released key layout, and loading them into the torch reference.
 
+`write_tiny_fantasyworld_pipeline` writes a whole runnable FantasyWorld checkpoint: a tiny Wan2.1-I2V base
+pipeline with the model folder in `fantasyworld/` (what `wanport generate --fantasyworld` reads).
+
 A checkpoint folder holds `config.json` (FantasyWorldConfig), `model.pth` (a plain dict of tensors,
 as the public code's `torch.load` expects; we only ever read it back with weights_only=True) and the
 same tensors as `model.safetensors`. Every parameter is perturbed away from its initialisation (unit
@@ -11,20 +14,25 @@ components (`pipe.text_encoder.*`, `pipe.image_encoder.*`, `pipe.vae.*`), which 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from torch_ref.checkpoints import write_tiny_checkpoint
 from torch_ref.fantasyworld.model import FantasyWorld
 from weights.atomic import atomic_folder
 from weights.checkpoint import Checkpoint
 from weights.configs.fantasyworld import FantasyWorldConfig
+from weights.configs.presets import get_preset
 from weights.fantasyworld_map import FANTASYWORLD, RELEASED, TORCH, fantasyworld_entries, relayout
 from weights.safetensors_io import CheckpointError, open_reader, save_tensors
 
 CONFIG, PICKLE, SAFETENSORS = "config.json", "model.pth", "model.safetensors"
+MODEL_DIR = "fantasyworld"  # the model folder inside a FantasyWorld pipeline folder
+BASE_PRESET = "tiny-wan2.1-i2v-14b"  # the tiny base pipeline (encoders, VAE, scheduler) of the tiny FantasyWorld
 # A few tensors of each base component, named as the public module tree names them (DiffSynth's WanTextEncoder,
 # WanImageEncoder wrapping the open-clip ViT as `model`, WanVideoVAE wrapping the VAE as `model`); the shapes are
 # small stand-ins: readers set these tensors aside whatever they hold.
@@ -88,6 +96,19 @@ def write_tiny_fantasyworld(folder: str | os.PathLike, cfg: FantasyWorldConfig |
         torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}, tmp / PICKLE)
         save_tensors(tmp / SAFETENSORS, tensors, {"format": "pt", "layout": "fantasyworld-released"})
     return Path(folder)
+
+
+def write_tiny_fantasyworld_pipeline(out: str | os.PathLike, cfg: FantasyWorldConfig | None = None, *, seed: int = 0,
+                                     force: bool = False) -> Path:
+    """A whole tiny FantasyWorld checkpoint: the tiny Wan2.1-I2V pipeline (diffusers layout; its transformer/ has
+    the FantasyWorld config's Wan shape) with the random FantasyWorld model in `fantasyworld/` (released
+    layout, weights seeded by `seed`). Atomic: the folder appears complete or not at all."""
+    cfg = cfg or FantasyWorldConfig.tiny()
+    base = dataclasses.replace(get_preset(BASE_PRESET), transformer=cfg.wan)
+    with atomic_folder(out, force=force, writer="wanport make-tiny", job="write") as tmp:
+        write_tiny_checkpoint(base, tmp, seed=seed, force=True)  # fills tmp (replacing the empty folder)
+        write_tiny_fantasyworld(tmp / MODEL_DIR, cfg, seed=seed)
+    return Path(out)
 
 
 def read_released(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:

@@ -28,6 +28,18 @@ examples:
   wanport generate --checkpoint ckpt --prompt "..." --causal --frames-per-block 3 --window 9 \\
       --frames 321 --out long.mp4                   # streaming: 81 latent frames in blocks of 3, KV cache
 
+FantasyWorld (--fantasyworld --camera trajectory.json) generates the video along a camera path and
+predicts its geometry: besides OUT.mp4 it writes OUT_depth.npy and OUT_depth_conf.npy (float32
+[frames, H, W]), OUT.ply (coloured point cloud from the predicted depth and cameras) and OUT_cameras.json
+(per frame camera-to-world 4x4 and intrinsics). --checkpoint is a Wan2.1-I2V pipeline folder with a
+fantasyworld/ model folder (`wanport make-tiny --fantasyworld` writes a tiny one). The trajectory is the
+public code's format: {"focal_length": F, "cameras_interp": [one 4x4 camera-to-world per frame]}; two
+examples are bundled (wanport/assets/fantasyworld_dolly_81.json and _9.json). Sizes, steps, shift and
+guidance default to the checkpoint's fantasyworld/config.json (released: 336x592, 50 steps, shift 5,
+guidance 5), --frames to the trajectory's camera count. Runs are not staged (no --resume).
+  wanport generate --fantasyworld --checkpoint fw --camera path.json --image room.png \
+      --prompt "a sunny loft" --out loft.mp4
+
 Block-causal mode (--causal) generates a few latent frames at a time (Self-Forcing / CausVid style):
 each block is denoised in a few steps (--causal-steps) while attending to a key/value cache of the blocks
 already made; --window keeps only the last F latent frames (plus the first block) so memory stays flat
@@ -39,11 +51,38 @@ from __future__ import annotations
 
 import argparse
 
-from wanport.args import add_generate_arguments, causal_from_args, encoders_from_args, model_options, settings_from_args
+from pathlib import Path
+
+from wanport.args import (DEFAULT_GUIDANCE, GENERATE_SIZES, add_generate_arguments, causal_from_args, default_dtype,
+                          encoders_from_args, model_options, settings_from_args)
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+EXAMPLE_TRAJECTORIES = {n: ASSETS / f"fantasyworld_dolly_{n}.json" for n in (81, 9)}
+
+
+# options whose defaults depend on the model: None means "not given" (filled in by `run`)
+MODEL_DEFAULTS = {**{k: v for k, v in GENERATE_SIZES.items() if k != "steps"}, "guidance": DEFAULT_GUIDANCE}
+FANTASYWORLD_OPTIONS = ("camera", "camera_scale", "point_stride", "point_confidence", "allow_pickle")
+# generate options FantasyWorld runs do not take, with why
+FANTASYWORLD_REFUSED = {
+    "causal": "block-causal generation is for distilled Wan models",
+    "resume": "FantasyWorld runs are not staged", "work_dir": "FantasyWorld runs are not staged",
+    "lora": "LoRAs are not supported with FantasyWorld yet", "lora_2": "LoRAs are not supported with FantasyWorld yet",
+    "precision": "FP8 is not supported with FantasyWorld yet",
+    "timesteps": "FantasyWorld samples DiffSynth's levels (--steps, --shift)",
+}
 
 
 def run(args: argparse.Namespace) -> int:
     # lazy: `wanport --help` must not start jax (measured: 10.7 s -> 0.2 s)
+    if args.fantasyworld:
+        return run_fantasyworld(args)
+    given = [k for k in FANTASYWORLD_OPTIONS if getattr(args, k) not in (None, False)]
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')} only applies with --fantasyworld")
+    for k, v in MODEL_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     options = model_options(args)  # before any jax work: fp8 against --dtype, --timesteps against --steps
     from jax_impl.latents import VaeOptions
     from jax_impl.pipeline import generate
@@ -57,6 +96,42 @@ def run(args: argparse.Namespace) -> int:
     t = result["timings"]
     print(f"wrote {result['video']} ({result['frames']} frames); load {t['load']:.1f} s, encode {t['encode']:.1f} s, "
           f"denoise {t['denoise']:.1f} s, decode {t['decode']:.1f} s")
+    return 0
+
+
+def run_fantasyworld(args: argparse.Namespace) -> int:
+    """`generate --fantasyworld`: options checked here, the rest in `generate_fantasyworld` before any model runs."""
+    for k, why in FANTASYWORLD_REFUSED.items():
+        if getattr(args, k) not in (None, False, [], ""):
+            raise ValueError(f"--{k.replace('_', '-')} does not go with --fantasyworld: {why}")
+    causal_from_args(args)  # its options without --causal are refused there
+    if args.camera is None:
+        raise ValueError("--fantasyworld needs --camera TRAJECTORY.json (one camera-to-world 4x4 per frame, the public "
+                         f"FantasyWorld format); bundled examples: {EXAMPLE_TRAJECTORIES[81]}, {EXAMPLE_TRAJECTORIES[9]}")
+    from jax_impl.fantasyworld.pipeline import (PointCloudOptions, default_settings, generate_fantasyworld,
+                                                read_fantasyworld_config)
+    from jax_impl.latents import VaeOptions
+    from weights.trajectory import read_trajectory
+
+    defaults = default_settings(read_fantasyworld_config(args.checkpoint))
+    defaults["frames"] = read_trajectory(args.camera).frames
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    settings = settings_from_args(args)
+    points = PointCloudOptions(**{k: v for k, v in (("stride", args.point_stride),
+                                                    ("min_confidence", args.point_confidence)) if v is not None})
+    result = generate_fantasyworld(
+        args.checkpoint, args.out, prompt=args.prompt, image_path=args.image, camera_path=args.camera,
+        settings=settings, negative_prompt=args.negative_prompt, embeddings_path=args.embeddings,
+        camera_scale=1.0 if args.camera_scale is None else args.camera_scale, points=points,
+        dtype=default_dtype(args.dtype), attention_backend=args.backend, vae_options=VaeOptions(tile=args.vae_tile),
+        encoders=encoders_from_args(args), allow_pickle=args.allow_pickle,
+    )
+    t = result["timings"]
+    print(f"wrote {result['paths'].video} ({result['frames']} frames) and its depth, {result['points']} points and "
+          f"cameras; load {t['load']:.1f} s, encode {t['encode']:.1f} s, denoise {t['denoise']:.1f} s, decode "
+          f"{t['decode']:.1f} s")
     return 0
 
 
@@ -83,4 +158,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--causal-steps", default=None, metavar="T,T,..",
                    help="per-block timesteps, noisy to clean (default 1000,750,500,250)")
     c.add_argument("--causal-shift", type=float, default=1.0, help="flow shift of the per-block schedule (default 1)")
-    p.set_defaults(func=run)
+    f = p.add_argument_group("FantasyWorld: video + depth, point cloud and cameras along a camera path")
+    f.add_argument("--fantasyworld", action="store_true",
+                   help="run a FantasyWorld checkpoint (a Wan2.1-I2V pipeline folder with fantasyworld/); sizes, "
+                        "--steps, --shift and --guidance default to its config, --frames to the trajectory's length")
+    f.add_argument("--camera", metavar="JSON",
+                   help="camera trajectory: {\"focal_length\": F, \"cameras_interp\": [4x4 camera-to-world per frame]} "
+                        "(OpenCV axes); bundled examples in wanport/assets: fantasyworld_dolly_81.json (81 frames), "
+                        "fantasyworld_dolly_9.json (9)")
+    f.add_argument("--camera-scale", type=float, default=None, metavar="S",
+                   help="scene scale the trajectory's translations are divided by (the public code estimates it with "
+                        "MoGe-2, which is not here); default 1: as given")
+    f.add_argument("--point-stride", type=int, default=None, metavar="N",
+                   help="point cloud: every N-th pixel row and column of every frame (default 4, as the public code)")
+    f.add_argument("--point-confidence", type=float, default=None, metavar="C",
+                   help="point cloud: keep pixels whose depth confidence (1 + exp(.), > 1) is >= C (default 1.0, the "
+                        "public code's: keeps every point)")
+    f.add_argument("--allow-pickle", action="store_true",
+                   help="read a released fantasyworld/model.pth (a pickle) weights-only; without it only safetensors")
+    # None = not given: the model's defaults apply (plain Wan: GENERATE_SIZES and guidance 3.5; FantasyWorld: its config)
+    p.set_defaults(func=run, frames=None, height=None, width=None, guidance=None)
