@@ -157,7 +157,9 @@ class StepCarry:
 
     @classmethod
     def zeros(cls, latents: jax.Array) -> "StepCarry":
-        z = jnp.zeros(latents.shape, F32)
+        """Zeros committed to the default device, as the step's outputs are (a skipped step passes the carry
+        through, and jit compiles committed and uncommitted arguments separately)."""
+        z = jax.device_put(jnp.zeros(latents.shape, F32), jax.devices()[0])
         return cls(z, z, z)
 
 
@@ -240,6 +242,46 @@ def step_kinds(schedule: schedulers.Schedule, guidance: Guidance, *, boundary_ra
 StepCallback = Callable[[dict[str, Any]], None]
 
 
+def _run_step(kind: StepKind, graphdef, params, state, inputs: DenoiseInputs, guidance: Guidance, first_bad, carry,
+              fast: bool):
+    """Step `kind.i` as `sample` runs it: `denoise_step` on the default path, `fast_step` with the carry otherwise.
+    Returns (state, v, v_cond, v_uncond, first_bad, carry)."""
+    scale = jnp.float32(guidance.scale_for(kind.expert))
+    if not fast:
+        out = denoise_step(graphdef, params, state, jnp.int32(kind.i), jnp.float32(kind.t), inputs, scale, first_bad,
+                           guided=kind.guided, cfg_batch=guidance.cfg_batch)
+        return (*out, carry)
+    return fast_step(graphdef, params, state, jnp.int32(kind.i), jnp.float32(kind.t), inputs, scale, first_bad, carry,
+                     jnp.float32(kind.cond_scale), jnp.float32(kind.uncond_scale), guided=kind.guided,
+                     cfg_batch=guidance.cfg_batch, reuse_cfg=kind.reuse_cfg, skipped=kind.skipped)
+
+
+def compile_steps(experts: list[nnx.Module], schedule: schedulers.Schedule, noise: Any, inputs: DenoiseInputs,
+                  guidance: Guidance, *, boundary_ratio: float | None = None, skip=None) -> int:
+    """Compile (and run, from step 0's state, results dropped) every step variant `sample` will use with these
+    arguments, so a timed `sample` holds no compilation. The experts share one compiled step, so only the first
+    expert's parameters are used. Returns how many variants ran."""
+    graphdef, params = nnx.split(experts[0])
+    params = jax.device_put(params, jax.devices()[0])
+    inputs = jax.tree.map(lambda a: None if a is None else jnp.asarray(a), inputs)
+    state = schedulers.init_state(schedule, noise)
+    kinds = step_kinds(schedule, guidance, boundary_ratio=boundary_ratio, num_experts=len(experts),
+                       has_negative=inputs.negative_text is not None, skip=skip)
+    fast = skip is not None or guidance.reuse_cfg
+    carry = StepCarry.zeros(state.sample) if fast else None
+    seen = {}
+    for kind in kinds:
+        seen.setdefault(kind.variant, kind)
+    for kind in seen.values():
+        kind = dataclasses.replace(kind, i=0)
+        # twice: the first call takes fresh arrays (as step 0 does), the second the first's outputs, which are
+        # committed to the device (as every later step's are) and so are a separate entry of jit's cache
+        out = _run_step(kind, graphdef, params, state, inputs, guidance, jnp.int32(-1), carry, fast)
+        out = _run_step(kind, graphdef, params, out[0], inputs, guidance, out[4], out[5], fast)
+        jax.block_until_ready(out[0].sample)
+    return len(seen)
+
+
 def sample(
     experts: list[nnx.Module],
     schedule: schedulers.Schedule,
@@ -295,18 +337,8 @@ def sample(
             params = jax.device_put(splits[expert][1], device)
             current = expert
         guided = kind.guided
-        if not fast:
-            state, v, v_cond, v_uncond, first_bad = denoise_step(
-                graphdef, params, state, jnp.int32(i), jnp.float32(t), inputs,
-                jnp.float32(guidance.scale_for(expert)), first_bad, guided=guided, cfg_batch=guidance.cfg_batch,
-            )
-        else:
-            state, v, v_cond, v_uncond, first_bad, carry = fast_step(
-                graphdef, params, state, jnp.int32(i), jnp.float32(t), inputs,
-                jnp.float32(guidance.scale_for(expert)), first_bad, carry, jnp.float32(kind.cond_scale),
-                jnp.float32(kind.uncond_scale), guided=guided, cfg_batch=guidance.cfg_batch,
-                reuse_cfg=kind.reuse_cfg, skipped=kind.skipped,
-            )
+        state, v, v_cond, v_uncond, first_bad, carry = _run_step(kind, graphdef, params, state, inputs, guidance,
+                                                                 first_bad, carry, fast)
         used.append((t, expert))
         if on_step is not None:
             on_step(dict(i=i, t=t, expert=expert, guided=guided, latents=state.sample, v=v,

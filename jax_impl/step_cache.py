@@ -30,6 +30,7 @@ with the fields that differ.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -178,6 +179,27 @@ class Calibration:
                              "one (`wanport generate ... --write-step-cache-calibration FILE`, same model and schedule)")
 
 
+@functools.cache
+def _jitted():
+    import jax
+    import jax.numpy as jnp
+
+    def norm(v):
+        return jnp.sqrt(jnp.sum(jnp.square(v.astype(jnp.float32))))
+
+    return jax.jit(norm), jax.jit(lambda v, prev: (norm(v), norm(v - prev) / norm(prev)))
+
+
+def _norm(v):
+    """|v| as a device scalar (one compiled program per shape, so a timed run compiles nothing after its first)."""
+    return _jitted()[0](v)
+
+
+def _norm_and_change(v, prev):
+    """(|v|, |v - prev| / |prev|) as device scalars."""
+    return _jitted()[1](v, prev)
+
+
 class CalibrationRecorder:
     """An `on_step` callback that records a calibration from a full run without waiting for the device: the norms
     and changes are computed as device scalars and read once, in `calibration()`, after the loop."""
@@ -187,8 +209,6 @@ class CalibrationRecorder:
         self._prev: dict[str, Any] = {}
 
     def __call__(self, step: dict[str, Any]) -> None:
-        import jax.numpy as jnp
-
         if step.get("skipped"):
             raise StepCacheError("a calibration needs every step computed: calibrate without --step-cache/--skip-steps")
         row = {"i": int(step["i"]), "t": float(step["t"]), "expert": int(step["expert"]), "guided": bool(step["guided"])}
@@ -196,9 +216,12 @@ class CalibrationRecorder:
         for b in BRANCHES:
             v = present[b]
             prev = self._prev.get(b)
-            row[f"{b}_norm"] = None if v is None else jnp.linalg.norm(jnp.ravel(v))
-            row[f"{b}_change"] = None if v is None or prev is None else (
-                jnp.linalg.norm(jnp.ravel(v - prev)) / jnp.linalg.norm(jnp.ravel(prev)))
+            if v is None:
+                row[f"{b}_norm"] = row[f"{b}_change"] = None
+            elif prev is None:
+                row[f"{b}_norm"], row[f"{b}_change"] = _norm(v), None
+            else:
+                row[f"{b}_norm"], row[f"{b}_change"] = _norm_and_change(v, prev)
             self._prev[b] = v
         self._rows.append(row)
 
