@@ -47,17 +47,22 @@ def _inputs(encoded):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _call(graphdef, params, x, timestep, text, image):
-    return nnx.merge(graphdef, params)(x, timestep, text, image).astype(jnp.float32)
+def _call(graphdef, params, latents, t, inputs, text):
+    model = nnx.merge(graphdef, params)
+    x, timestep = model_input(latents, inputs, t, model.dtype)
+    return model(x, timestep, text, inputs.image).astype(jnp.float32)
 
 
 def _predictions(model, encoded, latents, t):
     """(v_cond, v_uncond) from two plain batch-1 model calls, outside the sampler."""
     inputs = _inputs(encoded)
-    x, ts = model_input(jnp.asarray(latents), inputs, jnp.float32(t), model.dtype)
     graphdef, params = nnx.split(model)
-    return (_call(graphdef, params, x, ts, inputs.text, inputs.image),
-            _call(graphdef, params, x, ts, inputs.negative_text, inputs.image))
+    latents, t = jnp.asarray(latents), jnp.float32(t)
+    return (_call(graphdef, params, latents, t, inputs, inputs.text),
+            _call(graphdef, params, latents, t, inputs, inputs.negative_text))
+
+
+_scheduler_step = jax.jit(schedulers.step)
 
 
 def _steps(pipe, encoded, settings):
@@ -86,7 +91,7 @@ def test_default_run_is_the_plain_guided_loop(i2v):
     for i, t in enumerate(schedule.timesteps):
         v_c, v_u = _predictions(model, encoded, state.sample, t)
         v = v_u + settings.guidance * (v_c - v_u) if i < settings.guidance_steps else v_c
-        state, _ = schedulers.step(state, v, i)
+        state, _ = _scheduler_step(state, v, jnp.int32(i))
     want = np.asarray(encoded.condition.finalize(state.sample))
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
     # the fast step with an empty plan: the same computation, bit for bit
@@ -321,3 +326,90 @@ def test_generate_help_teaches_the_fast_modes(capsys):
     for flag in ("--cfg-reuse", "--step-cache THRESHOLD", "--step-cache-calibration FILE", "--skip-steps",
                  "--write-step-cache-calibration", "wanport analyze fast-modes"):
         assert flag in text
+
+
+# --- analyze fast-modes and the GPU bench, on the CPU ------------------------------------------------------
+
+
+def test_cli_analyze_fast_modes_refuses_bad_lists(tmp_path, capsys):
+    for flags, message in ((["--guidance-steps", "3"], "give --cut"), (["--cut", "10"], "in 1..9"),
+                           (["--thresholds", "0.1,x"], "comma-separated numbers"),
+                           (["--thresholds", "-1"], "finite number > 0"),
+                           (["--step-cache-max-skips", "0"], "--step-cache-max-skips must be >= 1")):
+        assert main(["analyze", "fast-modes", "--out", str(tmp_path / "o"), *flags]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_cli_analyze_fast_modes_rows_match_independent_runs(tiny_ckpt, tmp_path, capsys):
+    import csv
+
+    from jax_impl.media import load_image
+    from parity import metrics
+    from wanport.commands.demo import DEMO_IMAGE
+
+    ckpt, out = tiny_ckpt(I2V), tmp_path / "fast"
+    rc = main(["analyze", "fast-modes", "--checkpoint", str(ckpt), "--image", str(DEMO_IMAGE), "--prompt", "waves",
+               "--negative-prompt", "blurry", "--frames", "5", "--height", "32", "--width", "32", "--steps", "4",
+               "--guidance", "4", "--cut", "2", "--thresholds", "1.0", "--skip-steps", "2", "--repeats", "1",
+               "--out", str(out)])
+    assert rc == 0
+    assert "| run | evals | skipped evals |" in capsys.readouterr().out
+    with open(out / "fast_modes.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["label"] for r in rows] == ["full", "truncation 2/4", "CFG reuse 2/4", "step cache 1", "skip 2"]
+    assert [int(r["model_evals"]) for r in rows] == [8, 6, 6, 4, 6]  # step cache 1: steps 1 and 2 skipped
+    assert rows[3]["skipped_steps"] == "[1, 2]" and rows[4]["skipped_steps"] == "[2]"
+    assert rows[0]["identical"] == "True" and rows[0]["psnr_mean"] == "inf"
+    assert all(r["identical"] == "False" and float(r["latents_rel_l2"]) > 0 for r in rows[1:])
+    with open(out / "fast_modes_steps.csv", newline="") as f:
+        steps = [r for r in csv.DictReader(f) if r["label"] in ("truncation 2/4", "skip 2")]
+    err = {(r["label"], int(r["i"])): float(r["latents_rel_l2"]) for r in steps}
+    assert err[("truncation 2/4", 1)] == 0 and err[("truncation 2/4", 2)] > 0
+    assert err[("skip 2", 1)] == 0 and err[("skip 2", 2)] > 0
+    # the calibration beside the report is valid for this model and schedule
+    pipe = Pipeline(ckpt)
+    settings = GenerateSettings(frames=5, height=32, width=32, steps=4, guidance=4.0)
+    cal = step_cache.Calibration.load(out / "calibration.json")
+    cal.check_key(pipe.step_cache_key(settings))
+    # a row recomputed outside the analysis: the fixed list's latents and frames against the full run's
+    encoded = pipe.encode(settings, prompt="waves", image=load_image(DEMO_IMAGE), negative_prompt="blurry")
+    full = pipe.denoise(encoded, settings, progress=False)
+    skipped = pipe.denoise(encoded, dataclasses.replace(settings, step_cache=StepCacheSettings(skip_steps=(2,))),
+                           progress=False)
+    assert float(rows[4]["latents_rel_l2"]) == pytest.approx(metrics.rel_l2(skipped, full), rel=1e-9)
+    frames = metrics.compare_videos(pipe.decode(skipped), pipe.decode(full), metrics.RANGE_SIGNED)
+    assert float(rows[4]["psnr_mean"]) == pytest.approx(frames["psnr_mean"], rel=1e-9)
+    report = json.loads((out / "report.json").read_text())
+    assert report["kind"] == "fast_modes" and report["skip_plans"]["skip 2"].endswith("skipping 1 of 4 steps: 2")
+    for name in ("fast_modes.png", "fast_modes_steps.png", "contact.png"):
+        with Image.open(out / name) as im:
+            assert im.format == "PNG" and im.size[0] > 100
+    assert len(list((out / "videos").iterdir())) == 5
+
+
+@pytest.mark.slow
+def test_bench_fast_modes_tiny_end_to_end(tmp_path):
+    """bench/fast_modes.py --tiny on the CPU: every mode runs, nothing compiles while timed, evaluations add up."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "fast.json"
+    p = subprocess.run([sys.executable, str(root / "bench" / "fast_modes.py"), "--tiny", "--skip-steps", "2,4",
+                        "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "speed-up" in p.stdout and "frames SSIM" in p.stdout
+    res = json.loads(out.read_text())
+    rows = {r["mode"]: r for r in res["rows"]}
+    assert list(rows) == ["full", "step cache 0.1", "skip 2,4", "CFG reuse 3/6", "truncation 3/6"]
+    assert all(r["compiles_while_timed"] == 0 and r["latents_finite"] for r in rows.values())
+    assert rows["full"]["model_evals"] == 12 and rows["full"]["latents"]["rel_l2"] == 0
+    assert rows["skip 2,4"]["model_evals"] == 8 and rows["skip 2,4"]["skipped_steps"] == [2, 4]
+    assert rows["CFG reuse 3/6"]["model_evals"] == rows["truncation 3/6"]["model_evals"] == 9
+    cache = rows["step cache 0.1"]
+    assert cache["model_evals"] == 12 - 2 * len(cache["skipped_steps"])
+    assert all(r["latents"]["rel_l2"] > 0 and r["frames"]["psnr"] > 0 for m, r in rows.items() if m != "full")
+    assert set(res["versions"]) >= {"jax", "flax"} and res["calibration"]["cond_ratio"][0] is None
