@@ -32,7 +32,7 @@ from typing import Any, Callable, Collection, Protocol, Sequence
 import numpy as np
 
 from jax_impl import conditioning as cond
-from jax_impl import sampling, schedulers
+from jax_impl import sampling, schedulers, step_cache
 from jax_impl.encoders.image import JaxImageEncoder
 from jax_impl.encoders.text import JaxTextEncoder
 from jax_impl.fp8_loading import load_dit_fp8
@@ -623,9 +623,7 @@ class Pipeline:
 
     def step_cache_key(self, settings: GenerateSettings) -> dict[str, Any]:
         """What a step-cache calibration made with `settings` is valid for (`jax_impl.step_cache.calibration_key`)."""
-        from jax_impl.step_cache import calibration_key
-
-        return calibration_key(self.dit_config, len(self.expert_dirs), self.schedule(settings), self.boundary_ratio)
+        return step_cache.calibration_key(self.dit_config, len(self.expert_dirs), self.schedule(settings), self.boundary_ratio)
 
     def skip_plan(self, settings: GenerateSettings, has_negative: bool = True):
         """The step-cache `SkipPlan` of `settings` (None without step caching): its calibration read and checked
@@ -633,8 +631,6 @@ class Pipeline:
         sc = settings.step_cache
         if sc is None:
             return None
-        from jax_impl import step_cache
-
         kinds = sampling.step_kinds(self.schedule(settings), sampling.Guidance.from_settings(settings),
                                     boundary_ratio=self.boundary_ratio, num_experts=len(self.expert_dirs),
                                     has_negative=has_negative)
@@ -797,11 +793,7 @@ def generate(
             plan = pipe.skip_plan(settings, has_negative="negative_prompt_embeds" in encoded)
             if plan is not None:
                 log(plan.describe())
-            recorder = None
-            if calibrate:
-                from jax_impl.step_cache import CalibrationRecorder
-
-                recorder = CalibrationRecorder()
+            recorder = step_cache.CalibrationRecorder() if calibrate else None
             latents = {"latents": pipe.denoise(encoded, settings, on_step=recorder)}
             if recorder is not None:
                 source = {"checkpoint": meta["checkpoint"], "prompt": prompt, "seed": settings.seed,

@@ -30,13 +30,17 @@ with the fields that differ.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
 import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from weights.atomic import atomic_write
 
 FORMAT = "wanport-step-cache-calibration"
 VERSION = 1
@@ -116,8 +120,6 @@ class Calibration:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (the file appears whole or not at all)."""
-        from weights.atomic import atomic_write
-
         path = Path(path)
         with atomic_write(path, "w", encoding="utf-8") as f:
             json.dump(self.to_json(), f, indent=1)
@@ -179,25 +181,20 @@ class Calibration:
                              "one (`wanport generate ... --write-step-cache-calibration FILE`, same model and schedule)")
 
 
-@functools.cache
-def _jitted():
-    import jax
-    import jax.numpy as jnp
-
-    def norm(v):
-        return jnp.sqrt(jnp.sum(jnp.square(v.astype(jnp.float32))))
-
-    return jax.jit(norm), jax.jit(lambda v, prev: (norm(v), norm(v - prev) / norm(prev)))
+def _l2(v: jax.Array) -> jax.Array:
+    return jnp.sqrt(jnp.sum(jnp.square(v.astype(jnp.float32))))
 
 
-def _norm(v):
+@jax.jit
+def _norm(v: jax.Array) -> jax.Array:
     """|v| as a device scalar (one compiled program per shape, so a timed run compiles nothing after its first)."""
-    return _jitted()[0](v)
+    return _l2(v)
 
 
-def _norm_and_change(v, prev):
+@jax.jit
+def _norm_and_change(v: jax.Array, prev: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(|v|, |v - prev| / |prev|) as device scalars."""
-    return _jitted()[1](v, prev)
+    return _l2(v), _l2(v - prev) / _l2(prev)
 
 
 class CalibrationRecorder:

@@ -26,8 +26,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from jax_impl.media import to_uint8
+from jax_impl.noise import initial_noise
+from jax_impl.settings import StepCacheSettings
+from jax_impl.step_cache import CalibrationRecorder
 from parity import metrics
 from parity.guidance import _fmt, _table, _write_text
+from parity.plots import contact_sheet, frame_indices, plot_series, plot_tradeoff, write_csv, write_json
 
 COLUMNS = ("label", "mode", "cut", "threshold", "steps", "model_evals", "evals_skipped", "evals_saved_pct",
            "skipped_steps", "denoise_s", "decode_s", "run_s", "time_saved_pct", "latents_rel_l2", "step_rel_l2_max",
@@ -69,8 +74,6 @@ def plan_modes(settings, cuts: Sequence[int], thresholds: Sequence[float], skip_
                calibration: str, *, max_skips: int | None = None, keep_first: int | None = None,
                metric: str = "magnitude") -> list[tuple[str, str, Any]]:
     """[(label, mode, settings)] of every run, the reference ("full") first; settings are checked here."""
-    from jax_impl.settings import StepCacheSettings
-
     n = settings.steps
     if settings.guidance_steps is not None or settings.cfg_reuse or settings.step_cache is not None:
         raise ValueError("analyze fast-modes sets the modes itself (--cut, --thresholds, --skip-steps): drop "
@@ -103,10 +106,6 @@ def run_fast_modes(pipe, settings, *, cuts: Sequence[int], thresholds: Sequence[
                    ) -> dict[str, Any]:
     """Calibrate on the reference run, then run and compare every mode. Returns {"runs": [FastRun, ...] (the
     reference first), "calibration": path, "encode_s", "calibrate_s", "skip_plans": {label: plan description}}."""
-    from jax_impl.media import to_uint8
-    from jax_impl.noise import initial_noise
-    from jax_impl.step_cache import CalibrationRecorder
-
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     calibration_path = Path(calibration_path)
@@ -205,8 +204,6 @@ def write_report(out, result: dict[str, Any], meta: dict[str, Any], *,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """fast_modes.csv, fast_modes_steps.csv, fast_modes.png (quality vs evaluations saved), fast_modes_steps.png
     (per-step latent error), contact.png, report.json, report.md under `out`; prints the table."""
-    from parity.plots import contact_sheet, frame_indices, plot_series, plot_tradeoff, write_csv, write_json
-
     out = Path(out)
     runs: list[FastRun] = result["runs"]
     rows = [r.row for r in runs]
