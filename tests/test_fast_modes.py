@@ -413,3 +413,24 @@ def test_bench_fast_modes_tiny_end_to_end(tmp_path):
     assert cache["model_evals"] == 12 - 2 * len(cache["skipped_steps"])
     assert all(r["latents"]["rel_l2"] > 0 and r["frames"]["psnr"] > 0 for m, r in rows.items() if m != "full")
     assert set(res["versions"]) >= {"jax", "flax"} and res["calibration"]["cond_ratio"][0] is None
+
+
+@pytest.mark.slow
+def test_generate_writes_a_calibration_then_skips_with_it(tiny_ckpt, image, tmp_path, capsys):
+    img = tmp_path / "img.png"
+    image.save(img)
+    ckpt = tiny_ckpt(I2V)
+    base = ["generate", "--checkpoint", str(ckpt), "--image", str(img), *SMALL, "--guidance", "4"]
+    cal = tmp_path / "cal" / "c.json"
+    assert main([*base, "--out", str(tmp_path / "a.mp4"), "--write-step-cache-calibration", str(cal)]) == 0
+    assert f"wrote the step-cache calibration {cal}" in capsys.readouterr().out
+    pipe = Pipeline(ckpt, load_encoders=False)
+    settings = GenerateSettings(frames=5, height=32, width=32, steps=4, guidance=4.0)
+    step_cache.Calibration.load(cal).check_key(pipe.step_cache_key(settings))
+    # the same run with the cache: encode reused, denoise recomputed (the step cache is in its key), skips printed
+    out = tmp_path / "a.mp4"
+    assert main([*base, "--out", str(out), "--work-dir", str(tmp_path / "a.stages"), "--resume", "--step-cache", "1",
+                 "--step-cache-calibration", str(cal)]) == 0
+    log = capsys.readouterr().out
+    assert "reusing" in log and "recomputing" in log
+    assert "step cache (magnitude threshold 1, at most 2 in a row, first 1 kept): skipping 2 of 4 steps: 1,2" in log
