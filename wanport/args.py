@@ -205,9 +205,10 @@ def add_fast_mode_arguments(p: argparse.ArgumentParser) -> None:
                         "one model evaluation per step like plain truncation")
     f.add_argument("--step-cache", type=float, default=None, metavar="THRESHOLD",
                    help="skip the DiT on the steps whose predicted change, accumulated since the last computed step, "
-                        "stays below THRESHOLD (MagCache-style; e.g. 0.05-0.2); a skipped step reuses the last "
-                        "prediction. The prediction comes from --step-cache-calibration; the skipped steps are "
-                        "fixed before the run and printed")
+                        "stays below THRESHOLD (MagCache-style; try 0.1 and check the quality with `wanport analyze "
+                        "fast-modes`); a skipped step reuses the last prediction. The change is predicted from the "
+                        "per-step norms in --step-cache-calibration, so the skipped steps are fixed before the run "
+                        "(and printed)")
     f.add_argument("--step-cache-calibration", metavar="FILE",
                    help="calibration JSON for --step-cache: per-step prediction norms of one full run of the same "
                         "model and schedule (written by --write-step-cache-calibration or `wanport analyze "

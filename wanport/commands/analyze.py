@@ -1,7 +1,7 @@
 """`wanport analyze {cfg,truncation,fast-modes}`: what classifier-free guidance does at each step, and what cutting
 it, reusing it or skipping steps costs.
 
-Both take the same flags as `wanport generate` (checkpoint, image, prompt, sizes, steps, shift, guidance, ...).
+All take the same flags as `wanport generate` (checkpoint, image, prompt, sizes, steps, shift, guidance, ...).
 Without --checkpoint they run the tiny default on any machine: a tiny random-weight pipeline (--preset) is
 written into OUT/tiny/, the bundled demo image and prompt are used, and the sizes default to 17 frames of
 64x64 with 10 steps (flags given explicitly still win). The tiny weights are random: the numbers show the
