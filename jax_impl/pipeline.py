@@ -32,7 +32,7 @@ from typing import Any, Callable, Collection, Protocol, Sequence
 import numpy as np
 
 from jax_impl import conditioning as cond
-from jax_impl import sampling, schedulers
+from jax_impl import sampling, schedulers, step_cache
 from jax_impl.encoders.image import JaxImageEncoder
 from jax_impl.encoders.text import JaxTextEncoder
 from jax_impl.fp8_loading import load_dit_fp8
@@ -413,7 +413,11 @@ class Pipeline:
                 raise ValueError("--timesteps sets the bidirectional sampler's steps; block-causal generation takes "
                                  "its per-block timesteps from --causal-steps")
         if causal is not None:
+            if settings.cfg_reuse or settings.step_cache is not None:
+                raise ValueError("--cfg-reuse, --step-cache and --skip-steps speed up the guided sampler; block-causal "
+                                 "generation (--causal) has its own few-step, unguided sampler: drop them")
             self._check_causal(settings, causal, has_image)
+        self.skip_plan(settings)  # a step-cache calibration or skip list that does not fit is refused now
 
     def _check_images(self, has_image: bool, has_last_image: bool) -> None:
         if has_last_image and not has_image:
@@ -526,7 +530,20 @@ class Pipeline:
             **({"precision": "fp8"} if self.precision == "fp8" else {}),  # absent for bf16: old cache keys still match
             **({"loras": self.loras_identity()} if self.loras else {}),
             **({"timesteps": list(self.timesteps)} if self.timesteps is not None else {}),
+            **self._fast_mode_inputs(settings),  # absent when off: old cache keys still match
         }
+
+    def _fast_mode_inputs(self, settings: GenerateSettings) -> dict[str, Any]:
+        """The fast modes' part of the denoise stage key: CFG reuse, and the step cache's options with the
+        calibration file's sha256 (its content decides the skipped steps, not its path)."""
+        out: dict[str, Any] = {"cfg_reuse": True} if settings.cfg_reuse else {}
+        sc = settings.step_cache
+        if sc is not None:
+            key = dataclasses.asdict(sc)
+            if sc.calibration is not None:
+                key["calibration"] = file_digest(Path(sc.calibration))
+            out["step_cache"] = key
+        return out
 
     def loras_identity(self) -> dict[str, list[dict[str, Any]]]:
         """{expert folder: [{"sha256": of the LoRA file, "scale": strength}, ...]}, in merge order (JSON types, as
@@ -596,12 +613,40 @@ class Pipeline:
             image=encoded.get("image_embeds"),
             condition=self._condition_of(encoded),
         )
-        guidance = sampling.Guidance(settings.guidance, settings.guidance_2, settings.guidance_steps,
-                                     settings.cfg_batch)
+        guidance = sampling.Guidance.from_settings(settings)
+        skip = self.skip_plan(settings, has_negative=inputs.negative_text is not None)
         latents = sampling.sample(self.experts, self.schedule(settings), noise, inputs, guidance,
                                   boundary_ratio=self.boundary_ratio, on_step=on_step, progress=progress,
-                                  expert_names=self.expert_labels)
+                                  expert_names=self.expert_labels, skip=skip)
         return np.asarray(latents, np.float32)
+
+    # --- fast modes ------------------------------------------------------------------------------------
+    def step_kinds(self, settings: GenerateSettings, has_negative: bool = True) -> list[sampling.StepKind]:
+        """What each step of a run with `settings` computes (expert, guidance, CFG reuse, skipped), as
+        `sampling.sample` will do it."""
+        return sampling.step_kinds(self.schedule(settings), sampling.Guidance.from_settings(settings),
+                                   boundary_ratio=self.boundary_ratio, num_experts=len(self.expert_dirs),
+                                   has_negative=has_negative, skip=self.skip_plan(settings, has_negative))
+
+    def step_cache_key(self, settings: GenerateSettings) -> dict[str, Any]:
+        """What a step-cache calibration made with `settings` is valid for (`jax_impl.step_cache.calibration_key`)."""
+        return step_cache.calibration_key(self.dit_config, len(self.expert_dirs), self.schedule(settings), self.boundary_ratio)
+
+    def skip_plan(self, settings: GenerateSettings, has_negative: bool = True):
+        """The step-cache `SkipPlan` of `settings` (None without step caching): its calibration read and checked
+        against this model and schedule, or its fixed list checked against the steps that must be computed."""
+        sc = settings.step_cache
+        if sc is None:
+            return None
+        kinds = sampling.step_kinds(self.schedule(settings), sampling.Guidance.from_settings(settings),
+                                    boundary_ratio=self.boundary_ratio, num_experts=len(self.expert_dirs),
+                                    has_negative=has_negative)
+        if sc.skip_steps is not None:
+            return step_cache.plan_from_list(sc.skip_steps, kinds)
+        calibration = step_cache.Calibration.load(sc.calibration)
+        calibration.check_key(self.step_cache_key(settings), f"--step-cache-calibration {sc.calibration}")
+        return step_cache.plan_from_calibration(calibration, sc.threshold, kinds, max_skips=sc.max_skips,
+                                                keep_first=sc.keep_first, metric=sc.metric)
 
     def _condition_of(self, encoded: Encoded) -> cond.Conditioning:
         """The encode stage's condition, checked against this checkpoint (a missing I2V condition would give a
@@ -682,6 +727,7 @@ def generate(
     loras_2: Sequence = (),
     lora_ignore_missing: bool = False,
     timesteps: Sequence[float] | None = None,
+    step_cache_calibration_out: str | os.PathLike | None = None,
     log=print,
 ) -> dict[str, Any]:
     """Run encode -> denoise -> decode, writing each stage's file under `work_dir` and the mp4 at `out`.
@@ -692,6 +738,8 @@ def generate(
     later stage. The mp4 is always decoded afresh. `causal` (a `jax_impl.causal.CausalConfig`) switches the
     denoise stage to block-causal generation; `encoders` chooses the text/image encoder implementation;
     `precision`, `loras`, `loras_2`, `lora_ignore_missing` and `timesteps` go to `Pipeline` (see there).
+    `step_cache_calibration_out`: also write the step-cache calibration of this (full) run there
+    (`jax_impl.step_cache`); the denoise stage then always runs, since a reused stage records nothing.
     """
     from jax_impl.media import load_image, to_uint8, write_mp4
     from jax_impl.stages import reuse_stage, save_stage, stage_key
@@ -705,6 +753,13 @@ def generate(
     for path in (out, *extra_videos):
         check_output_path(path, flag="--out", suffix=".mp4")
     check_output_path(work, flag="--work-dir", folder=True)
+    if step_cache_calibration_out is not None:
+        check_output_path(Path(step_cache_calibration_out), flag="--write-step-cache-calibration", suffix=".json")
+        if settings.step_cache is not None:
+            raise ValueError("--write-step-cache-calibration records a full run: drop --step-cache/--skip-steps")
+        if causal is not None:
+            raise ValueError("--write-step-cache-calibration records the guided sampler; block-causal generation "
+                             "(--causal) has no step cache")
     image = load_image(image_path) if image_path is not None else None
     last_image = load_image(last_image_path) if last_image_path is not None else None
     embeddings = load_embeddings(embeddings_path) if embeddings_path is not None else None
@@ -737,11 +792,22 @@ def generate(
 
     t = time.perf_counter()
     denoise_inputs = pipe.denoise_inputs(settings, stage_key(encode_inputs), causal)
-    found = reuse_stage(latents_path, "latents", denoise_inputs, log) if resume else None
+    calibrate = step_cache_calibration_out is not None
+    found = reuse_stage(latents_path, "latents", denoise_inputs, log) if resume and not calibrate else None
     latents = found[0] if found is not None else None
     if latents is None:
         if causal is None:
-            latents = {"latents": pipe.denoise(encoded, settings)}
+            plan = pipe.skip_plan(settings, has_negative="negative_prompt_embeds" in encoded)
+            if plan is not None:
+                log(plan.describe())
+            recorder = step_cache.CalibrationRecorder() if calibrate else None
+            latents = {"latents": pipe.denoise(encoded, settings, on_step=recorder)}
+            if recorder is not None:
+                source = {"checkpoint": meta["checkpoint"], "prompt": prompt, "seed": settings.seed,
+                          "guidance": settings.guidance, "guidance_2": settings.guidance_2,
+                          "frames": settings.frames, "height": settings.height, "width": settings.width}
+                recorder.calibration(pipe.step_cache_key(settings), source).save(step_cache_calibration_out)
+                log(f"wrote the step-cache calibration {step_cache_calibration_out}")
         else:
             latents = {"latents": pipe.denoise_causal(encoded, settings, causal)}
         save_stage(latents_path, "latents", latents, denoise_inputs, meta)

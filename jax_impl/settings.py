@@ -39,6 +39,55 @@ def _check_float(name: str, value: Any, lo: float, *, above: bool = False) -> No
         raise ValueError(f"{_flag(name)} must be a finite number {'>' if above else '>='} {lo:g}, got {value}")
 
 
+STEP_CACHE_METRICS = ("magnitude", "change")  # jax_impl.step_cache.METRICS (kept jax-free here)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCacheSettings:
+    """Step caching (`jax_impl.step_cache`): skip the DiT on steps whose predicted change is small. Either a
+    `threshold` on the running error predicted by the `calibration` file (a full run's per-step prediction
+    norms), or a fixed list of `skip_steps`. `max_skips`, `keep_first` and `metric` shape the threshold's
+    decision (keep_first None: 20% of the steps)."""
+
+    threshold: float | None = None
+    calibration: str | None = None
+    skip_steps: tuple[int, ...] | None = None
+    max_skips: int = 2
+    keep_first: int | None = None
+    metric: str = "magnitude"
+
+    def __post_init__(self) -> None:
+        if self.skip_steps is not None:
+            object.__setattr__(self, "skip_steps", tuple(self.skip_steps))
+        self.validate()
+
+    def validate(self, steps: int | None = None) -> None:
+        if self.skip_steps is not None:
+            if self.threshold is not None:
+                raise ValueError("--skip-steps and --step-cache THRESHOLD both choose the skipped steps; give one")
+            for s in self.skip_steps:
+                _check_int("skip_steps", s, 0, None if steps is None else steps - 1)
+            if not self.skip_steps:
+                raise ValueError("--skip-steps is empty; give step numbers, e.g. 12,15,18")
+            if self.calibration is not None:
+                raise ValueError("--step-cache-calibration goes with --step-cache THRESHOLD; a --skip-steps list needs "
+                                 "none: drop one of them")
+        else:
+            if self.threshold is None:
+                raise ValueError("step caching needs --step-cache THRESHOLD (with --step-cache-calibration FILE) or "
+                                 "--skip-steps I,J,...")
+            _check_float("step_cache", self.threshold, 0.0, above=True)
+            if not isinstance(self.calibration, str) or not self.calibration:
+                raise ValueError("--step-cache THRESHOLD needs --step-cache-calibration FILE: the per-step prediction "
+                                 "norms of one full run, written by `wanport generate ... --write-step-cache-calibration "
+                                 "FILE` or `wanport analyze fast-modes`")
+        _check_int("step_cache_max_skips", self.max_skips, 1)
+        if self.keep_first is not None:
+            _check_int("step_cache_keep_first", self.keep_first, 0)
+        if self.metric not in STEP_CACHE_METRICS:
+            raise ValueError(f"--step-cache-metric must be one of {', '.join(STEP_CACHE_METRICS)}, got {self.metric!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerateSettings:
     """What shapes one generation. Frames 4k+1; height and width multiples of VAE factor x patch (16 or 32)."""
@@ -56,6 +105,9 @@ class GenerateSettings:
     seed: int = 0
     batch: int = 1
     fps: int = 16
+    # fast modes, off by default (see `jax_impl.sampling`): CFG reuse after the --guidance-steps cut, step caching
+    cfg_reuse: bool = False
+    step_cache: StepCacheSettings | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -79,3 +131,13 @@ class GenerateSettings:
             raise ValueError(f"--scheduler must be one of {', '.join(SCHEDULER_KINDS)}, got {self.scheduler!r}")
         if not isinstance(self.cfg_batch, bool):
             raise ValueError(f"cfg_batch must be True or False, got {self.cfg_batch!r}")
+        if not isinstance(self.cfg_reuse, bool):
+            raise ValueError(f"cfg_reuse must be True or False, got {self.cfg_reuse!r}")
+        if self.cfg_reuse and not (self.guidance_steps is not None and 0 < self.guidance_steps < self.steps):
+            raise ValueError("--cfg-reuse guides the steps after the guidance cut with the last guided step's "
+                             "cond - uncond difference: it needs --guidance-steps N with 0 < N < --steps "
+                             f"({self.steps}), got {self.guidance_steps}")
+        if self.step_cache is not None:
+            if not isinstance(self.step_cache, StepCacheSettings):
+                raise ValueError(f"step_cache must be a StepCacheSettings, got {self.step_cache!r}")
+            self.step_cache.validate(self.steps)

@@ -82,7 +82,7 @@ class CfgRecorder:
 def guidance_of(settings):
     from jax_impl.sampling import Guidance
 
-    return Guidance(settings.guidance, settings.guidance_2, settings.guidance_steps, settings.cfg_batch)
+    return Guidance.from_settings(settings)
 
 
 def record_cfg(pipe, encoded: dict[str, np.ndarray], settings, *, noise: np.ndarray | None = None,

@@ -227,6 +227,28 @@ MUTATIONS: tuple[Mutation, ...] = (
         (("            x, g = bc(x, g, rope_video, rope_geo)", "            x, _ = bc(x, g, rope_video, rope_geo)"),),
         (FW_JOINT,),
     ),
+    Mutation(
+        "guidance-cut-off-by-one",
+        "the default sampler keeps classifier-free guidance one step past --guidance-steps",
+        "jax_impl/sampling.py",
+        (("within = self.steps is None or i < self.steps", "within = self.steps is None or i <= self.steps"),),
+        ("tests/test_fast_modes.py::test_default_run_is_the_plain_guided_loop",),
+    ),
+    Mutation(
+        "cfg-reuse-full-scale",
+        "CFG reuse adds scale * d_last to v_cond instead of (scale - 1) * d_last",
+        "jax_impl/sampling.py",
+        (("v = v_cond + (scale - 1.0) * carry.diff", "v = v_cond + scale * carry.diff"),),
+        ("tests/test_fast_modes.py", "-k", "cfg_reuse_is"),
+    ),
+    Mutation(
+        "step-cache-carry-overwritten",
+        "a skipped step stores its rescaled prediction as the cache, so a second skip in a row rescales it again",
+        "jax_impl/sampling.py",
+        (("        v_uncond = carry.uncond * uncond_scale if guided else None\n",
+          "        v_uncond = carry.uncond * uncond_scale if guided else None\n        carry = carry.replace(cond=v_cond)\n"),),
+        ("tests/test_fast_modes.py", "-k", "skipped_steps_reuse"),
+    ),
 )
 
 

@@ -171,6 +171,7 @@ def settings_from_args(args: argparse.Namespace) -> GenerateSettings:
         frames=args.frames, height=args.height, width=args.width, steps=args.steps, shift=args.shift,
         scheduler=args.scheduler, guidance=args.guidance, guidance_2=args.guidance_2,
         guidance_steps=args.guidance_steps, cfg_batch=args.cfg_batch, seed=args.seed, batch=args.batch, fps=args.fps,
+        cfg_reuse=getattr(args, "cfg_reuse", False), step_cache=step_cache_from_args(args),
     )
 
 
@@ -197,3 +198,68 @@ def default_dtype(name: str | None) -> str:
     import jax
 
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def add_fast_mode_arguments(p: argparse.ArgumentParser) -> None:
+    """The fast modes of the guided sampler (off by default): CFG reuse after the cut and step caching."""
+    f = p.add_argument_group(
+        "fast modes (off by default; `wanport analyze fast-modes` measures what each costs in quality)")
+    f.add_argument("--cfg-reuse", action="store_true",
+                   help="with --guidance-steps N: the steps after N still get guidance, from the cond - uncond "
+                        "difference of the last guided step (v = v_cond + (guidance - 1) * d_last), at the cost of "
+                        "one model evaluation per step like plain truncation")
+    f.add_argument("--step-cache", type=float, default=None, metavar="THRESHOLD",
+                   help="skip the DiT on the steps whose predicted change, accumulated since the last computed step, "
+                        "stays below THRESHOLD (MagCache-style; try 0.1 and check the quality with `wanport analyze "
+                        "fast-modes`); a skipped step reuses the last prediction. The change is predicted from the "
+                        "per-step norms in --step-cache-calibration, so the skipped steps are fixed before the run "
+                        "(and printed)")
+    f.add_argument("--step-cache-calibration", metavar="FILE",
+                   help="calibration JSON for --step-cache: per-step prediction norms of one full run of the same "
+                        "model and schedule (written by --write-step-cache-calibration or `wanport analyze "
+                        "fast-modes`)")
+    f.add_argument("--skip-steps", metavar="I,J,..",
+                   help="skip the DiT on exactly these steps (0-based) instead of a threshold, reusing the last "
+                        "prediction; step 0, an expert's first step and the first step after the guidance cut "
+                        "must be computed")
+    f.add_argument("--step-cache-max-skips", type=int, default=None, metavar="K",
+                   help="with --step-cache: at most K skipped steps in a row (default 2)")
+    f.add_argument("--step-cache-keep-first", type=int, default=None, metavar="N",
+                   help="with --step-cache: never skip the first N steps (default 20%% of --steps)")
+    f.add_argument("--step-cache-metric", choices=["magnitude", "change"], default=None,
+                   help="with --step-cache: magnitude (default; MagCache: running |1 - product of norm ratios|, "
+                        "reused prediction rescaled by that product) or change (TeaCache-like: running sum of "
+                        "relative changes, reused as is)")
+    f.add_argument("--write-step-cache-calibration", metavar="FILE",
+                   help="also write the calibration for --step-cache from this (full) run to FILE (.json)")
+
+
+def step_cache_from_args(args: argparse.Namespace):
+    """A `StepCacheSettings` from the fast-mode flags, or None; options that only shape --step-cache are refused
+    without it."""
+    from jax_impl.settings import StepCacheSettings
+
+    threshold = getattr(args, "step_cache", None)
+    skip_list = getattr(args, "skip_steps", None)
+    shaping = {"step_cache_max_skips": "--step-cache-max-skips", "step_cache_keep_first": "--step-cache-keep-first",
+               "step_cache_metric": "--step-cache-metric", "step_cache_calibration": "--step-cache-calibration"}
+    if threshold is None and skip_list is None:
+        given = [flag for name, flag in shaping.items() if getattr(args, name, None) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only applies with --step-cache THRESHOLD")
+        return None
+    if skip_list is not None:
+        given = [flag for name, flag in shaping.items() if getattr(args, name, None) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} shapes the --step-cache threshold's decision; --skip-steps names "
+                             "the steps itself: drop one of them")
+    steps = None
+    if skip_list is not None:
+        try:
+            steps = tuple(int(x) for x in skip_list.replace(" ", "").split(",") if x != "")
+        except ValueError:
+            raise ValueError(f"--skip-steps wants comma-separated step numbers, e.g. 12,15,18; got {skip_list!r}") from None
+    options = {k: getattr(args, f"step_cache_{k}") for k in ("max_skips", "keep_first", "metric")
+               if getattr(args, f"step_cache_{k}", None) is not None}
+    return StepCacheSettings(threshold=threshold, calibration=getattr(args, "step_cache_calibration", None),
+                             skip_steps=steps, **options)

@@ -1,6 +1,7 @@
-"""`wanport analyze {cfg,truncation}`: what classifier-free guidance does at each step, and what cutting it costs.
+"""`wanport analyze {cfg,truncation,fast-modes}`: what classifier-free guidance does at each step, and what cutting
+it, reusing it or skipping steps costs.
 
-Both take the same flags as `wanport generate` (checkpoint, image, prompt, sizes, steps, shift, guidance, ...).
+All take the same flags as `wanport generate` (checkpoint, image, prompt, sizes, steps, shift, guidance, ...).
 Without --checkpoint they run the tiny default on any machine: a tiny random-weight pipeline (--preset) is
 written into OUT/tiny/, the bundled demo image and prompt are used, and the sizes default to 17 frames of
 64x64 with 10 steps (flags given explicitly still win). The tiny weights are random: the numbers show the
@@ -75,6 +76,37 @@ examples:
   wanport analyze truncation --out trunc-tiny --cut 0,3,6 --frames-list 17,9
   wanport analyze truncation --checkpoint Wan2.1-I2V-14B-480P-Diffusers --image cat.png --prompt "a cat" \\
       --steps 40 --cut 0,10,20,30,40 --frames-list 81,49 --out trunc-480p
+"""
+
+
+FAST_MODES_DOC = __doc__ + """
+analyze fast-modes: the reference is the full run (full guidance, every step computed). Its per-step prediction
+norms are recorded as a step-cache calibration (OUT/calibration.json, usable with `wanport generate --step-cache
+THRESHOLD --step-cache-calibration FILE` for the same model and schedule). Then, same seed and inputs, it runs
+every fast mode and compares it with the reference:
+  truncation N/S   guidance on steps 0..N-1 only (--cut), then the conditional prediction alone
+  CFG reuse N/S    the same cut, then v_cond + (guidance - 1) * (v_cond - v_uncond of step N-1) (--cfg-reuse)
+  step cache T     skip the DiT where the calibration predicts a running error below T (--thresholds; the skipped
+                   steps are fixed before the run and listed)
+  skip I,J,..      skip exactly these steps (--skip-steps)
+For each: model evaluations made and skipped (a guided step is 2, an unguided step 1, a skipped step 0), the
+latents' relative L2 error against the reference after every step and at the end, PSNR and SSIM of the decoded
+frames, and denoise + decode wall time (the fastest of --repeats, after an untimed run that compiled the mode).
+
+writes into OUT:
+  fast_modes.csv        one row per run: label, mode, cut, threshold, steps, model_evals, evals_skipped,
+                        evals_saved_pct, skipped_steps, denoise_s, decode_s, run_s, time_saved_pct,
+                        latents_rel_l2, step_rel_l2_max, psnr_mean, psnr_min, ssim_mean, ssim_min, identical
+  fast_modes_steps.csv  one row per run and step: i, t, expert, guided, skipped, model_evals, latents_rel_l2
+  fast_modes.png        quality against model evaluations saved; fast_modes_steps.png: per-step latent error
+  contact.png           the videos side by side; calibration.json: the step-cache calibration
+  report.json, report.md   settings, device, the rows, the skip plans; videos/*.mp4 (not with --no-videos)
+
+examples:
+  wanport analyze fast-modes --out fast-tiny                     # tiny default: cut 5, thresholds 0.02,0.05,0.1
+  wanport analyze fast-modes --out fast-tiny --cut 3,6 --thresholds 0.05 --skip-steps 3,6,8
+  wanport analyze fast-modes --checkpoint Wan2.1-T2V-1.3B-Diffusers --prompt "a cat" --steps 40 \\
+      --guidance 5 --cut 20,30 --thresholds 0.05,0.1,0.2 --out fast-1.3b
 """
 
 
@@ -215,11 +247,62 @@ def _truncation(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fast_modes(args: argparse.Namespace) -> int:
+    # lazy: `wanport --help` must not start jax and torch
+    from jax_impl.media import write_mp4
+    from parity.fast_modes import DEFAULT_THRESHOLDS, default_cuts, parse_float_list, run_fast_modes, write_report
+    from parity.guidance import parse_int_list
+
+    if args.guidance_steps is not None:
+        raise ValueError("analyze fast-modes sets the guidance cut itself: give --cut N1,N2,... instead of "
+                         "--guidance-steps")
+    # validate the lists before the slow part
+    cuts = parse_int_list(args.cut, "--cut") if args.cut else None
+    thresholds = parse_float_list(args.thresholds, "--thresholds") if args.thresholds else list(DEFAULT_THRESHOLDS)
+    skip_lists = [parse_int_list(args.skip_list, "--skip-steps")] if args.skip_list else []
+    defaults = TINY_DEFAULTS if args.checkpoint is None else FULL_DEFAULTS
+    steps = args.steps if args.steps is not None else defaults["steps"]
+    if cuts is not None and any(not 0 < c < steps for c in cuts):
+        raise ValueError(f"--cut {args.cut}: every cut must be in 1..{steps - 1} (--steps {steps}); N keeps CFG on steps "
+                         "0..N-1")
+    for flag, v, lo in (("--step-cache-max-skips", args.max_skips, 1), ("--step-cache-keep-first", args.keep_first, 0)):
+        if v is not None and v < lo:
+            raise ValueError(f"{flag} must be >= {lo}, got {v}")
+    repeats = args.repeats if args.repeats is not None else (3 if args.checkpoint is None else 1)
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    ctx = _prepare(args)
+    pipe, settings, out, meta = ctx["pipe"], ctx["settings"], ctx["out"], ctx["meta"]
+    cuts = cuts if cuts is not None else default_cuts(settings.steps)
+    print(f"cuts {cuts}, step-cache thresholds {thresholds}"
+          f"{', skip list ' + args.skip_list if args.skip_list else ''}; reference: the full run")
+
+    def save(run):
+        if not args.no_videos:
+            name = run.label.replace("/", "of").replace(",", "-").replace(" ", "_")
+            write_mp4(out / "videos" / f"{name}.mp4", run.video[0], fps=settings.fps)
+
+    result = run_fast_modes(pipe, settings, cuts=cuts, thresholds=thresholds, skip_lists=skip_lists,
+                            calibration_path=out / "calibration.json", prompt=args.prompt, image=ctx["image"],
+                            last_image=ctx["last_image"], negative_prompt=args.negative_prompt,
+                            embeddings=ctx["embeddings"], max_skips=args.max_skips, keep_first=args.keep_first,
+                            metric=args.metric,
+                            repeats=repeats, on_video=save)
+    meta.update(cuts=cuts, thresholds=thresholds, skip_lists=skip_lists, metric=args.metric,
+                max_skips=args.max_skips, keep_first=args.keep_first)
+    report = write_report(out, result, meta)
+    print(f"wrote {', '.join(Path(v).name for v in report['files'].values())}"
+          f"{', videos/' if not args.no_videos else ''} in {out}")
+    return 0
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    top = sub.add_parser("analyze", help="guidance analyses: per-step CFG gap (cfg), guidance truncation (truncation)",
+    top = sub.add_parser("analyze", help="guidance analyses: per-step CFG gap (cfg), guidance truncation (truncation), "
+                                         "fast modes against the full run (fast-modes)",
                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                          epilog="examples:\n  wanport analyze cfg --out cfg-tiny\n"
                                 "  wanport analyze truncation --out trunc-tiny --cut 0,5,10 --frames-list 17,9\n"
+                                "  wanport analyze fast-modes --out fast-tiny   # truncation, CFG reuse, step cache\n"
                                 "  wanport analyze cfg --help                 # what each analysis writes")
     top.set_defaults(func=lambda a: (top.print_help(), 2)[1])
     asub = top.add_subparsers(dest="analysis", metavar="ANALYSIS")
@@ -247,3 +330,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "runs last a fraction of a second and a busy CPU makes single timings noisy)")
     p.add_argument("--no-videos", action="store_true", help="do not write OUT/videos/*.mp4")
     p.set_defaults(func=_truncation)
+
+    p = asub.add_parser("fast-modes", help="truncation, CFG reuse and step caching against the full run",
+                        description=FAST_MODES_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_options(p, "wanport-fast-modes")
+    p.add_argument("--cut", metavar="N,N,...",
+                   help="guidance cuts for truncation and CFG reuse, each in 1..--steps-1 (default: --steps/2)")
+    p.add_argument("--thresholds", metavar="T,T,...",
+                   help="step-cache thresholds on the running predicted error (default 0.02,0.05,0.1)")
+    # dests apart from generate's fast-mode flags: the reference run of this analysis has every mode off
+    p.add_argument("--skip-steps", dest="skip_list", metavar="I,J,...", help="also run with exactly these steps skipped")
+    p.add_argument("--step-cache-max-skips", dest="max_skips", type=int, default=None, metavar="K",
+                   help="at most K skipped steps in a row (default 2)")
+    p.add_argument("--step-cache-keep-first", dest="keep_first", type=int, default=None, metavar="N",
+                   help="never skip the first N steps (default 20%% of --steps)")
+    p.add_argument("--step-cache-metric", dest="metric", choices=["magnitude", "change"], default="magnitude",
+                   help="step-cache decision: magnitude (default, MagCache-style) or change (TeaCache-like)")
+    p.add_argument("--repeats", type=int, default=None, metavar="K",
+                   help="time every run K times and keep the fastest (default 1 with --checkpoint, 3 without)")
+    p.add_argument("--no-videos", action="store_true", help="do not write OUT/videos/*.mp4")
+    p.set_defaults(func=_fast_modes)

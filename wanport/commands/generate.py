@@ -40,6 +40,14 @@ guidance 5), --frames to the trajectory's camera count. Runs are not staged (no 
   wanport generate --fantasyworld --checkpoint fw --camera path.json --image room.png \
       --prompt "a sunny loft" --out loft.mp4
 
+Fast modes (off by default; `wanport analyze fast-modes` measures each against the full run):
+  --guidance-steps 20 --cfg-reuse      after step 20, guide with the last cond - uncond difference (1 evaluation
+                                       per step, as truncation, but the guidance stays)
+  --write-step-cache-calibration c.json   a full run that also records the per-step prediction norms; then
+  --step-cache 0.1 --step-cache-calibration c.json   skips the DiT where the predicted change is small
+  --skip-steps 12,15,18                skip exactly these steps (reusing the last prediction)
+The steps a step cache skips are fixed before the run (from the calibration) and printed.
+
 Block-causal mode (--causal) generates a few latent frames at a time (Self-Forcing / CausVid style):
 each block is denoised in a few steps (--causal-steps) while attending to a key/value cache of the blocks
 already made; --window keeps only the last F latent frames (plus the first block) so memory stays flat
@@ -53,8 +61,8 @@ import argparse
 
 from pathlib import Path
 
-from wanport.args import (DEFAULT_GUIDANCE, GENERATE_SIZES, add_generate_arguments, causal_from_args, default_dtype,
-                          encoders_from_args, model_options, settings_from_args)
+from wanport.args import (DEFAULT_GUIDANCE, GENERATE_SIZES, add_fast_mode_arguments, add_generate_arguments,
+                          causal_from_args, default_dtype, encoders_from_args, model_options, settings_from_args)
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 EXAMPLE_TRAJECTORIES = {n: ASSETS / f"fantasyworld_dolly_{n}.json" for n in (81, 9)}
@@ -70,6 +78,9 @@ FANTASYWORLD_REFUSED = {
     "lora": "LoRAs are not supported with FantasyWorld yet", "lora_2": "LoRAs are not supported with FantasyWorld yet",
     "precision": "FP8 is not supported with FantasyWorld yet",
     "timesteps": "FantasyWorld samples DiffSynth's levels (--steps, --shift)",
+    **{k: "fast modes are not wired into FantasyWorld's sampler" for k in (
+        "cfg_reuse", "step_cache", "step_cache_calibration", "skip_steps", "step_cache_max_skips",
+        "step_cache_keep_first", "step_cache_metric", "write_step_cache_calibration")},
 }
 
 
@@ -91,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint, args.out, prompt=args.prompt, image_path=args.image, settings=settings_from_args(args),
         negative_prompt=args.negative_prompt, last_image_path=args.last_image, embeddings_path=args.embeddings,
         work_dir=args.work_dir, resume=args.resume, attention_backend=args.backend, causal=causal_from_args(args),
-        vae_options=VaeOptions(tile=args.vae_tile), encoders=encoders_from_args(args), **options,
+        vae_options=VaeOptions(tile=args.vae_tile), encoders=encoders_from_args(args),
+        step_cache_calibration_out=args.write_step_cache_calibration, **options,
     )
     t = result["timings"]
     print(f"wrote {result['video']} ({result['frames']} frames); load {t['load']:.1f} s, encode {t['encode']:.1f} s, "
@@ -148,6 +160,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="VAE encode/decode in overlapping spatial tiles (diffusers' enable_tiling: 256-pixel tiles "
                         "every 192), so large frames fit a fixed memory budget; auto (default) tiles only when "
                         "the estimated memory of whole frames exceeds the free GPU memory")
+    add_fast_mode_arguments(p)
     c = p.add_argument_group("block-causal (streaming) generation")
     c.add_argument("--causal", action="store_true", help="generate block by block with a KV cache")
     c.add_argument("--frames-per-block", type=int, default=None, metavar="N",
