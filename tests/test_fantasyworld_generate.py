@@ -81,6 +81,8 @@ def test_not_a_fantasyworld_checkpoint(tiny_ckpt, tmp_path, capsys):
     (["--camera-scale", "0"], "--camera-scale must be a positive number"),
     (["--point-stride", "0"], "--point-stride must be an integer >= 1"),
     (["--frames-per-block", "3"], "--frames-per-block only applies with --causal"),
+    (["--guidance-steps", "2", "--cfg-reuse"], "--cfg-reuse does not go with --fantasyworld"),
+    (["--skip-steps", "1"], "--skip-steps does not go with --fantasyworld"),
 ])
 def test_options_fantasyworld_does_not_take(fw_ckpt, tmp_path, capsys, extra, match):
     refused(capsys, fw_args(fw_ckpt, tmp_path / "v.mp4", *extra), match, tmp_path)
