@@ -39,6 +39,7 @@ from jax_impl.fantasyworld.camera import plucker_rays
 from jax_impl.fantasyworld.model import FantasyWorld, load_fantasyworld
 from jax_impl.fantasyworld.outputs import (PLY_MIN_CONFIDENCE, PLY_STRIDE, check_outputs, frame_ranges, output_paths,
                                            write_geometry)
+from jax_impl.media import load_image, to_uint8, write_mp4
 from jax_impl.noise import initial_noise
 from jax_impl.pipeline import DEFAULT_NEGATIVE, JAX_ENCODERS, EncoderSet, Pipeline, PipelineError, load_embeddings
 from jax_impl.settings import GenerateSettings
@@ -271,8 +272,6 @@ def generate_fantasyworld(
 
     Every output path, input file and option, the trajectory against the frame count, and the checkpoint are
     checked before any model runs; the outputs are written only once everything is computed."""
-    from jax_impl.media import load_image, to_uint8, write_mp4
-
     settings.validate()
     points.validate()
     paths = output_paths(out)
@@ -288,6 +287,9 @@ def generate_fantasyworld(
                                 vae_options=vae_options, allow_pickle=allow_pickle, log=log)
     pipe.check_request(settings, trajectory, prompt=prompt, negative_prompt=negative_prompt, has_image=image is not None,
                        embeddings=embeddings, source=str(embeddings_path))
+    if embeddings and "prompt_embeds" in embeddings and "negative_prompt_embeds" not in embeddings \
+            and settings.guidance > 1:
+        log(f"note: {embeddings_path} has no negative_prompt_embeds, so classifier-free guidance is off")
     timings: dict[str, float] = {"load": time.perf_counter() - t0}
 
     t = time.perf_counter()
