@@ -287,6 +287,9 @@ def generate_fantasyworld(
                                 vae_options=vae_options, allow_pickle=allow_pickle, log=log)
     pipe.check_request(settings, trajectory, prompt=prompt, negative_prompt=negative_prompt, has_image=image is not None,
                        embeddings=embeddings, source=str(embeddings_path))
+    if embeddings and "prompt_embeds" in embeddings and "negative_prompt_embeds" not in embeddings \
+            and settings.guidance > 1:
+        log(f"note: {embeddings_path} has no negative_prompt_embeds, so classifier-free guidance is off")
     timings: dict[str, float] = {"load": time.perf_counter() - t0}
 
     t = time.perf_counter()
