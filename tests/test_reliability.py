@@ -175,7 +175,14 @@ def _convert_proc(src: Path, dst: Path, delay: str = "0.05", *extra: str) -> sub
     env = {**os.environ, "WANPORT_CONVERT_TENSOR_DELAY": delay, "JAX_PLATFORMS": "cpu"}
     return subprocess.Popen([sys.executable, "-m", "wanport.cli", "convert", str(src), str(dst), "--to", "flax",
                              "--no-progress", *extra], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    """In the child: SIGINT back to its default, so Python turns it into KeyboardInterrupt. A child inherits an
+    ignored SIGINT from its parent, and in the full suite something leaves the test process's ignored (the
+    Ctrl-C tests then saw convert finish with exit 0)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for(pred, timeout: float = 120.0) -> None:
@@ -433,7 +440,8 @@ def test_ctrl_c_during_generate_exits_130_without_temp_files(tiny_ckpt, image, t
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen([sys.executable, "-m", "wanport.cli", "generate", "--checkpoint", str(tiny_ckpt(I2V)),
                              "--image", str(image), *SMALL, "--steps", "200", "--out", str(out)],
-                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
     line = proc.stdout.readline()  # "[1/3] encoded: ..." once the encode stage is written
     assert line.startswith("[1/3]"), (line, proc.communicate())
     proc.send_signal(signal.SIGINT)
