@@ -168,15 +168,29 @@ def _host_input(c: dict, op: str, dtype) -> np.ndarray:
     return np.load(c["latents" if op == "decode" else "video"]).astype(dtype)
 
 
+def _estimate_pair(model, weights: int, c: dict, op: str, tiling) -> dict:
+    """Compile (or load from the persistent cache) configuration `c`'s chunk steps for `op` through
+    jax_impl.vae_memory.estimate: {op_compile_s, op_estimate (with total_bytes: steps + weights + input)}."""
+    import jax.numpy as jnp
+
+    from jax_impl import vae_memory
+
+    shape = np.load(c["latents" if op == "decode" else "video"], mmap_mode="r").shape
+    t = time.perf_counter()
+    est = vae_memory.estimate(model, op, shape, dtype=jnp.dtype(c["dtype"]), tile=c["tiled"], tiling=tiling)
+    got: dict = {f"{op}_compile_s": time.perf_counter() - t}
+    if est is not None:
+        nbytes = int(np.prod(shape)) * jnp.dtype(c["dtype"]).itemsize
+        got[f"{op}_estimate"] = est.as_dict() | {"total_bytes": est.peak_bytes + weights + nbytes}
+    return got
+
+
 def worker_ours_compile(spec: dict) -> dict:
     """Compile every chunk step of every configuration (threads: XLA compiles without the GIL) into the
     persistent cache; record compile time and the memory estimate per (configuration, op)."""
     import concurrent.futures as cf
 
     import jax
-    import jax.numpy as jnp
-
-    from jax_impl import vae_memory
 
     tiling = _tiling(spec)
     out: dict = {"device": str(jax.devices()[0].device_kind), "configs": {c["key"]: {} for c in spec["configs"]}}
@@ -188,17 +202,10 @@ def worker_ours_compile(spec: dict) -> dict:
         if spec.get("deadline") and time.time() > spec["deadline"]:
             row[f"{op}_compile_skipped"] = "the compile phase's share of the budget was spent"
             return
-        t = time.perf_counter()
         try:
-            shape = np.load(c["latents" if op == "decode" else "video"], mmap_mode="r").shape
-            est = vae_memory.estimate(model, op, shape, dtype=jnp.dtype(c["dtype"]), tile=c["tiled"], tiling=tiling)
+            row.update(_estimate_pair(model, row["weights_bytes"], c, op, tiling))
         except Exception as e:  # noqa: BLE001 - recorded; the measuring process reports it again
             row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
-            return
-        row[f"{op}_compile_s"] = time.perf_counter() - t
-        if est is not None:
-            nbytes = int(np.prod(shape)) * jnp.dtype(c["dtype"]).itemsize
-            row[f"{op}_estimate"] = est.as_dict() | {"total_bytes": est.peak_bytes + row["weights_bytes"] + nbytes}
 
     with cf.ThreadPoolExecutor(spec["threads"]) as pool:
         for f in [pool.submit(one, c, op) for c in spec["configs"] for op in ("encode", "decode")]:
@@ -225,7 +232,6 @@ def worker_ours_measure(spec: dict) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jax_impl import vae_memory
     from jax_impl.vae_tiling import Tiling
 
     deadline = Deadline(spec.get("deadline"))
@@ -238,20 +244,13 @@ def worker_ours_measure(spec: dict) -> dict:
         for c in spec["configs"]:
             model, weights = models[(c["folder"], c["dtype"])]
             for op in ("encode", "decode"):
-                shape = np.load(c["latents" if op == "decode" else "video"], mmap_mode="r").shape
-                t = time.perf_counter()
                 try:
-                    est = vae_memory.estimate(model, op, shape, dtype=jnp.dtype(c["dtype"]), tile=c["tiled"],
-                                              tiling=Tiling(**c["tiling"]))
+                    got = _estimate_pair(model, weights, c, op, Tiling(**c["tiling"]))
                 except Exception as e:  # noqa: BLE001 - the pair reports it again when it runs
                     out["configs"][c["key"]]["error"] = f"{op}: {type(e).__name__}: {str(e)[:400]}"
                     continue
-                row = estimates.setdefault(c["key"], {})
-                row[f"{op}_compile_s"] = out["configs"][c["key"]][f"{op}_load_s"] = time.perf_counter() - t
-                if est is not None:
-                    nbytes = int(np.prod(shape)) * jnp.dtype(c["dtype"]).itemsize
-                    row[f"{op}_estimate"] = out["configs"][c["key"]][f"{op}_estimate"] = \
-                        est.as_dict() | {"total_bytes": est.peak_bytes + weights + nbytes}
+                estimates.setdefault(c["key"], {}).update(got)
+                out["configs"][c["key"]].update(got, **{f"{op}_load_s": got[f"{op}_compile_s"]})
         _write_result(spec, out)
     top = 0
     for c, op in _pairs_by_estimate(spec["configs"], estimates):
@@ -270,10 +269,8 @@ def worker_ours_measure(spec: dict) -> dict:
             # The chunk steps, looked up as the compile phase made them (same abstract arguments, so the same
             # persistent-cache keys): a load, not a compile. Looked up from the run itself, the concrete arrays'
             # shardings gave other keys, and every first call recompiled (10-13 s per step on an H100).
-            shape = np.load(c["latents" if op == "decode" else "video"], mmap_mode="r").shape
-            t = time.perf_counter()
-            vae_memory.estimate(model, op, shape, dtype=jnp.dtype(c["dtype"]), tile=c["tiled"], tiling=tiling)
-            row.setdefault(f"{op}_load_s", time.perf_counter() - t)
+            loaded = _estimate_pair(model, row["weights_bytes"], c, op, tiling)
+            row.setdefault(f"{op}_load_s", loaded[f"{op}_compile_s"])
             x = jax.device_put(_host_input(c, op, jnp.dtype(c["dtype"])))
             t = time.perf_counter()
             _ours_call(model, op, x, c["tiled"], tiling)  # warm-up (its output is dropped: it would count)

@@ -256,6 +256,18 @@ def _run_step(kind: StepKind, graphdef, params, state, inputs: DenoiseInputs, gu
                      cfg_batch=guidance.cfg_batch, reuse_cfg=kind.reuse_cfg, skipped=kind.skipped)
 
 
+def _loop_start(num_experts: int, schedule: schedulers.Schedule, noise: Any, inputs: DenoiseInputs,
+                guidance: Guidance, boundary_ratio: float | None, skip):
+    """What `sample` and `compile_steps` start from: (inputs on the device, step-0 sampler state, every step's
+    `StepKind`, whether the fast step runs, its zero carry or None)."""
+    inputs = jax.tree.map(lambda a: None if a is None else jnp.asarray(a), inputs)
+    state = schedulers.init_state(schedule, noise)
+    kinds = step_kinds(schedule, guidance, boundary_ratio=boundary_ratio, num_experts=num_experts,
+                       has_negative=inputs.negative_text is not None, skip=skip)
+    fast = skip is not None or guidance.reuse_cfg
+    return inputs, state, kinds, fast, StepCarry.zeros(state.sample) if fast else None
+
+
 def compile_steps(experts: list[nnx.Module], schedule: schedulers.Schedule, noise: Any, inputs: DenoiseInputs,
                   guidance: Guidance, *, boundary_ratio: float | None = None, skip=None) -> int:
     """Compile (and run, from step 0's state, results dropped) every step variant `sample` will use with these
@@ -263,12 +275,8 @@ def compile_steps(experts: list[nnx.Module], schedule: schedulers.Schedule, nois
     expert's parameters are used. Returns how many variants ran."""
     graphdef, params = nnx.split(experts[0])
     params = jax.device_put(params, jax.devices()[0])
-    inputs = jax.tree.map(lambda a: None if a is None else jnp.asarray(a), inputs)
-    state = schedulers.init_state(schedule, noise)
-    kinds = step_kinds(schedule, guidance, boundary_ratio=boundary_ratio, num_experts=len(experts),
-                       has_negative=inputs.negative_text is not None, skip=skip)
-    fast = skip is not None or guidance.reuse_cfg
-    carry = StepCarry.zeros(state.sample) if fast else None
+    inputs, state, kinds, fast, carry = _loop_start(len(experts), schedule, noise, inputs, guidance, boundary_ratio,
+                                                    skip)
     seen = {}
     for kind in kinds:
         seen.setdefault(kind.variant, kind)
@@ -312,12 +320,8 @@ def sample(
     graphdef = splits[0][0]
     if any(g != graphdef for g, _ in splits[1:]):
         raise ValueError("the experts have different structures; both must be the same DiT configuration")
-    inputs = jax.tree.map(lambda a: None if a is None else jnp.asarray(a), inputs)
-    state = schedulers.init_state(schedule, noise)
-    kinds = step_kinds(schedule, guidance, boundary_ratio=boundary_ratio, num_experts=len(experts),
-                       has_negative=inputs.negative_text is not None, skip=skip)
-    fast = skip is not None or guidance.reuse_cfg
-    carry = StepCarry.zeros(state.sample) if fast else None
+    inputs, state, kinds, fast, carry = _loop_start(len(experts), schedule, noise, inputs, guidance, boundary_ratio,
+                                                    skip)
     steps = range(schedule.num_steps)
     if progress:
         from tqdm import tqdm
@@ -326,7 +330,6 @@ def sample(
     device = jax.devices()[0]
     current, params = None, None
     first_bad = jnp.int32(-1)
-    used: list[tuple[float, int]] = []
     for i in steps:
         kind = kinds[i]
         t, expert = kind.t, kind.expert
@@ -339,13 +342,12 @@ def sample(
         guided = kind.guided
         state, v, v_cond, v_uncond, first_bad, carry = _run_step(kind, graphdef, params, state, inputs, guidance,
                                                                  first_bad, carry, fast)
-        used.append((t, expert))
         if on_step is not None:
             on_step(dict(i=i, t=t, expert=expert, guided=guided, latents=state.sample, v=v,
                          v_cond=v_cond, v_uncond=v_uncond, skipped=kind.skipped, model_evals=kind.model_evals))
     bad = int(first_bad)
     if bad >= 0:
-        t, expert = used[bad]
+        t, expert = kinds[bad].t, kinds[bad].expert
         names = expert_names or (["high-noise expert", "low-noise expert"] if len(experts) == 2 else ["the model"])
         raise NonFiniteLatents(
             f"sampling produced non-finite latents (NaN or inf) at step {bad} of {schedule.num_steps} (t={t:g}), "

@@ -224,9 +224,7 @@ def _truncation(args: argparse.Namespace) -> int:
     if frames_list is not None and any(f > frames for f in frames_list):
         raise ValueError(f"--frames-list {args.frames_list}: every count must be at most --frames ({frames}), "
                          "the reference's length")
-    repeats = args.repeats if args.repeats is not None else (3 if args.checkpoint is None else 1)
-    if repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    repeats = _repeats(args)
     ctx = _prepare(args)
     pipe, settings, out, meta = ctx["pipe"], ctx["settings"], ctx["out"], ctx["meta"]
     cuts = cuts if cuts is not None else default_cuts(settings.steps)
@@ -245,6 +243,14 @@ def _truncation(args: argparse.Namespace) -> int:
     print(f"wrote {', '.join(Path(v).name for v in report['files'].values())}"
           f"{', videos/' if not args.no_videos else ''} in {out}")
     return 0
+
+
+def _repeats(args: argparse.Namespace) -> int:
+    """--repeats, checked: 3 timed runs on the tiny default (its runs are short and noisy), 1 on a real checkpoint."""
+    repeats = args.repeats if args.repeats is not None else (3 if args.checkpoint is None else 1)
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    return repeats
 
 
 def _fast_modes(args: argparse.Namespace) -> int:
@@ -268,9 +274,7 @@ def _fast_modes(args: argparse.Namespace) -> int:
     for flag, v, lo in (("--step-cache-max-skips", args.max_skips, 1), ("--step-cache-keep-first", args.keep_first, 0)):
         if v is not None and v < lo:
             raise ValueError(f"{flag} must be >= {lo}, got {v}")
-    repeats = args.repeats if args.repeats is not None else (3 if args.checkpoint is None else 1)
-    if repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    repeats = _repeats(args)
     ctx = _prepare(args)
     pipe, settings, out, meta = ctx["pipe"], ctx["settings"], ctx["out"], ctx["meta"]
     cuts = cuts if cuts is not None else default_cuts(settings.steps)
