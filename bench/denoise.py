@@ -6,8 +6,9 @@ Measures, with random bf16 weights of the full-size config on one device:
     pipeline does; eager and torch.compile optional with --torch) in a separate subprocess;
   * the full sampling run (--steps, default 40, UniPC with shift 5, both A14B experts switched at
     t >= 900) with whichever guidance layout was faster, and peak device memory;
-  * whether both experts stay resident, or (--offload, or automatically when they would not fit in
-    70% of the device) the idle expert waits in host memory and is moved in at the switch;
+  * whether both experts stay resident, or (--offload, or automatically when both experts' weights plus
+    XLA's memory analysis of one guided step would not fit in JAX's pool) the idle expert waits in host
+    memory and is moved in at the switch;
   * VAE decode of the final latents (Wan2.1 VAE, random weights) for the whole-pipeline peak.
 
   python bench/denoise.py --json denoise.json                 # wan2.2-i2v-a14b, 480x832x81, GPU
@@ -51,7 +52,7 @@ def run_jax(args) -> dict:
     import numpy as np
     from flax import nnx
 
-    from bench.common import peak_bytes, random_dit
+    from bench.common import memory_analysis, peak_bytes, random_dit
     from jax_impl import sampling, schedulers
     from jax_impl.conditioning import ConcatCondition, NoCondition
     from jax_impl.noise import initial_noise
@@ -72,10 +73,6 @@ def run_jax(args) -> dict:
     model_bytes = sum(x.nbytes for m in experts for x in jax.tree.leaves(nnx.state(m)))
     device = jax.devices()[0]
     limit = (device.memory_stats() or {}).get("bytes_limit") if device.platform == "gpu" else None
-    offloaded = args.offload == "yes" or (args.offload == "auto" and limit and model_bytes > 0.7 * limit)
-    if offloaded:
-        for m in experts[1:]:
-            sampling.offload(m)
 
     rng = np.random.default_rng(0)
     cond_ch = cfg.in_channels - cfg.out_channels
@@ -89,10 +86,28 @@ def run_jax(args) -> dict:
     noise = initial_noise(0, (1, f, lh, lw, z))
     sched = schedulers.make_schedule(SchedulerConfig(kind="unipc", shift=args.shift), args.steps)
 
-    # One guided step at the first timestep, both layouts.
+    # Both experts resident, or the idle one in host memory: decided from XLA's own memory analysis of the guided
+    # step (batch of 2 unless only two calls are timed), which must fit beside both experts' weights.
     graphdef, params = nnx.split(experts[0])
+    expert_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    step_memory = memory_analysis(sampling.denoise_step.lower(
+        graphdef, params, schedulers.init_state(sched, noise), jnp.int32(0), jnp.float32(sched.timesteps[0]), inputs,
+        jnp.float32(args.guidance), jnp.int32(-1), guided=True, cfg_batch=args.layout != "two_calls").compile())
+    resident_need = None
+    if "temp" in step_memory:
+        resident_need = model_bytes + step_memory["argument"] - expert_bytes + step_memory["temp"] + step_memory["output"]
+    if args.offload == "auto":
+        offloaded = bool(limit and (resident_need is None or resident_need > 0.97 * limit))
+    else:
+        offloaded = args.offload == "yes"
+    if offloaded:
+        for m in experts[1:]:
+            sampling.offload(m)
+
+    # One guided step at the first timestep, in each layout asked for.
     step_times = {}
-    for layout in (True, False):
+    layouts = {"auto": (True, False), "batch2": (True,), "two_calls": (False,)}[args.layout]
+    for layout in layouts:
         def one():
             st = schedulers.init_state(sched, noise)
             out = sampling.denoise_step(graphdef, params, st, jnp.int32(0), jnp.float32(sched.timesteps[0]), inputs,
@@ -132,6 +147,7 @@ def run_jax(args) -> dict:
         assert video.shape[1] == args.frames
     return {
         "device": str(device.device_kind), "setup_s": setup_s, "model_bytes": model_bytes, "offloaded": bool(offloaded),
+        "pool_bytes": limit, "step_memory": step_memory, "resident_need_bytes": resident_need,
         "step": step_times, "best_layout": best, "sample_s": sample_s, "steps": args.steps,
         "experts_used": sorted(set(experts_used)), "high_noise_steps": experts_used.count(0),
         "peak_bytes_denoise": peak_denoise, "decode_s": decode_s, "peak_bytes_total": peak_bytes(),
@@ -199,8 +215,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--offload", default="auto", choices=["auto", "yes", "no"],
-                    help="keep the idle expert in host memory (auto: when both would use > 70%% of the device)")
+                    help="keep the idle expert in host memory (auto: when both experts' weights and XLA's memory "
+                         "analysis of one guided step would not fit in 97%% of JAX's pool)")
     ap.add_argument("--iters", type=int, default=3, help="timed repeats of the single step")
+    ap.add_argument("--layout", default="auto", choices=["auto", "batch2", "two_calls"],
+                    help="guidance layout: time both for one step and run the faster (auto), or only this one "
+                         "(saves two single-step timings: ~1.5 minutes at 720p)")
     ap.add_argument("--torch", default="", help="comma list of torch-eager,torch-compile to time as reference")
     ap.add_argument("--no-vae", action="store_true", help="skip the VAE decode")
     ap.add_argument("--tiny", action="store_true", help="tiny preset, tiny video, 3 steps: a CPU smoke run")
@@ -216,13 +236,15 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(res), flush=True)
         return 0
 
+    from bench.common import child_env
+
     rows = {}
     for impl in ["jax"] + [x for x in args.torch.split(",") if x]:
         cmd = [sys.executable, os.path.abspath(__file__), "--impl", impl] + [a for a in (argv or sys.argv[1:])
                                                                               if not a.startswith("--json")]
         if args.json:
             cmd = [c for c in cmd if c != args.json]
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        p = subprocess.run(cmd, capture_output=True, text=True, env=child_env() if impl == "jax" else None)
         line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
         rows[impl] = json.loads(line[0][7:]) if line else {"error": (p.stderr or p.stdout)[-1500:]}
     jx = rows["jax"]
@@ -242,7 +264,8 @@ def main(argv=None) -> int:
         print(f"  {name:<32} {r['median_s']:>9.3f} {ratio:>15}")
     print(f"whole run: {args.steps} steps ({jx['high_noise_steps']} on the high-noise expert, experts used "
           f"{jx['experts_used']}), {jx['best_layout']} guidance: {jx['sample_s']:.1f} s; "
-          f"experts {'offloaded' if jx['offloaded'] else 'resident'} ({gib(jx['model_bytes'])} GiB of weights); "
+          f"experts {'offloaded' if jx['offloaded'] else 'resident'} ({gib(jx['model_bytes'])} GiB of weights; "
+          f"resident would need {gib(jx['resident_need_bytes'])} of {gib(jx['pool_bytes'])} GiB); "
           f"peak {gib(jx['peak_bytes_denoise'])} GiB while denoising")
     if jx["decode_s"] is not None:
         print(f"VAE decode {args.frames} frames: {jx['decode_s']:.1f} s; peak of the whole run {gib(jx['peak_bytes_total'])} GiB")

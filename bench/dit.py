@@ -40,19 +40,27 @@ def latent_grid(preset: str, height: int, width: int, frames: int) -> tuple[int,
     return vae.latent_shape(frames, height, width)[:3]
 
 
-def dit_flops(cfg, grid: tuple[int, int, int], text_len: int, image_len: int = 0) -> float:
-    """Matmul FLOPs of one forward (2 per multiply-add); elementwise work is ignored."""
+def dit_flops_split(cfg, grid: tuple[int, int, int], text_len: int, image_len: int = 0) -> dict[str, float]:
+    """Matmul FLOPs of one forward (2 per multiply-add), split into the attention kernels' share (scores and
+    weighted sums) and the linear layers' (projections, feed-forward, patch embedding and head); elementwise
+    work is ignored. The split lets a kernel profile give each kind of kernel its own TFLOP/s."""
     pt, ph, pw = cfg.patch_size
     L = (grid[0] // pt) * (grid[1] // ph) * (grid[2] // pw)
     D, F, S = cfg.inner_dim, cfg.ffn_dim, text_len
-    per_block = 2 * L * D * D * 4  # self-attn q, k, v, o
-    per_block += 4 * L * L * D  # self-attn scores and weighted sum
-    per_block += 2 * L * D * D * 2 + 2 * S * D * D * 2  # cross-attn q, o on video; k, v on text
-    per_block += 4 * L * S * D
+    linear = 2 * L * D * D * 4  # self-attn q, k, v, o
+    linear += 2 * L * D * D * 2 + 2 * S * D * D * 2  # cross-attn q, o on video; k, v on text
+    linear += 2 * L * D * F * 2  # feed-forward
+    attention = 4 * L * L * D + 4 * L * S * D  # self-attn and cross-attn scores and weighted sums
     if image_len:
-        per_block += 2 * image_len * D * D * 2 + 4 * L * image_len * D
-    per_block += 2 * L * D * F * 2  # feed-forward
-    return float(cfg.num_layers * per_block + 2 * L * D * (pt * ph * pw) * (cfg.in_channels + cfg.out_channels))
+        linear += 2 * image_len * D * D * 2
+        attention += 4 * L * image_len * D
+    edges = 2 * L * D * (pt * ph * pw) * (cfg.in_channels + cfg.out_channels)
+    return {"attention": float(cfg.num_layers * attention), "linear": float(cfg.num_layers * linear + edges)}
+
+
+def dit_flops(cfg, grid: tuple[int, int, int], text_len: int, image_len: int = 0) -> float:
+    """Matmul FLOPs of one forward (2 per multiply-add); elementwise work is ignored."""
+    return sum(dit_flops_split(cfg, grid, text_len, image_len).values())
 
 
 def _inputs(cfg, grid, text_len, seed=0):
@@ -66,21 +74,12 @@ def _inputs(cfg, grid, text_len, seed=0):
     return lat, np.array([500.0], np.float32), text, img
 
 
-def _memory_analysis(compiled) -> dict:
-    """XLA's own account of the compiled forward's buffers (bytes), beside the measured peak."""
-    try:
-        m = compiled.memory_analysis()
-        return {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias")}
-    except Exception as e:  # not every platform implements it
-        return {"error": str(e)}
-
-
 def run_jax(cfg, grid, text_len, warmup: int, iters: int, backend: str) -> dict:
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from bench.common import random_dit
+    from bench.common import memory_analysis, random_dit
 
     t0 = time.perf_counter()
     model = random_dit(cfg, dtype=jnp.bfloat16, attention_backend=backend)
@@ -98,7 +97,7 @@ def run_jax(cfg, grid, text_len, warmup: int, iters: int, backend: str) -> dict:
         return nnx.merge(graphdef, state)(lat, t, text, img)
 
     compiled = fwd.lower(graphdef, state, lat, t, text, img).compile()
-    mem = _memory_analysis(compiled)
+    mem = memory_analysis(compiled)
     jax.block_until_ready(compiled(state, lat, t, text, img))
     compile_s = time.perf_counter() - t0
     for _ in range(warmup):

@@ -45,7 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import median_time  # noqa: E402  (after the path insert)
+from bench.common import child_env, median_time  # noqa: E402  (after the path insert)
 from bench.versions import versions  # noqa: E402
 
 PARTS = ("gemm", "attention", "forward", "layers")
@@ -356,10 +356,9 @@ def layers_summary(res: dict, args) -> dict:
 CHILDREN = {"gemm": gemm_child, "attention": attention_child, "forward": forward_child, "layers": layers_child}
 
 
-# JAX's default pool is 75% of the card (59 GiB of an H100): the layer table at 480p x 81 frames (bf16 weights,
-# 12.5 GiB of reference taps and the forward's temporaries) ran out of it; the card has room for it. A value the
-# user set wins.
-CHILD_ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.94"}
+# Children run with bench.common.child_env(): JAX's default pool is 75% of the card (59 GiB of an H100), and the
+# layer table at 480p x 81 frames (bf16 weights, 12.5 GiB of reference taps and the forward's temporaries) ran out
+# of it; the card has room for it.
 
 
 def _child_cmd(args, part: str, variant: str | None, size: tuple[int, int] | None) -> list[str]:
@@ -389,7 +388,7 @@ def run_child(args, part: str, variant: str | None = None, size: tuple[int, int]
     t0 = time.perf_counter()
     try:
         p = subprocess.run(_child_cmd(args, part, variant, size), capture_output=True, text=True, timeout=timeout,
-                           env=CHILD_ENV | dict(os.environ))
+                           env=child_env())
     except subprocess.TimeoutExpired:
         return {"variant": variant, "error": f"did not finish within {timeout} s"}
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]

@@ -3,6 +3,7 @@ compiled memory, and whether FP8 GEMMs pay. Each part prints a table and writes 
 
   python bench/gpu_profile.py vae     --out DIR   # per-kernel time of one VAE decode/encode + conv variants
   python bench/gpu_profile.py dit-mem --out DIR   # memory_analysis of the A14B forward, largest live buffers
+  python bench/gpu_profile.py dit-kernels --out DIR  # A14B forward's GPU time: attention, matmul, other kernels
   python bench/gpu_profile.py fp8     --out DIR   # bf16 vs fp8 (e4m3) GEMMs at the DiT's shapes, HLO check
 
 Meant for an NVIDIA GPU; `--tiny` shrinks every shape so the script can be smoke-tested on a CPU.
@@ -26,8 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import median_time  # noqa: E402  (after the path insert)
 
 
-def kernel_table(trace_dir: str, top: int = 30) -> dict:
-    """Sum device-side event durations by name from a perfetto trace written by jax.profiler."""
+def kernel_table(trace_dir: str, top: int = 30, classify=None) -> dict:
+    """Sum device-side event durations by name from a perfetto trace written by jax.profiler; with
+    `classify(name) -> str`, also the sum and call count per class."""
     files = glob.glob(os.path.join(trace_dir, "**", "*.json.gz"), recursive=True)
     if not files:
         return {"error": f"no trace json under {trace_dir}"}
@@ -57,8 +59,27 @@ def kernel_table(trace_dir: str, top: int = 30) -> dict:
         end = t
     wall = (max(t for _, t in spans) - min(s for s, _ in spans)) if spans else 0.0
     rows = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
-    return {"processes": sorted(pnames.values()), "sum_us": total, "busy_us": busy, "span_us": wall,
-            "top": [{"name": n[:160], "us": u, "calls": count[n], "pct": 100 * u / max(total, 1)} for n, u in rows]}
+    out = {"processes": sorted(pnames.values()), "sum_us": total, "busy_us": busy, "span_us": wall,
+           "top": [{"name": n[:160], "us": u, "calls": count[n], "pct": 100 * u / max(total, 1)} for n, u in rows]}
+    if classify is not None:
+        classes: dict[str, dict] = {}
+        for n, u in by_name.items():
+            c = classes.setdefault(classify(n), {"us": 0.0, "calls": 0})
+            c["us"] += u
+            c["calls"] += count[n]
+        out["classes"] = classes
+    return out
+
+
+def dit_kernel_class(name: str) -> str:
+    """attention (cuDNN / flash kernels), matmul (cuBLAS, cutlass, XLA's Triton GEMM fusions), or other
+    (XLA's elementwise / reduction fusions, copies): the three costs of a DiT forward."""
+    n = name.lower()
+    if any(k in n for k in ("sdpa", "flash", "fmha", "attention")):
+        return "attention"
+    if any(k in n for k in ("gemm", "nvjet", "cutlass", "cublas", "xmma", "matmul", "dot")):
+        return "matmul"
+    return "other"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -254,6 +275,60 @@ def dit_mem_part(args) -> dict:
     return out
 
 
+def dit_kernels_part(args) -> dict:
+    """Where the A14B expert forward's GPU time goes: one traced forward, kernels summed as attention,
+    matmul and other, each with the TFLOP/s its share of the FLOPs implies (bench.dit.dit_flops_split)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from bench.common import random_dit
+    from bench.dit import dit_flops_split, latent_grid
+    from weights.configs.presets import get_preset
+
+    preset = "tiny-wan2.2-i2v-a14b" if args.tiny else "wan2.2-i2v-a14b"
+    cfg = get_preset(preset).transformer
+    (h, w), frames = ((32, 32), 5) if args.tiny else (args.size, args.frames)
+    grid = latent_grid(preset, h, w, frames)
+    text_len = 16 if args.tiny else 512
+    split = dit_flops_split(cfg, grid, text_len, 257 if cfg.has_image_tokens else 0)
+    graphdef, state = nnx.split(random_dit(cfg, dtype=jnp.bfloat16))
+    rng = np.random.default_rng(0)
+    lat = jnp.asarray(rng.standard_normal((1, *grid, cfg.in_channels)), jnp.bfloat16)
+    text = jnp.asarray(rng.standard_normal((1, text_len, cfg.text_dim)), jnp.bfloat16)
+    img = jnp.asarray(rng.standard_normal((1, 257, cfg.image_dim)), jnp.bfloat16) if cfg.has_image_tokens else None
+    t = jnp.asarray([500.0], jnp.float32)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def fwd(graphdef, state, lat, t, text, img):
+        return nnx.merge(graphdef, state)(lat, t, text, img)
+
+    seconds = median_time(lambda: fwd(graphdef, state, lat, t, text, img), 3, 2)
+    tdir = os.path.join(args.out, "trace_dit")
+    jax.profiler.start_trace(tdir, create_perfetto_trace=True)
+    jax.block_until_ready(fwd(graphdef, state, lat, t, text, img))
+    jax.profiler.stop_trace()
+    kt = kernel_table(tdir, classify=dit_kernel_class)
+    out = {"preset": preset, "grid": grid, "device": str(jax.devices()[0].device_kind), "median_s": seconds,
+           "flops": split, "tflops": sum(split.values()) / seconds / 1e12, "kernels": kt}
+    print(f"[dit-kernels] {preset} grid {grid}: {seconds:.3f} s, {out['tflops']:.0f} TFLOP/s", flush=True)
+    if "classes" in kt:
+        print(f"  trace: kernel sum {kt['sum_us'] / 1e3:.1f} ms, busy {kt['busy_us'] / 1e3:.1f} ms, span "
+              f"{kt['span_us'] / 1e3:.1f} ms", flush=True)
+        for cls, c in sorted(kt["classes"].items(), key=lambda kv: -kv[1]["us"]):
+            flops = split.get("linear" if cls == "matmul" else cls)
+            c["tflops"] = flops / (c["us"] * 1e-6) / 1e12 if flops and c["us"] else None
+            rate = f"{c['tflops']:.0f} TFLOP/s" if c["tflops"] else ""
+            print(f"  {cls:<10} {c['us'] / 1e3:9.1f} ms {100 * c['us'] / kt['sum_us']:5.1f}% x{c['calls']:<6} {rate}",
+                  flush=True)
+        for r in kt["top"][:20]:
+            print(f"  {r['pct']:5.1f}% {r['us'] / 1e3:9.2f} ms x{r['calls']:<5} {r['name'][:100]}", flush=True)
+    return out
+
+
 def largest_shapes(hlo: str, top: int = 40) -> list[dict]:
     """Distinct array shapes in an HLO module by size (a quick look at what could be a big temp buffer)."""
     import re
@@ -338,7 +413,7 @@ def fp8_part(args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=("vae", "dit-mem", "fp8"))
+    ap.add_argument("part", choices=("vae", "dit-mem", "dit-kernels", "fp8"))
     ap.add_argument("--out", default="profile-out")
     ap.add_argument("--size", default="480x832")
     ap.add_argument("--frames", type=int, default=81)
@@ -350,7 +425,7 @@ def main(argv=None) -> int:
     from jax_impl.runtime import configure_xla
 
     configure_xla()
-    part = {"vae": vae_part, "dit-mem": dit_mem_part, "fp8": fp8_part}[args.part]
+    part = {"vae": vae_part, "dit-mem": dit_mem_part, "dit-kernels": dit_kernels_part, "fp8": fp8_part}[args.part]
     result = part(args)
     name = f"profile_{args.part}_{args.size[0]}x{args.size[1]}.json"
     Path(args.out, name).write_text(json.dumps(result, indent=2, default=str) + "\n")
