@@ -54,6 +54,11 @@ TINY_SHAPES = [
 ]
 GPU_IMPLS = ["jax-cudnn", "torch-flash", "torch-cudnn"]
 TINY_IMPLS = ["jax-xla", "torch-math"] + GPU_IMPLS  # GPU ones are recorded as skipped off-GPU
+# Timing probes, not back-ends: JAX's Pallas Mosaic GPU flash attention for Hopper (FA3-style warp specialisation)
+# with block_kv 128 or 64. It takes no mask, so q and kv are zero-padded to a multiple of 128 (32760 -> 32768):
+# the padded keys change the result (a back-end would have to correct it with the returned log-sum-exp); TFLOP/s
+# count the unpadded shape's FLOPs, the useful work.
+PROBE_IMPLS = ["jax-mosaic-kv128", "jax-mosaic-kv64"]
 
 
 def _inputs(shape: Shape, seed: int = 0) -> list[np.ndarray]:
@@ -100,6 +105,22 @@ def _jax_runner(impl: str, arrays: list[np.ndarray], dtype) -> Callable[[], None
     return lambda: fn(q, k, v).block_until_ready()
 
 
+def _mosaic_runner(impl: str, arrays: list[np.ndarray], dtype) -> Callable[[], None]:
+    if jax.default_backend() != "gpu":
+        raise _Skip("needs JAX on a Hopper GPU")
+    import functools
+
+    from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+    def padded(a: np.ndarray) -> jax.Array:
+        return jnp.asarray(np.pad(a, ((0, 0), (0, -a.shape[1] % 128), (0, 0), (0, 0))), dtype)
+
+    q, k, v = (padded(a) for a in arrays)
+    config = attention_mgpu.TuningConfig(block_q=64, block_kv=int(impl.rsplit("kv", 1)[1]), max_concurrent_steps=2)
+    fn = jax.jit(functools.partial(attention_mgpu.attention, config=config))
+    return lambda: fn(q, k, v).block_until_ready()
+
+
 _TORCH_KERNELS = {"torch-flash": "FLASH_ATTENTION", "torch-cudnn": "CUDNN_ATTENTION", "torch-math": "MATH"}
 
 
@@ -132,7 +153,10 @@ def bench(shapes: list[Shape], impls: list[str], dtype, warmup: int, repeats: in
         for impl in impls:
             row = {"shape": shape.name, **dataclasses.asdict(shape), "impl": impl, "dtype": jnp.dtype(dtype).name}
             try:
-                if impl.startswith("jax-"):
+                if impl.startswith("jax-mosaic"):
+                    call = _mosaic_runner(impl, arrays, dtype)
+                    clock = _host_clock(lambda: None)
+                elif impl.startswith("jax-"):
                     call = _jax_runner(impl, arrays, dtype)
                     clock = _host_clock(lambda: None)  # the runner blocks until ready itself
                 else:
@@ -166,7 +190,8 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny shapes plus CPU-capable impls (for CI)")
-    parser.add_argument("--impls", help=f"comma list; default {','.join(GPU_IMPLS)} ({','.join(TINY_IMPLS)} with --tiny)")
+    parser.add_argument("--impls", help=f"comma list; default {','.join(GPU_IMPLS)} ({','.join(TINY_IMPLS)} with --tiny); "
+                                        f"timing probes: {','.join(PROBE_IMPLS)}")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
@@ -175,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
     impls = args.impls.split(",") if args.impls else (TINY_IMPLS if args.tiny else GPU_IMPLS)
-    unknown = [i for i in impls if i not in set(TINY_IMPLS)]
+    unknown = [i for i in impls if i not in set(TINY_IMPLS + PROBE_IMPLS)]
     if unknown:
-        parser.error(f"unknown impl(s) {unknown}; choose from {', '.join(TINY_IMPLS)}")
+        parser.error(f"unknown impl(s) {unknown}; choose from {', '.join(TINY_IMPLS + PROBE_IMPLS)}")
     dtype = getattr(jnp, args.dtype)
     rows = bench(TINY_SHAPES if args.tiny else WAN_SHAPES, impls, dtype, args.warmup, args.repeats)
     print(table(rows))

@@ -43,3 +43,26 @@ def test_denoise_bench_tiny_runs_both_experts(tmp_path):
     res = json.loads(out.read_text())["results"]["jax"]
     assert set(res["step"]) == {"batch2", "two_calls"} and res["experts_used"] == [0, 1]
     assert res["latents_finite"] and res["decode_s"] > 0
+
+
+def test_flop_split_gives_attention_its_share():
+    """The kernel profile's per-kind TFLOP/s rest on this split: attention = scores + weighted sums only."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from dit import dit_flops, dit_flops_split
+
+    from weights.configs.presets import get_preset
+
+    cfg = get_preset("wan2.2-i2v-a14b").transformer
+    split = dit_flops_split(cfg, (21, 60, 104), 512)
+    L, D = 21 * 30 * 52, cfg.inner_dim
+    assert split["attention"] == cfg.num_layers * (4 * L * L * D + 4 * L * 512 * D)
+    assert split["attention"] + split["linear"] == dit_flops(cfg, (21, 60, 104), 512)
+
+
+def test_kernel_classes():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_profile import dit_kernel_class
+
+    assert dit_kernel_class("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7") == "attention"
+    assert dit_kernel_class("nvjet_sm90_tst_256x152_64x4_1x2_h_bz_coopA_bias_NNT") == "matmul"
+    assert dit_kernel_class("input_concatenate_fusion_11") == "other"
