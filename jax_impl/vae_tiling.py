@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from jax_impl.layers import F32
-from jax_impl.vae import VaeInputError, put_block, unpatchify
+from jax_impl.vae import VaeInputError, unpatchify
 from weights.configs.vae import VaeConfig
 
 TILE_MODES = ("auto", "on", "off")
@@ -108,61 +108,108 @@ def applies(cfg: VaeConfig, kind: str, shape: tuple[int, ...], tiling: Tiling) -
 
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def blend(prev: jax.Array, cur: jax.Array, extent: int, axis: int) -> jax.Array:
-    """`cur` with its first `e` rows along `axis` faded in from the last `e` of `prev` (diffusers'
-    blend_v / blend_h), e = min(extent, both lengths); computed in float32."""
-    e = min(prev.shape[axis], cur.shape[axis], extent)
-    if e == 0:
+def blend(prev: jax.Array, cur: jax.Array, extent: int, axis: int, prev_len, cur_len) -> jax.Array:
+    """`cur` with its first e rows along `axis` faded in from rows `prev_len - e .. prev_len` of `prev`
+    (diffusers' blend_v / blend_h), e = min(extent, prev_len, cur_len); computed in float32.
+
+    Tiles keep their padded shape, so only the first `*_len` rows of each are real; the lengths may be traced,
+    and one compiled program then blends every tile (edge tiles included).
+    """
+    m = min(prev.shape[axis], cur.shape[axis], extent)  # the most rows any tile can blend
+    if m == 0:
         return cur
     shape = [1] * cur.ndim
-    shape[axis] = e
-    w = (jnp.arange(e, dtype=F32) / e).reshape(shape)
-    tail = jax.lax.slice_in_dim(prev, prev.shape[axis] - e, prev.shape[axis], axis=axis).astype(F32)
-    head = jax.lax.slice_in_dim(cur, 0, e, axis=axis).astype(F32)
-    mixed = (tail * (1 - w) + head * w).astype(cur.dtype)
-    return jnp.concatenate([mixed, jax.lax.slice_in_dim(cur, e, cur.shape[axis], axis=axis)], axis=axis)
+    shape[axis] = m
+    e = jnp.minimum(jnp.minimum(prev_len, cur_len), extent)
+    y = jnp.arange(m)
+    w = (y.astype(F32) / e.astype(F32)).reshape(shape)
+    tail = jnp.take(prev, jnp.clip(prev_len - e + y, 0, prev.shape[axis] - 1), axis=axis).astype(F32)
+    head = jax.lax.slice_in_dim(cur, 0, m, axis=axis).astype(F32)
+    mixed = jnp.where((y < e).reshape(shape), tail * (1 - w) + head * w, head).astype(cur.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(cur, mixed, 0, axis=axis)
 
 
 def _pad_tile(t, height: int, width: int):
-    """Zeros appended below and right of tile `t` up to `height` x `width` (numpy stays on the host)."""
+    """Zeros appended below and right of host tile `t` up to `height` x `width`."""
     pad = [(0, 0), (0, 0), (0, height - t.shape[2]), (0, width - t.shape[3]), (0, 0)]
-    if not any(p[1] for p in pad):
-        return t
-    return np.pad(t, pad) if isinstance(t, np.ndarray) else jnp.pad(t, pad)
+    return np.pad(t, pad) if any(p[1] for p in pad) else t
+
+
+@functools.partial(jax.jit, static_argnames=("height", "width"))
+def _take_tile(x: jax.Array, i, j, valid_h, valid_w, *, height: int, width: int) -> jax.Array:
+    """The `height` x `width` tile of device array `x` at (i, j), zeros past its valid part: one program for every
+    tile position (a slice per position would compile once each). The slice start is clamped to fit, then rolled
+    back so the tile's first row and column are x's row i and column j."""
+    i0, j0 = jnp.minimum(i, x.shape[2] - height), jnp.minimum(j, x.shape[3] - width)
+    t = jax.lax.dynamic_slice(x, (0, 0, i0, j0, 0), (x.shape[0], x.shape[1], height, width, x.shape[4]))
+    t = jnp.roll(t, (i0 - i, j0 - j), axis=(2, 3))
+    keep = (jnp.arange(height)[:, None] < valid_h) & (jnp.arange(width)[None, :] < valid_w)
+    return jnp.where(keep[None, None, :, :, None], t, jnp.zeros((), t.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("rows_blend", "cols_blend"))
+def _blend_tile(t, above, left, above_h, h, left_w, w, *, rows_blend: int, cols_blend: int) -> jax.Array:
+    """Tile `t` (valid h x w) blended with the tile above (valid height above_h) and then the one to its left
+    (valid width left_w), as diffusers does; a neighbour that is None is skipped."""
+    if above is not None:
+        t = blend(above, t, rows_blend, 2, above_h, h)
+    if left is not None:
+        t = blend(left, t, cols_blend, 3, left_w, w)
+    return t
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnames=("cut_h", "cut_w", "clip_patch"))
+def _place(buf: jax.Array, t: jax.Array, top, left, *, cut_h: int, cut_w: int, clip_patch: int | None) -> jax.Array:
+    """`buf` (donated) with tile `t`'s first cut_h x cut_w part written at (top, left); `clip_patch` (decode)
+    unpatchifies it by that patch size and clips it to [-1, 1] first. A part reaching past the buffer's edge is
+    written ending at the edge instead, rolled so its real rows and columns land where they belong and the
+    rows and columns it would push over (already written by earlier tiles) kept as they were: one program for
+    every tile."""
+    piece = t[:, :, :cut_h, :cut_w]
+    if clip_patch is not None:
+        piece = jnp.clip(unpatchify(piece, clip_patch), -1.0, 1.0)
+    ph, pw = piece.shape[2], piece.shape[3]
+    top0, left0 = jnp.minimum(top, buf.shape[2] - ph), jnp.minimum(left, buf.shape[3] - pw)
+    start = (0, 0, top0, left0, 0)
+    piece = jnp.roll(piece.astype(buf.dtype), (top - top0, left - left0), axis=(2, 3))
+    keep = (jnp.arange(ph)[:, None] < top - top0) | (jnp.arange(pw)[None, :] < left - left0)
+    piece = jnp.where(keep[None, None, :, :, None], jax.lax.dynamic_slice(buf, start, piece.shape), piece)
+    return jax.lax.dynamic_update_slice(buf, piece, start)
 
 
 def run_tiles(x, rows: AxisTiles, cols: AxisTiles, run_tile: Callable[[object, tuple[int, int]], jax.Array],
-              out_shape: tuple[int, ...], finish: Callable[[jax.Array], jax.Array] = lambda t: t,
-              scale: int = 1, dtype=None) -> jax.Array:
-    """Run `run_tile(tile, valid)` on every tile of `x` ([B, T, H, W, C]), blend, keep each tile's `out_stride`
-    part, `finish` it and write it into an `out_shape` buffer at (row, column) x out_stride x `scale`.
+              out_shape: tuple[int, ...], clip_patch: int | None = None, scale: int = 1, dtype=None) -> jax.Array:
+    """Run `run_tile(tile, valid)` on every tile of `x` ([B, T, H, W, C]; numpy stays on the host until a tile
+    is cut), blend, keep each tile's `out_stride` part and write it into an `out_shape` buffer at (row, column) x
+    out_stride x `scale` (see `_place` for `clip_patch`).
 
     Every tile is padded to one shape (`AxisTiles.padded`) and `run_tile` is told its valid (height, width), so
-    one compiled program runs every tile; its output is cropped to the valid part in proportion. Only the
-    previous row of (blended, uncut) tiles is kept; the result is written in place.
+    one compiled network step runs every tile; the outputs keep that shape and the cutting, blending and
+    writing take the valid sizes and offsets as traced numbers, so they too compile once per video shape.
+    Only the previous row of (blended, uncut) tiles is kept; the result is written in place.
     """
     buf = None
-    above: list[jax.Array] = []
+    above: list[tuple[jax.Array, int, int]] = []  # (blended tile, valid output height, valid output width)
     ph, pw = rows.padded(x.shape[2]), cols.padded(x.shape[3])
     for r, i in enumerate(rows.starts):
-        row: list[jax.Array] = []
+        row: list[tuple[jax.Array, int, int]] = []
         for c, j in enumerate(cols.starts):
-            t = x[:, :, i:i + rows.size, j:j + cols.size]
-            vh, vw = t.shape[2], t.shape[3]
-            t = run_tile(_pad_tile(t, ph, pw), (vh, vw))
-            t = t[:, :, :vh * t.shape[2] // ph, :vw * t.shape[3] // pw]
-            if above:
-                t = blend(above[c], t, rows.blend, 2)
-            if row:
-                t = blend(row[-1], t, cols.blend, 3)
-            row.append(t)
-            piece = finish(t[:, :, :rows.out_stride, :cols.out_stride])
-            top, left = r * rows.out_stride * scale, c * cols.out_stride * scale
-            piece = piece[:, :, :out_shape[2] - top, :out_shape[3] - left]
+            vh, vw = min(rows.size, x.shape[2] - i), min(cols.size, x.shape[3] - j)
+            if isinstance(x, np.ndarray):
+                t = _pad_tile(x[:, :, i:i + rows.size, j:j + cols.size], ph, pw)
+            else:
+                t = _take_tile(x, i, j, vh, vw, height=ph, width=pw)
+            t = run_tile(t, (vh, vw))
+            oh, ow = vh * t.shape[2] // ph, vw * t.shape[3] // pw  # the valid part of the output
+            up_t, up_h, _ = above[c] if above else (None, 0, 0)
+            left_t, _, left_w = row[-1] if row else (None, 0, 0)
+            t = _blend_tile(t, up_t, left_t, up_h, oh, left_w, ow, rows_blend=rows.blend, cols_blend=cols.blend)
+            row.append((t, oh, ow))
             if buf is None:
-                buf = jnp.zeros(out_shape, dtype or piece.dtype)
-            buf = put_block(buf, piece, (0, 0, top, left, 0))
+                buf = jnp.zeros(out_shape, dtype or t.dtype)
+            buf = _place(buf, t, r * rows.out_stride * scale, c * cols.out_stride * scale,
+                         cut_h=min(rows.out_stride, out_shape[2] // scale),
+                         cut_w=min(cols.out_stride, out_shape[3] // scale), clip_patch=clip_patch)
         above = row
     return buf
 
@@ -189,13 +236,9 @@ def tiled_decode(model, z, tiling: Tiling | None = None) -> jax.Array:
     s, p = cfg.spatial_factor, cfg.patch
     out_shape = (b, model.out_frames("decode", f), h * s, w * s, cfg.out_channels // (p * p))
 
-    def finish(t: jax.Array) -> jax.Array:
-        return jnp.clip(unpatchify(t, p), -1.0, 1.0)
-
     split = nnx.split(model)
     return run_tiles(z, rows, cols, lambda t, v: model.stream("decode", t, raw=True, split=split, valid=v), out_shape,
-                     finish,
-                     scale=p, dtype=model.dtype)
+                     clip_patch=p, scale=p, dtype=model.dtype)
 
 
 def tile_shape(cfg: VaeConfig, kind: str, shape: tuple[int, ...], tiling: Tiling) -> tuple[int, ...]:

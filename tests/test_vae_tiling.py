@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -57,14 +58,17 @@ def test_tiled_encode_decode_match_diffusers(folders, variant):
     assert report.meta["video_shape"][2] != report.meta["video_shape"][3]
 
 
-def _wrong_direction(prev, cur, extent, axis):
+def _wrong_direction(prev, cur, extent, axis, prev_len, cur_len):
     """Fades the wrong way: the new tile's first row comes from itself, the last from the old tile."""
-    e = min(prev.shape[axis], cur.shape[axis], extent)
-    w = (jnp.arange(e, dtype=jnp.float32) / e).reshape([e if a == axis else 1 for a in range(cur.ndim)])
-    tail = jnp.take(prev, jnp.arange(prev.shape[axis] - e, prev.shape[axis]), axis=axis)
-    head = jnp.take(cur, jnp.arange(e), axis=axis)
-    rest = jnp.take(cur, jnp.arange(e, cur.shape[axis]), axis=axis)
-    return jnp.concatenate([tail * w + head * (1 - w), rest], axis=axis)
+    m = min(prev.shape[axis], cur.shape[axis], extent)
+    e = jnp.minimum(jnp.minimum(prev_len, cur_len), extent)
+    shape = [m if a == axis else 1 for a in range(cur.ndim)]
+    y = jnp.arange(m)
+    w = (y / e).reshape(shape)
+    tail = jnp.take(prev, jnp.clip(prev_len - e + y, 0, prev.shape[axis] - 1), axis=axis)
+    head = jnp.take(cur, y, axis=axis)
+    mixed = jnp.where((y < e).reshape(shape), tail * w + head * (1 - w), head)
+    return jnp.concatenate([mixed, jnp.take(cur, jnp.arange(m, cur.shape[axis]), axis=axis)], axis=axis)
 
 
 def _off_by_one(real):
@@ -75,12 +79,14 @@ def _off_by_one(real):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("bug", ["blend direction", "overlap off by one", "no padding mask"])
-def test_planted_tiling_bugs_fail(folders, monkeypatch, bug):
+def test_planted_tiling_bugs_fail(folders, monkeypatch, request, bug):
     """The parity test must catch a wrong blend direction, an overlap one row too wide, and padded edge tiles
     whose padding the convs see (no mask), in encode and decode."""
     kinds = ("decode",)
     if bug == "blend direction":
         monkeypatch.setattr(vae_tiling, "blend", _wrong_direction)
+        jax.clear_caches()  # the blending program compiled by earlier tests holds the real blend
+        request.addfinalizer(jax.clear_caches)  # and later tests must not run the planted one
     elif bug == "overlap off by one":
         monkeypatch.setattr(vae_tiling, "plan", _off_by_one(vae_tiling.plan))
     else:
@@ -170,3 +176,27 @@ def test_whole_frame_fast_path_matches_diffusers(folders, variant):
     dec = vae_run.decode(model, z, tile="off")
     assert dec.shape == rdec.shape == (1, 5, h, w, 3) and rel_l2(np.asarray(dec), rdec) <= FP32_TOL
     assert vae_run.encode(model, video, tile="off", return_moments=True).shape[-1] == 2 * cfg.z_dim
+
+
+def test_tiles_at_a_new_size_compile_only_the_video_sized_programs(model21):
+    """Cutting, blending and writing tiles take offsets and valid sizes as traced numbers: a decode at a new
+    size whose tiles have the same padded shape compiles only what depends on the video's shape (the tile
+    taker, the output buffer and the writer), not a slice, crop and blend per tile position as eager ops did
+    (26 compilations for this 2x3 grid; each costs a fraction of a second on a GPU)."""
+    from jax import monitoring
+
+    tiling = Tiling(32, 32, 24, 24)
+    count = {"n": 0}
+
+    def listen(event, duration, **kw):
+        count["n"] += event == "/jax/core/compile/backend_compile_duration"
+
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        for h, w in ((8, 12), (10, 14)):
+            z = jnp.asarray(np.random.default_rng(0).standard_normal((1, 2, h, w, 16)), jnp.float32)
+            count["n"] = 0
+            jax.block_until_ready(vae_tiling.tiled_decode(model21, z, tiling))
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+    assert count["n"] <= 3, f"{count['n']} compilations for a decode at a new size"
