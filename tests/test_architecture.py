@@ -23,7 +23,6 @@ PACKAGES = ("wanport", "parity", "jax_impl", "torch_ref", "weights", "kernels")
 HIDDEN_LEFT = {
     "jax_impl/vae.py": 2,
     "jax_impl/vae_tiling.py": 1,
-    "parity/pipeline.py": 2,
 }
 
 
