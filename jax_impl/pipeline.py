@@ -31,19 +31,25 @@ from typing import Any, Callable, Collection, Protocol, Sequence
 
 import numpy as np
 
+from jax_impl import causal as causal_mod
 from jax_impl import conditioning as cond
 from jax_impl import sampling, schedulers, step_cache
 from jax_impl.encoders.image import JaxImageEncoder
 from jax_impl.encoders.text import JaxTextEncoder
 from jax_impl.fp8_loading import load_dit_fp8
+from jax_impl.latents import VaeOptions, decode_latents
 from jax_impl.loading import load_dit, load_vae
+from jax_impl.media import image_to_array, load_image, to_uint8, write_mp4
 from jax_impl.noise import initial_noise
 from jax_impl.settings import GenerateSettings
-from jax_impl.stages import Encoded
+from jax_impl.stages import Encoded, reuse_stage, save_stage, stage_key
+from kernels.backends import resolve_backend
+from weights.atomic import check_output_path
 from weights.checkpoint import Checkpoint, folder_identity
 from weights.lora import parse_lora_arg
 from weights.lora_apply import apply_loras
 from weights.manifest import file_digest
+from weights.safetensors_io import load_tensors, validate_tree
 from weights.single_file import open_dit
 from weights.configs.base import check_field_types, read_json
 from weights.configs.causal import check_causal_inputs
@@ -148,8 +154,6 @@ def _lora_identity(path: Path) -> str:
 
 def load_embeddings(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Precomputed embeddings (--embeddings): a safetensors file, validated like any weight file."""
-    from weights.safetensors_io import load_tensors
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"embeddings file {path} does not exist")
@@ -225,8 +229,6 @@ class Pipeline:
         self.loras = self._open_loras(loras, loras_2, lora_ignore_missing, log)
         self._experts: list | None = None
         self._vae = None
-        from jax_impl.latents import VaeOptions
-
         self.vae_options = vae_options or VaeOptions()  # VAE dtype and spatial tiling
         self.encoders = encoders
         self._text_encoder: TextEncoder | None = None
@@ -304,8 +306,6 @@ class Pipeline:
     def check_encoders(self, groups: Collection[str]) -> None:
         """The encoder folders of `groups` exist, their files are intact (weights headers, JSON) and their
         widths fit the DiT; named up front instead of failing inside transformers."""
-        from weights.safetensors_io import validate_tree
-
         groups = set(groups) - self._checked_encoders
         parts = [p for g in sorted(groups) for p in ENCODER_PARTS[g]]
         missing = [p for p in parts if not (self.folder / p).is_dir()]
@@ -515,8 +515,6 @@ class Pipeline:
 
     def denoise_inputs(self, settings: GenerateSettings, encoded_key: str, causal=None) -> dict[str, Any]:
         """What the denoise stage's latents depend on, the encode stage's key included."""
-        from kernels.backends import resolve_backend
-
         return {
             "encoded_stage": encoded_key,
             "frames": settings.frames, "height": settings.height, "width": settings.width, "batch": settings.batch,
@@ -559,8 +557,6 @@ class Pipeline:
         `image` and `last_image` are PIL images; `embeddings` may supply prompt_embeds,
         negative_prompt_embeds and image_embeds instead of running the encoders.
         """
-        from jax_impl.media import image_to_array
-
         emb = dict(embeddings or {})
         negative_prompt = negative_prompt or DEFAULT_NEGATIVE
         self.check_request(settings, prompt=prompt, negative_prompt=negative_prompt, has_image=image is not None,
@@ -665,8 +661,6 @@ class Pipeline:
         """Block-causal generation (`jax_impl.causal`): a few steps per block of latent frames, each block
         attending to a KV cache of the ones before (within `causal.window`). No guidance: causal Wan models
         are distilled to run without it. Returns the latents [B, F, h, w, z] (float32)."""
-        from jax_impl import causal as causal_mod
-
         condition = self._condition_of(encoded)
         self._check_causal(settings, causal, condition.KIND != "none")
         f, h, w = self.latent_shape(settings)[1:4]
@@ -695,8 +689,6 @@ class Pipeline:
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Video [B, frames, H, W, 3] in [-1, 1] (float32) from normalised latents."""
         import jax.numpy as jnp
-
-        from jax_impl.latents import decode_latents
 
         video = np.asarray(decode_latents(self.vae_options.bind(self.vae), jnp.asarray(latents, jnp.float32)), np.float32)
         if not np.isfinite(video).all():
@@ -741,10 +733,6 @@ def generate(
     `step_cache_calibration_out`: also write the step-cache calibration of this (full) run there
     (`jax_impl.step_cache`); the denoise stage then always runs, since a reused stage records nothing.
     """
-    from jax_impl.media import load_image, to_uint8, write_mp4
-    from jax_impl.stages import reuse_stage, save_stage, stage_key
-    from weights.atomic import check_output_path
-
     settings.validate()
     out = Path(out)
     work = Path(work_dir) if work_dir is not None else out.with_name(out.stem + ".stages")

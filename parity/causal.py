@@ -14,8 +14,12 @@ import dataclasses
 
 import numpy as np
 
+from jax_impl import causal as jax_causal
+from jax_impl.conditioning import i2v_condition
 from parity.report import Report, compare_layers
 from parity.tolerances import FP32_TOL, SAMPLER_TOL
+from torch_ref import causal as torch_causal
+from weights.configs.causal import condition_channels
 
 LAYER_TOL = FP32_TOL  # one block-causal forward against the torch reference, per layer
 
@@ -35,9 +39,6 @@ def make_causal_inputs(
     cfg, config, *, batch=1, frames=4, height=4, width=4, text_len=8, image_len=9, seed=0
 ) -> CausalInputs:
     """Deterministic random inputs for `cfg` (a DitConfig) and `config` (a CausalConfig)."""
-    from jax_impl.conditioning import i2v_condition
-    from weights.configs.causal import condition_channels
-
     rng = np.random.default_rng(seed)
     blocks = config.num_blocks(frames)
     shape = (batch, frames, height, width)
@@ -63,11 +64,9 @@ def _np(x) -> np.ndarray:
 
 def jax_cached_blocks(model, inputs: CausalInputs, config, capture: bool = True):
     """Teacher-forced block-by-block run of our model; returns (per-block outputs, taps, final cache)."""
-    from jax_impl import causal as C
-
     b, f, h, w, _ = inputs.latents.shape
-    cross = C.prepare_context(model, inputs.text, inputs.image)
-    cache = C.init_cache(model, config, b, h, w, num_frames=f)
+    cross = jax_causal.prepare_context(model, inputs.text, inputs.image)
+    cache = jax_causal.init_cache(model, config, b, h, w, num_frames=f)
     fpb = config.frames_per_block
     taps = {"text_embedding": _np(cross.text)}
     if cross.image is not None:
@@ -77,22 +76,20 @@ def jax_cached_blocks(model, inputs: CausalInputs, config, capture: bool = True)
         x = inputs.latents[:, blk * fpb : (blk + 1) * fpb]
         t = inputs.timesteps[:, blk]
         if capture:
-            out, block_taps = C.block_step(model, cache, cross, x, t, capture=True)
+            out, block_taps = jax_causal.block_step(model, cache, cross, x, t, capture=True)
             taps.update({f"block{blk}.{k}": _np(v) for k, v in block_taps.items()})
         else:
-            out = C.block_step(model, cache, cross, x, t)
+            out = jax_causal.block_step(model, cache, cross, x, t)
         outs.append(_np(out))
-        cache = C.commit_block(model, cache, cross, x, t)
+        cache = jax_causal.commit_block(model, cache, cross, x, t)
     return outs, taps, cache
 
 
 def torch_cached_blocks(model, inputs: CausalInputs, config, capture: bool = True):
     """Same as `jax_cached_blocks` on the torch reference."""
-    from torch_ref import causal as T
-
     f = inputs.latents.shape[1]
-    ctx = T.CrossContext(model, inputs.text, inputs.image)
-    cache = T.BlockCache(config)
+    ctx = torch_causal.CrossContext(model, inputs.text, inputs.image)
+    cache = torch_causal.BlockCache(config)
     fpb = config.frames_per_block
     taps = {"text_embedding": _np(ctx.text)}
     if ctx.image is not None:
@@ -100,7 +97,8 @@ def torch_cached_blocks(model, inputs: CausalInputs, config, capture: bool = Tru
     outs = []
     for blk in range(config.num_blocks(f)):
         x = inputs.latents[:, blk * fpb : (blk + 1) * fpb]
-        out, block_taps = T.block_step(model, cache, ctx, x, inputs.timesteps[:, blk], commit=True, capture=True)
+        out, block_taps = torch_causal.block_step(model, cache, ctx, x, inputs.timesteps[:, blk], commit=True,
+                                                  capture=True)
         if capture:
             taps.update({f"block{blk}.{k}": _np(v) for k, v in block_taps.items()})
         outs.append(_np(out))
@@ -129,13 +127,11 @@ def causal_layer_parity(jax_model, torch_model, inputs: CausalInputs, config, to
 
 def causal_sampler_parity(jax_model, torch_model, inputs: CausalInputs, config, tol: float = SAMPLER_TOL) -> Report:
     """Latents of each generated block, JAX sampler vs torch sampler, same noise."""
-    from jax_impl import causal as C
-    from torch_ref import causal as T
-
     kw = dict(config=config, noise=inputs.noise, step_noise=inputs.step_noise)
     kw |= dict(image=inputs.image, condition=inputs.condition)
-    ours = {f"block{i}.latents": _np(x) for i, x in enumerate(C.sample_blocks(jax_model, inputs.text, **kw))}
-    ref = {f"block{i}.latents": _np(x) for i, x in enumerate(T.sample_blocks(torch_model, inputs.text, **kw))}
+    ours = {f"block{i}.latents": _np(x) for i, x in enumerate(jax_causal.sample_blocks(jax_model, inputs.text, **kw))}
+    ref = {f"block{i}.latents": _np(x)
+           for i, x in enumerate(torch_causal.sample_blocks(torch_model, inputs.text, **kw))}
     meta = {"model": "causal-sampler", "frames_per_block": config.frames_per_block, "window": config.window,
             "timesteps": list(config.timesteps), "tolerance": f"rel_l2 <= {tol}"}
     return Report(compare_layers(ours, ref, tol), meta)

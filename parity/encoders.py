@@ -27,10 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
+from jax_impl.encoders.clip import layer_names as clip_layer_names
+from jax_impl.encoders.umt5 import layer_names as umt5_layer_names
 from jax_impl.frozen_jit import frozen_jit
+from jax_impl.loading import load_clip_vision, load_umt5
 from jax_impl.pipeline import JAX_ENCODERS, EncoderSet
 from parity.report import Report, compare_layers, measured_bf16_layers
 from parity.tolerances import BF16_FACTOR, BF16_FLOOR, FP32_TOL
+from torch_ref.capture import capture, to_numpy
 from torch_ref.encoders import ImageEncoder, TextEncoder
 
 # torch_ref's encoders (transformers' UMT5 and CLIP, float32): the reference the JAX encoders are measured against
@@ -111,8 +115,6 @@ def _load_torch(model: str, folder: Path, dtype: str):
 def _load_jax(model: str, folder: Path, dtype: str):
     import jax.numpy as jnp
 
-    from jax_impl.loading import load_clip_vision, load_umt5
-
     if model == "text-encoder":
         return load_umt5(folder, dtype=jnp.dtype(dtype))
     return load_clip_vision(folder, dtype=jnp.dtype(dtype), attention_backend="xla")
@@ -170,8 +172,6 @@ def run_torch(model: str, net, inputs) -> dict[str, np.ndarray]:
     """transformers' forward with every tap captured (float32 numpy); images also give `penultimate`."""
     import torch
 
-    from torch_ref.capture import capture, to_numpy
-
     with torch.no_grad():
         if model == "text-encoder":
             ids, mask = (torch.from_numpy(a.astype(np.int64)) for a in inputs)
@@ -199,12 +199,8 @@ def run_jax(model: str, net, inputs) -> dict[str, np.ndarray]:
 
 def layer_order(model: str, cfg) -> list[str]:
     if model == "text-encoder":
-        from jax_impl.encoders.umt5 import layer_names
-
-        return layer_names(cfg.num_layers)
-    from jax_impl.encoders.clip import layer_names
-
-    return layer_names(cfg.num_hidden_layers) + ["penultimate"]
+        return umt5_layer_names(cfg.num_layers)
+    return clip_layer_names(cfg.num_hidden_layers) + ["penultimate"]
 
 
 # --- reports ---------------------------------------------------------------------------------------------

@@ -27,11 +27,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from jax_impl.media import to_uint8
+from jax_impl.noise import initial_noise
+from jax_impl.sampling import Guidance, expert_for
 from parity import metrics
+from parity.plots import contact_sheet, frame_indices, plot_series, plot_tradeoff, write_csv, write_json
 from weights.atomic import atomic_write
 
 EXPERT_NAMES = {1: ("model",), 2: ("high-noise expert", "low-noise expert")}
@@ -80,8 +85,6 @@ class CfgRecorder:
 
 
 def guidance_of(settings):
-    from jax_impl.sampling import Guidance
-
     return Guidance.from_settings(settings)
 
 
@@ -104,8 +107,6 @@ def model_cost(guided: Sequence[bool], cfg_batch: bool) -> dict[str, int]:
 
 def guided_steps(settings, schedule, num_experts: int, boundary_ratio, has_negative: bool) -> list[bool]:
     """Which steps the sampler will guide, decided exactly as `jax_impl.sampling.sample` decides it."""
-    from jax_impl.sampling import expert_for
-
     g = guidance_of(settings)
     out = []
     for i in range(schedule.num_steps):
@@ -203,9 +204,6 @@ def run_truncation(pipe, settings, cuts: Sequence[int], frames_list: Sequence[in
     "encode_s": seconds}. `on_video(run)` is called as each run finishes (e.g. to write its mp4).
     Each run is timed `repeats` times and the fastest denoise and decode are kept (short runs, busy machines).
     """
-    from jax_impl.media import to_uint8
-    from jax_impl.noise import initial_noise
-
     steps = settings.steps
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -350,10 +348,6 @@ def write_cfg_report(out, records: list[dict[str, Any]], meta: dict[str, Any], n
     """cfg.csv, cfg.png (gap over steps), cfg_t.png (over timesteps), report.json, report.md under `out`.
 
     Returns the report (what report.json holds)."""
-    from pathlib import Path
-
-    from parity.plots import plot_series, write_csv, write_json
-
     out = Path(out)
     rows = [{**r, "expert_name": expert_name(r["expert"], num_experts)} for r in records]
     summary = cfg_summary(records, num_experts, cfg_batch)
@@ -417,10 +411,6 @@ def write_truncation_report(out, result: dict[str, Any], meta: dict[str, Any], *
                             log: Callable[[str], None] = print) -> dict[str, Any]:
     """truncation.csv, truncation.png (quality vs time saved), truncation_frames.png (PSNR per frame),
     contact.png (side by side), report.json, report.md under `out`; prints the table. Returns the report."""
-    from pathlib import Path
-
-    from parity.plots import contact_sheet, plot_series, plot_tradeoff, write_csv, write_json
-
     out = Path(out)
     runs: list[TruncationRun] = result["runs"]
     rows = [r.row for r in runs]
@@ -448,8 +438,6 @@ def write_truncation_report(out, result: dict[str, Any], meta: dict[str, Any], *
     scale = max(1, min(4, 128 // max(h, w)))
     # the same frame indices in every row (spread over the shortest run), so the columns line up in time
     shortest = min(r.frames for r in runs)
-    from parity.plots import frame_indices
-
     columns = frame_indices(shortest, 5)
     contact_sheet(files["contact"], {r.label: r.video[0] for r in runs}, frames=columns, scale=scale, label_width=130)
     ref = result["reference"]

@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from jax_impl.pipeline import Pipeline
 from parity import metrics
+from parity.encoders import TORCH_ENCODERS
 from parity.tolerances import FRAME_PSNR_MIN, SAMPLER_TOL as STEP_TOL
 
 
@@ -93,9 +95,6 @@ def run_diffusers(folder, settings, *, prompt: str, negative_prompt: str, image,
 def pipeline_parity(folder: str | os.PathLike, settings, *, prompt: str = "a cat walks on the beach",
                     negative_prompt: str = "blurry, low quality", image=None) -> PipelineParity:
     """Run both pipelines on `folder` with `settings` (fp32, CPU-sized) and compare."""
-    from jax_impl.pipeline import Pipeline
-    from parity.encoders import TORCH_ENCODERS
-
     pipe = Pipeline(Path(folder), encoders=TORCH_ENCODERS)
     text_only = image is None
     noise = np.asarray(np.random.default_rng(settings.seed).standard_normal(pipe.latent_shape(settings)), np.float32)

@@ -13,13 +13,20 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
+import torch
 
+from jax_impl import vae_run, vae_tiling
+from jax_impl.loading import load_vae
 from parity import metrics
 from parity.metrics import RANGE_SIGNED
 from parity.report import Report, compare_layers, measured_bf16_layers
 from parity.tolerances import BF16_FACTOR, BF16_FLOOR, FP32_TOL
-
+from torch_ref.vae import load_vae_torch, run_vae, run_vae_tiled, write_vae_folder
+from weights.checkpoint import Checkpoint
+from weights.configs.vae import get_vae_preset
+from weights.vae_map import VAE
 
 
 def make_video(cfg, *, frames: int = 5, height: int | None = None, width: int | None = None, batch: int = 1,
@@ -76,10 +83,6 @@ def layer_order(cfg, n_enc_chunks: int, n_dec_chunks: int, enc_blocks: int, dec_
 def run_jax(folder, video: np.ndarray, dtype: str):
     """Our VAE: (mean, decoded, taps) as float32 numpy, decoding our own mean (the recording run; the
     production path, `WanVAE.stream`, is checked against diffusers in tests/test_vae_tiling.py)."""
-    import jax.numpy as jnp
-
-    from jax_impl.loading import load_vae
-
     model = load_vae(folder, dtype=jnp.dtype(dtype))
     mean, et = model.encode(jnp.asarray(video), capture=True)
     dec, dt = model.decode(mean, capture=True)
@@ -91,10 +94,6 @@ def run_jax(folder, video: np.ndarray, dtype: str):
 
 
 def run_torch(folder, video: np.ndarray, dtype: str):
-    import torch
-
-    from torch_ref.vae import load_vae_torch, run_vae
-
     return run_vae(load_vae_torch(folder, getattr(torch, dtype)), video)
 
 
@@ -106,9 +105,6 @@ def _flatten(mean, dec, taps) -> dict[str, np.ndarray]:
 
 def vae_parity(folder: str | Path, *, dtype: str = "float32", video: np.ndarray | None = None, **video_kwargs) -> Report:
     """Compare every captured VAE layer with diffusers' on the VAE folder `folder` (diffusers layout)."""
-    from weights.checkpoint import Checkpoint
-    from weights.vae_map import VAE
-
     cfg = Checkpoint(folder, VAE).config
     if video is None:
         video = make_video(cfg, **video_kwargs)
@@ -146,9 +142,6 @@ def vae_parity(folder: str | Path, *, dtype: str = "float32", video: np.ndarray 
 def preset_parity(preset: str = "tiny-wan2.1", *, dtype: str = "float32", seed: int = 0, workdir: str | None = None,
                   **video_kwargs) -> Report:
     """Parity on a freshly written random-weight VAE folder of a `weights.configs.vae` preset."""
-    from weights.configs.vae import get_vae_preset
-    from torch_ref.vae import write_vae_folder
-
     cfg = get_vae_preset(preset)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         folder = write_vae_folder(cfg, Path(tmp) / "vae", seed=seed)
@@ -166,14 +159,6 @@ def tiled_parity(folder: str | Path, tiling, *, frames: int = 5, height: int, wi
     `conv` optional `jax_impl.vae.ConvSettings`. meta records the tile layout, so a test can check that the
     tiles overlap in both directions.
     """
-    import jax.numpy as jnp
-
-    from jax_impl import vae_run, vae_tiling
-    from torch_ref.vae import load_vae_torch, run_vae_tiled
-    from jax_impl.loading import load_vae
-    from weights.checkpoint import Checkpoint
-    from weights.vae_map import VAE
-
     cfg = Checkpoint(folder, VAE).config
     video = make_video(cfg, frames=frames, height=height, width=width, seed=seed)
     torch_model = load_vae_torch(folder)

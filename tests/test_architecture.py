@@ -21,15 +21,8 @@ PACKAGES = ("wanport", "parity", "jax_impl", "torch_ref", "weights", "kernels")
 
 # module file -> function-level project imports still there (to be hoisted; the count may only go down)
 HIDDEN_LEFT = {
-    "jax_impl/pipeline.py": 11,  # media, latents, stages, causal: kept lazy while step 5/6 reshape them
     "jax_impl/vae.py": 2,
-    "jax_impl/latents.py": 1,
     "jax_impl/vae_tiling.py": 1,
-    "parity/vae.py": 11,
-    "parity/guidance.py": 7,
-    "parity/causal.py": 6,
-    "parity/encoders.py": 4,
-    "parity/pipeline.py": 2,
 }
 
 
