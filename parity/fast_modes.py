@@ -57,19 +57,6 @@ def default_cuts(steps: int) -> list[int]:
 DEFAULT_THRESHOLDS = (0.02, 0.05, 0.1)
 
 
-def parse_float_list(text: str, what: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.replace(" ", "").split(",") if x != ""]
-    except ValueError:
-        raise ValueError(f"{what} must be comma-separated numbers, e.g. 0.05,0.1; got {text!r}") from None
-    if not values:
-        raise ValueError(f"{what} is empty; give comma-separated numbers, e.g. 0.05,0.1")
-    bad = [v for v in values if not (np.isfinite(v) and v > 0)]
-    if bad:
-        raise ValueError(f"{what}: every threshold must be a finite number > 0, got {bad}")
-    return values
-
-
 def plan_modes(settings, cuts: Sequence[int], thresholds: Sequence[float], skip_lists: Sequence[Sequence[int]],
                calibration: str, *, max_skips: int | None = None, keep_first: int | None = None,
                metric: str = "magnitude") -> list[tuple[str, str, Any]]:

@@ -144,16 +144,6 @@ def default_cuts(steps: int, points: int = 5) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(0, steps, points)})
 
 
-def parse_int_list(text: str, what: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
-    except ValueError:
-        raise ValueError(f"{what} must be comma-separated integers, e.g. 0,10,20; got {text!r}") from None
-    if not values:
-        raise ValueError(f"{what} is empty; give comma-separated integers, e.g. 0,10,20")
-    return values
-
-
 class _StopWarmup(Exception):
     pass
 

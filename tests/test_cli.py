@@ -1,5 +1,7 @@
 import json
 import subprocess
+
+import pytest
 import sys
 
 from wanport.cli import main
@@ -31,6 +33,22 @@ def test_help_imports_no_jax_or_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("flags", [["truncation", "--cut", "0,x"], ["truncation", "--frames-list", ""],
+                                   ["fast-modes", "--thresholds", "0.1,-1"], ["fast-modes", "--skip-steps", "a"]])
+def test_analyze_refuses_bad_lists_before_starting_jax_or_torch(tmp_path, flags):
+    """A typo in a list option is answered at once (exit 2, the option named), before jax and torch load."""
+    code = (
+        "import sys\n"
+        "from wanport.cli import main\n"
+        f"rc = main(['analyze', {flags[0]!r}, '--out', {str(tmp_path / 'o')!r}, *{flags[1:]!r}])\n"
+        f"print(rc, sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert p.stdout.strip() == "2 []", p.stdout + p.stderr
+    assert flags[1] in p.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_make_tiny_then_parity_json(tmp_path, capsys):

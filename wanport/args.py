@@ -9,6 +9,7 @@ checkpoint was given). Light imports only: this module is loaded by `wanport --h
 from __future__ import annotations
 
 import argparse
+import math
 
 from jax_impl.settings import GenerateSettings
 from weights.configs.causal import DEFAULT_TIMESTEPS, CausalConfig
@@ -263,3 +264,19 @@ def step_cache_from_args(args: argparse.Namespace):
                if getattr(args, f"step_cache_{k}", None) is not None}
     return StepCacheSettings(threshold=threshold, calibration=getattr(args, "step_cache_calibration", None),
                              skip_steps=steps, **options)
+
+
+def parse_number_list(text: str, what: str, kind: type = int, *, positive: bool = False) -> list:
+    """The comma-separated numbers of option `what` (ints, or floats with kind=float), checked before any work
+    starts, with errors that name the option and show an example; `positive`: each must be finite and > 0."""
+    noun, example = ("integers", "0,10,20") if kind is int else ("numbers", "0.05,0.1")
+    try:
+        values = [kind(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated {noun}, e.g. {example}; got {text!r}") from None
+    if not values:
+        raise ValueError(f"{what} is empty; give comma-separated {noun}, e.g. {example}")
+    bad = [v for v in values if positive and not (math.isfinite(v) and v > 0)]
+    if bad:
+        raise ValueError(f"{what}: every value must be a finite number > 0, got {bad}")
+    return values

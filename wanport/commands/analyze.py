@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from wanport.args import GENERATE_SIZES, add_generate_arguments, encoders_from_args, model_options, settings_from_args
+from wanport.args import (GENERATE_SIZES, add_generate_arguments, encoders_from_args, model_options, parse_number_list,
+                          settings_from_args)
 from wanport.commands.demo import DEMO_IMAGE, DEMO_PROMPT
 
 TINY_DEFAULTS = {"frames": 17, "height": 64, "width": 64, "steps": 10}
@@ -206,16 +207,12 @@ def _cfg(args: argparse.Namespace) -> int:
 
 
 def _truncation(args: argparse.Namespace) -> int:
-    # lazy: `wanport --help` must not start jax and torch (measured: 10.7 s -> 0.2 s)
-    from jax_impl.media import write_mp4
-    from parity.guidance import default_cuts, parse_int_list, run_truncation, write_truncation_report
-
     if args.guidance_steps is not None:
         raise ValueError("analyze truncation sets the guidance steps itself: give --cut N1,N2,... instead of "
                          "--guidance-steps")
-    # validate the lists before the slow part
-    cuts = parse_int_list(args.cut, "--cut") if args.cut else None
-    frames_list = parse_int_list(args.frames_list, "--frames-list") if args.frames_list else None
+    # validate the lists before the slow part (importing jax and torch included)
+    cuts = parse_number_list(args.cut, "--cut") if args.cut is not None else None
+    frames_list = parse_number_list(args.frames_list, "--frames-list") if args.frames_list is not None else None
     defaults = TINY_DEFAULTS if args.checkpoint is None else FULL_DEFAULTS
     steps = args.steps if args.steps is not None else defaults["steps"]
     frames = args.frames if args.frames is not None else defaults["frames"]
@@ -225,6 +222,10 @@ def _truncation(args: argparse.Namespace) -> int:
         raise ValueError(f"--frames-list {args.frames_list}: every count must be at most --frames ({frames}), "
                          "the reference's length")
     repeats = _repeats(args)
+    # lazy: `wanport --help` must not start jax and torch (measured: 10.7 s -> 0.2 s)
+    from jax_impl.media import write_mp4
+    from parity.guidance import default_cuts, run_truncation, write_truncation_report
+
     ctx = _prepare(args)
     pipe, settings, out, meta = ctx["pipe"], ctx["settings"], ctx["out"], ctx["meta"]
     cuts = cuts if cuts is not None else default_cuts(settings.steps)
@@ -254,18 +255,14 @@ def _repeats(args: argparse.Namespace) -> int:
 
 
 def _fast_modes(args: argparse.Namespace) -> int:
-    # lazy: `wanport --help` must not start jax and torch
-    from jax_impl.media import write_mp4
-    from parity.fast_modes import DEFAULT_THRESHOLDS, default_cuts, parse_float_list, run_fast_modes, write_report
-    from parity.guidance import parse_int_list
-
     if args.guidance_steps is not None:
         raise ValueError("analyze fast-modes sets the guidance cut itself: give --cut N1,N2,... instead of "
                          "--guidance-steps")
-    # validate the lists before the slow part
-    cuts = parse_int_list(args.cut, "--cut") if args.cut else None
-    thresholds = parse_float_list(args.thresholds, "--thresholds") if args.thresholds else list(DEFAULT_THRESHOLDS)
-    skip_lists = [parse_int_list(args.skip_list, "--skip-steps")] if args.skip_list else []
+    # validate the lists before the slow part (importing jax and torch included)
+    cuts = parse_number_list(args.cut, "--cut") if args.cut is not None else None
+    thresholds = (parse_number_list(args.thresholds, "--thresholds", float, positive=True)
+                  if args.thresholds is not None else None)
+    skip_lists = [parse_number_list(args.skip_list, "--skip-steps")] if args.skip_list is not None else []
     defaults = TINY_DEFAULTS if args.checkpoint is None else FULL_DEFAULTS
     steps = args.steps if args.steps is not None else defaults["steps"]
     if cuts is not None and any(not 0 < c < steps for c in cuts):
@@ -275,6 +272,11 @@ def _fast_modes(args: argparse.Namespace) -> int:
         if v is not None and v < lo:
             raise ValueError(f"{flag} must be >= {lo}, got {v}")
     repeats = _repeats(args)
+    # lazy: `wanport --help` must not start jax and torch
+    from jax_impl.media import write_mp4
+    from parity.fast_modes import DEFAULT_THRESHOLDS, default_cuts, run_fast_modes, write_report
+
+    thresholds = thresholds or list(DEFAULT_THRESHOLDS)
     ctx = _prepare(args)
     pipe, settings, out, meta = ctx["pipe"], ctx["settings"], ctx["out"], ctx["meta"]
     cuts = cuts if cuts is not None else default_cuts(settings.steps)
