@@ -10,8 +10,9 @@ Stages (full-size configs, random bf16 weights; run in this order; `--list` prin
   kernels_a14b_480p bench/gpu_profile.py dit-kernels: attention / matmul / other GPU time of the A14B forward
   fast_modes        bench/fast_modes.py, Wan2.1-1.3B 480p: step cache, CFG reuse, truncation vs the full run
 
-Resumable: a stage whose JSON is already in --out (and that the record does not mark failed) is skipped (`--redo` runs it again), so a run cut short (a
-machine lent for a limited time) goes on where it stopped; `speed_run.json` records, per stage, when and on
+Resumable: a stage whose JSON is already in --out, readable, and not marked failed or interrupted by the record
+is skipped (`--redo` runs it again; a stage's old JSON is deleted before it runs), so a run cut short (a machine
+lent for a limited time) goes on where it stopped; `speed_run.json` records, per stage, when and on
 which GPU it ran, its exit code and wall time, and the summary table's numbers, rewritten after every stage.
 A stage that fails or passes its time limit (its whole process group is killed) is recorded and the run goes
 on; the exit code is 1 if any stage failed.
@@ -25,6 +26,7 @@ on; the exit code is 1 if any stage failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -115,7 +117,9 @@ def run_stage(stage: Stage, out: str, tiny: bool, log_dir: str) -> dict:
     args = [a.replace("{json}", json_path).replace("{dir}", out) for a in (stage.tiny_args if tiny else stage.args)]
     cmd = [sys.executable, os.path.join(HERE, stage.script), *args]
     rec = {"cmd": " ".join(cmd[1:]), "started": datetime.datetime.now().isoformat(timespec="seconds"),
-           "gpu": gpu_identity()}
+           "gpu": gpu_identity(), "tiny": tiny}
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(json_path)  # a leftover from an earlier run must not pass for this run's result
     t0 = time.perf_counter()
     with open(os.path.join(log_dir, f"{stage.name}.log"), "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -126,18 +130,20 @@ def run_stage(stage: Stage, out: str, tiny: bool, log_dir: str) -> dict:
                     proc.wait(timeout=min(60.0, max(0.1, deadline - time.perf_counter())))
                 except subprocess.TimeoutExpired:
                     if time.perf_counter() >= deadline:
-                        os.killpg(proc.pid, signal.SIGKILL)
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(proc.pid, signal.SIGKILL)
                         proc.wait()
                         rec["timed_out"] = True
                     else:
                         print(f"  [{stage.name}] running, {time.perf_counter() - t0:.0f} s", flush=True)
-        except KeyboardInterrupt:
-            os.killpg(proc.pid, signal.SIGKILL)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM / SIGHUP (see main): the stage's whole group goes too
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise
     rec["rc"] = proc.returncode
     rec["wall_s"] = round(time.perf_counter() - t0, 1)
-    rec["ok"] = proc.returncode == 0 and os.path.exists(json_path) and not rec.get("timed_out")
+    rec["ok"] = proc.returncode == 0 and _load(json_path) is not None and not rec.get("timed_out")
     return rec
 
 
@@ -212,6 +218,10 @@ def print_summary(rows: list[dict]) -> None:
         print(f"{r['row']:<34} {rest}")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv=None) -> int:
     from jax_impl.runtime import configure_xla
 
@@ -243,22 +253,33 @@ def main(argv=None) -> int:
         return 0
     log_dir = os.path.join(out, "logs")
     os.makedirs(log_dir, exist_ok=True)
+    # a stage runs in its own session: SIGTERM / SIGHUP stop it with us (as Ctrl-C does), not after us
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _run(args, out, log_dir, only)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(args, out: str, log_dir: str, only: list[str]) -> int:
+    """The stages of `main`, in order, with the record rewritten after each."""
     record_path = os.path.join(out, RECORD)
     record = _load(record_path) or {"stages": {}}
-    record.update({"tiny": args.tiny, "versions": versions("jax", "jaxlib", "flax", "torch", "diffusers")})
+    record["versions"] = versions("jax", "jaxlib", "flax", "torch", "diffusers")
     failed = []
     for st in STAGES:
         if only and st.name not in only:
             continue
         earlier = record["stages"].get(st.name, {})
-        if os.path.exists(os.path.join(out, st.json_file)) and earlier.get("ok", True) and not args.redo:
+        if _load(os.path.join(out, st.json_file)) is not None and earlier.get("ok", True) and not args.redo:
             print(f"[{st.name}] done earlier ({st.json_file}); --redo runs it again", flush=True)
             continue
         print(f"[{st.name}] {st.what} (limit {st.timeout_s} s)", flush=True)
         try:
             rec = run_stage(st, out, args.tiny, log_dir)
         except KeyboardInterrupt:
-            record["stages"][st.name] = {"interrupted": True}
+            record["stages"][st.name] = {"interrupted": True, "ok": False}
             _write_json(record_path, record)
             print("interrupted", file=sys.stderr)
             return 130

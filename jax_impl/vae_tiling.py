@@ -185,7 +185,8 @@ def run_tiles(x, rows: AxisTiles, cols: AxisTiles, run_tile: Callable[[object, t
 
     Every tile is padded to one shape (`AxisTiles.padded`) and `run_tile` is told its valid (height, width), so
     one compiled network step runs every tile; the outputs keep that shape and the cutting, blending and
-    writing take the valid sizes and offsets as traced numbers, so they too compile once per video shape.
+    writing take the valid sizes and offsets as traced numbers, so they compile per tile and video shape only
+    (the blend in up to 4 variants: with or without a tile above and one to the left), not per tile position.
     Only the previous row of (blended, uncut) tiles is kept; the result is written in place.
     """
     buf = None

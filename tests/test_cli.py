@@ -35,10 +35,19 @@ def test_help_imports_no_jax_or_torch():
     assert out.strip() == "[]"
 
 
-@pytest.mark.parametrize("flags", [["truncation", "--cut", "0,x"], ["truncation", "--frames-list", ""],
-                                   ["fast-modes", "--thresholds", "0.1,-1"], ["fast-modes", "--skip-steps", "a"]])
-def test_analyze_refuses_bad_lists_before_starting_jax_or_torch(tmp_path, flags):
-    """A typo in a list option is answered at once (exit 2, the option named), before jax and torch load."""
+@pytest.mark.parametrize("flags, message", [
+    (["truncation", "--cut", "0,x"], "--cut must be comma-separated integers"),
+    (["truncation", "--cut", "0,,4"], "--cut must be comma-separated integers"),
+    (["truncation", "--frames-list", ""], "--frames-list is empty"),
+    (["truncation", "--frames-list", "9,6"], "every count must be 4k+1"),
+    (["truncation", "--timesteps", "1000,750,500,250", "--cut", "0,8"], "every cut must be in 0..4"),
+    (["fast-modes", "--thresholds", "0.1,-1"], "--thresholds: every value must be a finite number > 0"),
+    (["fast-modes", "--skip-steps", "a"], "--skip-steps must be comma-separated integers"),
+    (["fast-modes", "--timesteps", "1000,750,500,250", "--cut", "4"], "every cut must be in 1..3"),
+])
+def test_analyze_refuses_bad_lists_before_starting_jax_or_torch(tmp_path, flags, message):
+    """A wrong list option is answered at once (exit 2, the problem named), before jax and torch load; the step
+    count the cuts are checked against follows --timesteps when it is given."""
     code = (
         "import sys\n"
         "from wanport.cli import main\n"
@@ -47,7 +56,7 @@ def test_analyze_refuses_bad_lists_before_starting_jax_or_torch(tmp_path, flags)
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert p.stdout.strip() == "2 []", p.stdout + p.stderr
-    assert flags[1] in p.stderr
+    assert message in p.stderr, p.stderr
     assert not (tmp_path / "o").exists()
 
 

@@ -70,6 +70,9 @@ def test_resume_skips_finished_stages_and_reruns_failed_ones(stages, tmp_path):
     assert stages.read_text().count("ok") == 1  # "ok" ran once: the second run found its JSON
     assert speed_run.main(["--out", str(out), "--only", "ok", "--redo"]) == 0
     assert stages.read_text().count("ok") == 2
+    (out / "ok.json").write_text('{"x": ')  # cut off while being written: not a result
+    assert speed_run.main(["--out", str(out), "--only", "ok"]) == 0
+    assert stages.read_text().count("ok") == 3
     rows = json.loads((out / speed_run.RECORD).read_text())["summary"]
     assert {"row": "ok", "x": 1} in rows and {"row": "slow", "error": "not measured"} in rows
 
@@ -90,3 +93,37 @@ def test_committed_h100_results_have_every_stage():
     assert all(r["sample_s"] > 0 and r["peak_denoise_gib"] for r in whole.values())
     assert {r["row"].split(": ")[1].split()[0] for r in rows if r["row"].startswith("fast_modes")} >= {
         "full", "step", "CFG", "truncation"}
+
+
+def test_sigterm_stops_the_stage_group_and_marks_it_interrupted(tmp_path):
+    """A stage runs in its own session, so the suite must take it down when it is itself terminated (a lease
+    ending, `timeout`), and the stage must run again on resume."""
+    import signal
+    import subprocess
+
+    slow = _script(tmp_path, "slow", "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+                                     "open(out + '.pid', 'w').write(str(p.pid))\ntime.sleep(60)\n")
+    out = tmp_path / "run"
+    driver = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+              "from bench import speed_run\n"
+              f"speed_run.STAGES = (speed_run.Stage('slow', 'slow', {slow!r}, ('--json', '{{json}}'), (), 60),)\n"
+              "speed_run.SUMMARY = {'slow': lambda res, label: [{'row': label}]}\n"
+              f"sys.exit(speed_run.main(['--out', {str(out)!r}]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pid_file = out / "slow.json.pid"
+    for _ in range(300):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 130
+    child = int(pid_file.read_text())
+    for _ in range(50):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the stage's child survived the suite's SIGTERM")
+    assert json.loads((out / speed_run.RECORD).read_text())["stages"]["slow"] == {"interrupted": True, "ok": False}

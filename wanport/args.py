@@ -270,12 +270,12 @@ def parse_number_list(text: str, what: str, kind: type = int, *, positive: bool 
     """The comma-separated numbers of option `what` (ints, or floats with kind=float), checked before any work
     starts, with errors that name the option and show an example; `positive`: each must be finite and > 0."""
     noun, example = ("integers", "0,10,20") if kind is int else ("numbers", "0.05,0.1")
+    if not text.strip():
+        raise ValueError(f"{what} is empty; give comma-separated {noun}, e.g. {example}")
     try:
-        values = [kind(x) for x in text.replace(" ", "").split(",") if x != ""]
+        values = [kind(x) for x in text.replace(" ", "").split(",")]
     except ValueError:
         raise ValueError(f"{what} must be comma-separated {noun}, e.g. {example}; got {text!r}") from None
-    if not values:
-        raise ValueError(f"{what} is empty; give comma-separated {noun}, e.g. {example}")
     bad = [v for v in values if positive and not (math.isfinite(v) and v > 0)]
     if bad:
         raise ValueError(f"{what}: every value must be a finite number > 0, got {bad}")

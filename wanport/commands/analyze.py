@@ -213,13 +213,14 @@ def _truncation(args: argparse.Namespace) -> int:
     # validate the lists before the slow part (importing jax and torch included)
     cuts = parse_number_list(args.cut, "--cut") if args.cut is not None else None
     frames_list = parse_number_list(args.frames_list, "--frames-list") if args.frames_list is not None else None
+    steps = _step_count(args)
     defaults = TINY_DEFAULTS if args.checkpoint is None else FULL_DEFAULTS
-    steps = args.steps if args.steps is not None else defaults["steps"]
     frames = args.frames if args.frames is not None else defaults["frames"]
     if cuts is not None and any(not 0 <= c <= steps for c in cuts):
-        raise ValueError(f"--cut {args.cut}: every cut must be in 0..{steps} (--steps); N keeps CFG on steps 0..N-1")
-    if frames_list is not None and any(f > frames for f in frames_list):
-        raise ValueError(f"--frames-list {args.frames_list}: every count must be at most --frames ({frames}), "
+        raise ValueError(f"--cut {args.cut}: every cut must be in 0..{steps} (the step count); N keeps CFG on steps "
+                         "0..N-1")
+    if frames_list is not None and any(not 1 <= f <= frames or f % 4 != 1 for f in frames_list):
+        raise ValueError(f"--frames-list {args.frames_list}: every count must be 4k+1 and at most --frames ({frames}), "
                          "the reference's length")
     repeats = _repeats(args)
     # lazy: `wanport --help` must not start jax and torch (measured: 10.7 s -> 0.2 s)
@@ -246,6 +247,16 @@ def _truncation(args: argparse.Namespace) -> int:
     return 0
 
 
+def _step_count(args: argparse.Namespace) -> int:
+    """The run's step count, known before anything loads: --steps, else the number of --timesteps, else the
+    default of the tiny pipeline or of a checkpoint (the full checks of both options come later)."""
+    if args.steps is not None:
+        return args.steps
+    if getattr(args, "timesteps", None):
+        return len(parse_number_list(args.timesteps, "--timesteps", float))
+    return (TINY_DEFAULTS if args.checkpoint is None else FULL_DEFAULTS)["steps"]
+
+
 def _repeats(args: argparse.Namespace) -> int:
     """--repeats, checked: 3 timed runs on the tiny default (its runs are short and noisy), 1 on a real checkpoint."""
     repeats = args.repeats if args.repeats is not None else (3 if args.checkpoint is None else 1)
@@ -263,10 +274,9 @@ def _fast_modes(args: argparse.Namespace) -> int:
     thresholds = (parse_number_list(args.thresholds, "--thresholds", float, positive=True)
                   if args.thresholds is not None else None)
     skip_lists = [parse_number_list(args.skip_list, "--skip-steps")] if args.skip_list is not None else []
-    defaults = TINY_DEFAULTS if args.checkpoint is None else FULL_DEFAULTS
-    steps = args.steps if args.steps is not None else defaults["steps"]
+    steps = _step_count(args)
     if cuts is not None and any(not 0 < c < steps for c in cuts):
-        raise ValueError(f"--cut {args.cut}: every cut must be in 1..{steps - 1} (--steps {steps}); N keeps CFG on steps "
+        raise ValueError(f"--cut {args.cut}: every cut must be in 1..{steps - 1} ({steps} steps); N keeps CFG on steps "
                          "0..N-1")
     for flag, v, lo in (("--step-cache-max-skips", args.max_skips, 1), ("--step-cache-keep-first", args.keep_first, 0)):
         if v is not None and v < lo:
