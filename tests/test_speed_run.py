@@ -24,6 +24,22 @@ def _script(tmp_path: Path, name: str, body: str) -> str:
     return str(path)
 
 
+# a stage that starts a child (in its process group) and then sleeps: what a time limit or a signal must stop
+SLOW = ("p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "open(out + '.pid', 'w').write(str(p.pid))\ntime.sleep(60)\n")
+
+
+def _gone(pid: int, seconds: float = 5.0) -> bool:
+    """Whether process `pid` has ended within `seconds`."""
+    for _ in range(int(seconds * 10)):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def _stage(name: str, script: str, timeout_s: int = 60) -> speed_run.Stage:
     return speed_run.Stage(name, name, script, ("--json", "{json}"), ("--json", "{json}"), timeout_s)
 
@@ -33,8 +49,7 @@ def stages(tmp_path, monkeypatch):
     counter = tmp_path / "runs.txt"
     ok = _script(tmp_path, "ok", f"open({str(counter)!r}, 'a').write('ok\\n')\njson.dump({{'x': 1}}, open(out, 'w'))\n")
     bad = _script(tmp_path, "bad", "sys.exit(3)\n")
-    slow = _script(tmp_path, "slow", "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
-                                     "open(out + '.pid', 'w').write(str(p.pid))\ntime.sleep(60)\n")
+    slow = _script(tmp_path, "slow", SLOW)
     st = (_stage("ok", ok), _stage("bad", bad), _stage("slow", slow, timeout_s=3))
     monkeypatch.setattr(speed_run, "STAGES", st)
     monkeypatch.setattr(speed_run, "SUMMARY", {s.name: lambda res, label: [{"row": label, **res}] for s in st})
@@ -51,15 +66,7 @@ def test_failed_and_timed_out_stages_are_recorded_and_the_run_goes_on(stages, tm
     assert not rec["bad"]["ok"] and rec["bad"]["rc"] == 3
     assert rec["slow"]["timed_out"] and not rec["slow"]["ok"]
     # the stage's whole process group went: its child, sleeping 60 s, is gone too
-    pid = int((out / "slow.json.pid").read_text())
-    for _ in range(50):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail("the timed-out stage's child process survived")
+    assert _gone(int((out / "slow.json.pid").read_text())), "the timed-out stage's child process survived"
 
 
 def test_resume_skips_finished_stages_and_reruns_failed_ones(stages, tmp_path):
@@ -101,8 +108,7 @@ def test_sigterm_stops_the_stage_group_and_marks_it_interrupted(tmp_path):
     import signal
     import subprocess
 
-    slow = _script(tmp_path, "slow", "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
-                                     "open(out + '.pid', 'w').write(str(p.pid))\ntime.sleep(60)\n")
+    slow = _script(tmp_path, "slow", SLOW)
     out = tmp_path / "run"
     driver = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
               "from bench import speed_run\n"
@@ -117,13 +123,5 @@ def test_sigterm_stops_the_stage_group_and_marks_it_interrupted(tmp_path):
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 130
-    child = int(pid_file.read_text())
-    for _ in range(50):
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail("the stage's child survived the suite's SIGTERM")
+    assert _gone(int(pid_file.read_text())), "the stage's child survived the suite's SIGTERM"
     assert json.loads((out / speed_run.RECORD).read_text())["stages"]["slow"] == {"interrupted": True, "ok": False}
