@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from weights.configs.base import ConfigError
-from weights.configs.scheduler import SchedulerConfig, shift_sigma
+from weights.configs.scheduler import SchedulerConfig, parse_timesteps, shift_sigma  # noqa: F401 (re-exported)
 
 # --- noise levels ------------------------------------------------------------------------------------
 
@@ -221,14 +221,6 @@ class Schedule:
 
 def make_schedule(cfg: SchedulerConfig, num_steps: int) -> Schedule:
     return Schedule(cfg, num_steps)
-
-
-def parse_timesteps(text: str) -> tuple[float, ...]:
-    """`--timesteps 1000,750,500,250` as a tuple of floats (commas, optional spaces)."""
-    try:
-        return tuple(float(p) for p in text.split(",") if p.strip())
-    except ValueError:
-        raise ConfigError(f"--timesteps {text!r}: expected comma-separated numbers, e.g. 1000,750,500,250") from None
 
 
 def schedule_from_timesteps(cfg: SchedulerConfig, timesteps: Sequence[float]) -> Schedule:

@@ -13,6 +13,7 @@ import math
 
 from jax_impl.settings import GenerateSettings
 from weights.configs.causal import DEFAULT_TIMESTEPS, CausalConfig
+from weights.configs.scheduler import parse_timesteps
 
 # generate's defaults for the size options, and how each one's help starts
 GENERATE_SIZES = {"frames": 81, "height": 480, "width": 832, "steps": 40}
@@ -134,8 +135,6 @@ def timesteps_from_args(args: argparse.Namespace) -> tuple[float, ...] | None:
     """--timesteps parsed, and --steps set to their count (an explicit --steps must agree); None without it."""
     if not getattr(args, "timesteps", None):
         return None
-    from jax_impl.schedulers import parse_timesteps  # lazy: jax only once a command runs
-
     ts = parse_timesteps(args.timesteps)
     if args.steps is None:
         args.steps = len(ts)

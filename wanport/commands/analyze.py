@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from wanport.args import (GENERATE_SIZES, add_generate_arguments, encoders_from_args, model_options, parse_number_list,
-                          settings_from_args)
+                          settings_from_args, timesteps_from_args)
 from wanport.commands.demo import DEMO_IMAGE, DEMO_PROMPT
 
 TINY_DEFAULTS = {"frames": 17, "height": 64, "width": 64, "steps": 10}
@@ -248,12 +248,11 @@ def _truncation(args: argparse.Namespace) -> int:
 
 
 def _step_count(args: argparse.Namespace) -> int:
-    """The run's step count, known before anything loads: --steps, else the number of --timesteps, else the
-    default of the tiny pipeline or of a checkpoint (the full checks of both options come later)."""
+    """The run's step count, known before anything loads: --steps, or the number of --timesteps (which also
+    checks that the two agree, as `generate` does), else the default of the tiny pipeline or of a checkpoint."""
+    timesteps_from_args(args)
     if args.steps is not None:
         return args.steps
-    if getattr(args, "timesteps", None):
-        return len(parse_number_list(args.timesteps, "--timesteps", float))
     return (TINY_DEFAULTS if args.checkpoint is None else FULL_DEFAULTS)["steps"]
 
 

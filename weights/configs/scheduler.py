@@ -171,3 +171,11 @@ def shift_sigma(sigma, shift: float, dtype=None):
     if dtype is not None:
         scale, minus_one, one = dtype(scale), dtype(minus_one), dtype(one)
     return scale * sigma / (one + minus_one * sigma)
+
+
+def parse_timesteps(text: str) -> tuple[float, ...]:
+    """`--timesteps 1000,750,500,250` as a tuple of floats (commas, optional spaces)."""
+    try:
+        return tuple(float(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise ConfigError(f"--timesteps {text!r}: expected comma-separated numbers, e.g. 1000,750,500,250") from None
