@@ -63,7 +63,8 @@ def dit_flops(cfg, grid: tuple[int, int, int], text_len: int, image_len: int = 0
     return sum(dit_flops_split(cfg, grid, text_len, image_len).values())
 
 
-def _inputs(cfg, grid, text_len, seed=0):
+def random_inputs(cfg, grid, text_len, seed=0):
+    """(latents, timestep, text, image tokens or None) of one forward as float32 numpy, seeded."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -72,6 +73,14 @@ def _inputs(cfg, grid, text_len, seed=0):
     text = rng.standard_normal((1, text_len, cfg.text_dim), dtype=np.float32)
     img = rng.standard_normal((1, 257, cfg.image_dim), dtype=np.float32) if cfg.has_image_tokens else None
     return lat, np.array([500.0], np.float32), text, img
+
+
+def jax_inputs(cfg, grid, text_len, seed=0, dtype="bfloat16"):
+    """`random_inputs` on the default device: latents and embeddings in `dtype`, a float32 timestep."""
+    import jax.numpy as jnp
+
+    return tuple(None if a is None else jnp.asarray(a, jnp.dtype(dtype) if a.ndim > 1 else jnp.float32)
+                 for a in random_inputs(cfg, grid, text_len, seed))
 
 
 def run_jax(cfg, grid, text_len, warmup: int, iters: int, backend: str) -> dict:
@@ -84,7 +93,7 @@ def run_jax(cfg, grid, text_len, warmup: int, iters: int, backend: str) -> dict:
     t0 = time.perf_counter()
     model = random_dit(cfg, dtype=jnp.bfloat16, attention_backend=backend)
     weights = jax.devices()[0].memory_stats() or {}
-    lat, t, text, img = (None if a is None else jnp.asarray(a, jnp.bfloat16 if a.ndim > 1 else jnp.float32) for a in _inputs(cfg, grid, text_len))
+    lat, t, text, img = jax_inputs(cfg, grid, text_len)
 
     # As the sampler calls it (jax_impl.sampling): parameters in, prediction out. `nnx.jit` would also
     # return the model's state, and the measured peak then held a second copy of the weights (57.5 GiB
@@ -127,7 +136,7 @@ def run_torch(cfg, grid, text_len, warmup: int, iters: int, compile_: bool) -> d
     with torch.device(dev):
         model = WanTransformer3DModel(**kwargs).eval()
     torch.set_default_dtype(torch.float32)
-    lat, t, text, img = _inputs(cfg, grid, text_len)
+    lat, t, text, img = random_inputs(cfg, grid, text_len)
     x = torch.from_numpy(lat.transpose(0, 4, 1, 2, 3).copy()).to(dev, torch.bfloat16)
     args = dict(
         hidden_states=x,

@@ -223,19 +223,14 @@ def attention_table(res: dict) -> None:
 # ------------------------------------------------------------------------------------------------------------
 # (c) forward
 def _model_and_inputs(args, dtype: str, attention: str):
-    import jax.numpy as jnp
-
     from bench.common import random_dit
-    from bench.dit import _inputs, latent_grid
+    from bench.dit import jax_inputs, latent_grid
     from weights.configs.presets import get_preset
 
     cfg = get_preset(TINY_PRESET if args.tiny else PRESET).transformer
     grid = latent_grid(TINY_PRESET if args.tiny else PRESET, *args.size, args.frames)
     model = random_dit(cfg, dtype=dtype, attention_backend=attention)
-    act = jnp.dtype(dtype)
-    lat, t, text, img = (None if a is None else jnp.asarray(a, act if a.ndim > 1 else jnp.float32)
-                         for a in _inputs(cfg, grid, args.text_len))
-    return cfg, grid, model, (lat, t, text, img)
+    return cfg, grid, model, jax_inputs(cfg, grid, args.text_len, dtype=dtype)
 
 
 def forward_child(args) -> dict:

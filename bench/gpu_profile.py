@@ -278,15 +278,12 @@ def dit_mem_part(args) -> dict:
 def dit_kernels_part(args) -> dict:
     """Where the A14B expert forward's GPU time goes: one traced forward, kernels summed as attention,
     matmul and other, each with the TFLOP/s its share of the FLOPs implies (bench.dit.dit_flops_split)."""
-    import functools
-
     import jax
     import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
 
     from bench.common import random_dit
-    from bench.dit import dit_flops_split, latent_grid
+    from bench.dit import dit_flops_split, jax_inputs, latent_grid
+    from jax_impl.frozen_jit import frozen_jit
     from weights.configs.presets import get_preset
 
     preset = "tiny-wan2.2-i2v-a14b" if args.tiny else "wan2.2-i2v-a14b"
@@ -295,21 +292,14 @@ def dit_kernels_part(args) -> dict:
     grid = latent_grid(preset, h, w, frames)
     text_len = 16 if args.tiny else 512
     split = dit_flops_split(cfg, grid, text_len, 257 if cfg.has_image_tokens else 0)
-    graphdef, state = nnx.split(random_dit(cfg, dtype=jnp.bfloat16))
-    rng = np.random.default_rng(0)
-    lat = jnp.asarray(rng.standard_normal((1, *grid, cfg.in_channels)), jnp.bfloat16)
-    text = jnp.asarray(rng.standard_normal((1, text_len, cfg.text_dim)), jnp.bfloat16)
-    img = jnp.asarray(rng.standard_normal((1, 257, cfg.image_dim)), jnp.bfloat16) if cfg.has_image_tokens else None
-    t = jnp.asarray([500.0], jnp.float32)
+    model = random_dit(cfg, dtype=jnp.bfloat16)
+    inputs = jax_inputs(cfg, grid, text_len)
+    fwd = frozen_jit(lambda m, lat, t, text, img: m(lat, t, text, img))
 
-    @functools.partial(jax.jit, static_argnums=0)
-    def fwd(graphdef, state, lat, t, text, img):
-        return nnx.merge(graphdef, state)(lat, t, text, img)
-
-    seconds = median_time(lambda: fwd(graphdef, state, lat, t, text, img), 3, 2)
+    seconds = median_time(lambda: fwd(model, *inputs), 3, 2)
     tdir = os.path.join(args.out, "trace_dit")
     jax.profiler.start_trace(tdir, create_perfetto_trace=True)
-    jax.block_until_ready(fwd(graphdef, state, lat, t, text, img))
+    jax.block_until_ready(fwd(model, *inputs))
     jax.profiler.stop_trace()
     kt = kernel_table(tdir, classify=dit_kernel_class)
     out = {"preset": preset, "grid": grid, "device": str(jax.devices()[0].device_kind), "median_s": seconds,
