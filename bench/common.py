@@ -91,6 +91,40 @@ def memory_analysis(compiled) -> dict:
         return {"error": str(e)}
 
 
+def place_experts(experts, mode: str, schedule, noise, inputs, guidance: float, *, cfg_batch: bool = True) -> dict:
+    """Keep every expert on the device, or move all but the first to host memory (`sampling.sample` brings each
+    in at its switch). mode "yes" / "no" decides; "auto" keeps them resident when both experts' weights plus XLA's
+    memory analysis of one guided step (the largest program of a run) fit in 97% of JAX's pool. Returns what the
+    decision rested on, for the bench's JSON."""
+    from jax_impl import sampling, schedulers
+
+    graphdef, params = nnx.split(experts[0])
+    model_bytes = sum(x.nbytes for m in experts for x in jax.tree.leaves(nnx.state(m)))
+    device = jax.devices()[0]
+    limit = (device.memory_stats() or {}).get("bytes_limit") if device.platform == "gpu" else None
+    # compiled here, this step is the one the run calls later (jit shares the executable)
+    step = memory_analysis(sampling.denoise_step.lower(
+        graphdef, params, schedulers.init_state(schedule, noise), jnp.int32(0), jnp.float32(schedule.timesteps[0]),
+        inputs, jnp.float32(guidance), jnp.int32(-1), guided=True, cfg_batch=cfg_batch).compile())
+    need = None
+    if "temp" in step:
+        expert_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+        need = model_bytes + step["argument"] - expert_bytes + step["temp"] + step["output"]
+    if mode == "auto":
+        offloaded = bool(limit and (need is None or need > 0.97 * limit))
+    else:
+        offloaded = mode == "yes"
+    if offloaded:
+        for m in experts[1:]:
+            sampling.offload(m)
+    return {"model_bytes": model_bytes, "offloaded": offloaded, "pool_bytes": limit, "step_memory": step,
+            "resident_need_bytes": need}
+
+
+OFFLOAD_HELP = ("keep the idle expert in host memory (auto: when both experts' weights and XLA's memory analysis of "
+                "one guided step would not fit in 97%% of JAX's pool)")
+
+
 def median_time(fn, repeats: int = 5, warmup: int = 2) -> float:
     """Median seconds of `repeats` calls of `fn` (each blocked until done) after `warmup` calls."""
     for _ in range(warmup):

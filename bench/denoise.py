@@ -27,6 +27,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import OFFLOAD_HELP, child_env  # noqa: E402  (after the path insert)
+
 
 def _median(xs: list[float]) -> float:
     xs = sorted(xs)
@@ -52,7 +54,7 @@ def run_jax(args) -> dict:
     import numpy as np
     from flax import nnx
 
-    from bench.common import memory_analysis, peak_bytes, random_dit
+    from bench.common import peak_bytes, place_experts, random_dit
     from jax_impl import sampling, schedulers
     from jax_impl.conditioning import ConcatCondition, NoCondition
     from jax_impl.noise import initial_noise
@@ -70,9 +72,7 @@ def run_jax(args) -> dict:
     experts = [random_dit(cfg, dtype=dtype, attention_backend=args.attention, seed=s) for s in range(preset.num_experts)]
     jax.block_until_ready(nnx.state(experts[-1]))
     setup_s = time.perf_counter() - t0
-    model_bytes = sum(x.nbytes for m in experts for x in jax.tree.leaves(nnx.state(m)))
     device = jax.devices()[0]
-    limit = (device.memory_stats() or {}).get("bytes_limit") if device.platform == "gpu" else None
 
     rng = np.random.default_rng(0)
     cond_ch = cfg.in_channels - cfg.out_channels
@@ -86,23 +86,10 @@ def run_jax(args) -> dict:
     noise = initial_noise(0, (1, f, lh, lw, z))
     sched = schedulers.make_schedule(SchedulerConfig(kind="unipc", shift=args.shift), args.steps)
 
-    # Both experts resident, or the idle one in host memory: decided from XLA's own memory analysis of the guided
-    # step (batch of 2 unless only two calls are timed), which must fit beside both experts' weights.
+    # Both experts resident, or the idle one in host memory (the layout's guided step must fit beside them).
+    placement = place_experts(experts, args.offload, sched, noise, inputs, args.guidance,
+                              cfg_batch=args.layout != "two_calls")
     graphdef, params = nnx.split(experts[0])
-    expert_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    step_memory = memory_analysis(sampling.denoise_step.lower(
-        graphdef, params, schedulers.init_state(sched, noise), jnp.int32(0), jnp.float32(sched.timesteps[0]), inputs,
-        jnp.float32(args.guidance), jnp.int32(-1), guided=True, cfg_batch=args.layout != "two_calls").compile())
-    resident_need = None
-    if "temp" in step_memory:
-        resident_need = model_bytes + step_memory["argument"] - expert_bytes + step_memory["temp"] + step_memory["output"]
-    if args.offload == "auto":
-        offloaded = bool(limit and (resident_need is None or resident_need > 0.97 * limit))
-    else:
-        offloaded = args.offload == "yes"
-    if offloaded:
-        for m in experts[1:]:
-            sampling.offload(m)
 
     # One guided step at the first timestep, in each layout asked for.
     step_times = {}
@@ -146,8 +133,7 @@ def run_jax(args) -> dict:
         decode_s = time.perf_counter() - td
         assert video.shape[1] == args.frames
     return {
-        "device": str(device.device_kind), "setup_s": setup_s, "model_bytes": model_bytes, "offloaded": bool(offloaded),
-        "pool_bytes": limit, "step_memory": step_memory, "resident_need_bytes": resident_need,
+        "device": str(device.device_kind), "setup_s": setup_s, **placement,
         "step": step_times, "best_layout": best, "sample_s": sample_s, "steps": args.steps,
         "experts_used": sorted(set(experts_used)), "high_noise_steps": experts_used.count(0),
         "peak_bytes_denoise": peak_denoise, "decode_s": decode_s, "peak_bytes_total": peak_bytes(),
@@ -214,9 +200,7 @@ def main(argv=None) -> int:
     ap.add_argument("--guidance-2", type=float, default=3.5)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--attention", default="auto")
-    ap.add_argument("--offload", default="auto", choices=["auto", "yes", "no"],
-                    help="keep the idle expert in host memory (auto: when both experts' weights and XLA's memory "
-                         "analysis of one guided step would not fit in 97%% of JAX's pool)")
+    ap.add_argument("--offload", default="auto", choices=["auto", "yes", "no"], help=OFFLOAD_HELP)
     ap.add_argument("--iters", type=int, default=3, help="timed repeats of the single step")
     ap.add_argument("--layout", default="auto", choices=["auto", "batch2", "two_calls"],
                     help="guidance layout: time both for one step and run the faster (auto), or only this one "
@@ -235,8 +219,6 @@ def main(argv=None) -> int:
         res = run_jax(args) if args.impl == "jax" else run_torch(args, args.impl == "torch-compile")
         print("RESULT " + json.dumps(res), flush=True)
         return 0
-
-    from bench.common import child_env
 
     rows = {}
     for impl in ["jax"] + [x for x in args.torch.split(",") if x]:

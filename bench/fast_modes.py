@@ -31,7 +31,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.versions import versions  # noqa: E402  (after the path insert)
+from bench.common import OFFLOAD_HELP  # noqa: E402  (after the path insert)
+from bench.versions import versions  # noqa: E402
 
 MODES = ("full", "cache", "reuse", "truncation")
 
@@ -71,7 +72,7 @@ def run(args) -> dict:
     import numpy as np
     from flax import nnx
 
-    from bench.common import peak_bytes, random_dit
+    from bench.common import peak_bytes, place_experts, random_dit
     from jax_impl import sampling, schedulers, step_cache
     from jax_impl.noise import initial_noise
     from weights.configs.presets import get_preset
@@ -91,16 +92,11 @@ def run(args) -> dict:
                for s in range(preset.num_experts)]
     jax.block_until_ready(nnx.state(experts[-1]))
     setup_s = time.perf_counter() - t0
-    model_bytes = sum(x.nbytes for m in experts for x in jax.tree.leaves(nnx.state(m)))
     device = jax.devices()[0]
-    limit = (device.memory_stats() or {}).get("bytes_limit") if device.platform == "gpu" else None
-    offloaded = bool(args.offload == "yes" or (args.offload == "auto" and limit and model_bytes > 0.7 * limit))
-    if offloaded:
-        for m in experts[1:]:
-            sampling.offload(m)
     inputs = _inputs(cfg, latent_shape, args.text_len)
     noise = initial_noise(0, (1, *latent_shape))
     schedule = schedulers.make_schedule(SchedulerConfig(kind="unipc", shift=args.shift), args.steps)
+    placement = place_experts(experts, args.offload, schedule, noise, inputs, args.guidance)
     boundary = preset.boundary_ratio if preset.num_experts == 2 else None
     full = sampling.Guidance(args.guidance, args.guidance_2)
     kinds = sampling.step_kinds(schedule, full, boundary_ratio=boundary, num_experts=len(experts), has_negative=True)
@@ -191,7 +187,7 @@ def run(args) -> dict:
               f"{'' if not row['compiles_while_timed'] else ', compiled while timed!'}", flush=True)
     cal = ref["calibration"]
     return {"device": str(getattr(device, "device_kind", device)), "setup_s": setup_s, "compile_s": compile_s,
-            "compilations": compiled, "model_bytes": model_bytes, "offloaded": offloaded,
+            "compilations": compiled, **placement,
             "peak_bytes": peak_bytes(), "rows": rows,
             "calibration": {"cond_ratio": [cal.ratio(i, "cond") for i in range(args.steps)],
                             "uncond_ratio": [cal.ratio(i, "uncond") for i in range(args.steps)],
@@ -215,8 +211,7 @@ def main(argv=None) -> int:
     ap.add_argument("--guidance-2", type=float, default=None, help="low-noise expert's guidance (A14B)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--attention", default="auto")
-    ap.add_argument("--offload", default="auto", choices=["auto", "yes", "no"],
-                    help="keep the idle expert in host memory (auto: when both would use > 70%% of the device)")
+    ap.add_argument("--offload", default="auto", choices=["auto", "yes", "no"], help=OFFLOAD_HELP)
     ap.add_argument("--modes", default=",".join(MODES),
                     help=f"comma list of {', '.join(MODES)} (the full run is always made: it is the reference)")
     ap.add_argument("--thresholds", default="0.1", help="step-cache thresholds, comma list (default 0.1)")
