@@ -111,6 +111,13 @@ def gpu_identity() -> str:
     return f"cpu ({platform.node()})"
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill a stage's whole process group (its bench script and that script's children) and reap it."""
+    with contextlib.suppress(ProcessLookupError):  # already gone
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def run_stage(stage: Stage, out: str, tiny: bool, log_dir: str) -> dict:
     """Run one stage in its own process group with its time limit; its output goes to logs/<name>.log."""
     json_path = os.path.join(out, stage.json_file)
@@ -130,16 +137,12 @@ def run_stage(stage: Stage, out: str, tiny: bool, log_dir: str) -> dict:
                     proc.wait(timeout=min(60.0, max(0.1, deadline - time.perf_counter())))
                 except subprocess.TimeoutExpired:
                     if time.perf_counter() >= deadline:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.killpg(proc.pid, signal.SIGKILL)
-                        proc.wait()
+                        _kill_group(proc)
                         rec["timed_out"] = True
                     else:
                         print(f"  [{stage.name}] running, {time.perf_counter() - t0:.0f} s", flush=True)
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM / SIGHUP (see main): the stage's whole group goes too
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            _kill_group(proc)
             raise
     rec["rc"] = proc.returncode
     rec["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -154,8 +157,8 @@ def _gib(b) -> float | None:
 
 def _dit_rows(res: dict, label: str) -> list[dict]:
     rows = {r["impl"]: r for r in res.get("results", [])}
-    ours, ref = rows.get("jax", {}), next((rows[k] for k in ("torch-compile", "torch-eager") if k in rows), {})
     ref_name = next((k for k in ("torch-compile", "torch-eager") if k in rows), None)
+    ours, ref = rows.get("jax", {}), rows.get(ref_name, {})
     return [{"row": label, "ours_s": ours.get("median_s"), "ours_tflops": ours.get("tflops"),
              "ours_peak_gib": _gib(ours.get("peak_bytes")), "reference": ref_name, "reference_s": ref.get("median_s"),
              "reference_peak_gib": _gib(ref.get("peak_bytes")),
