@@ -66,3 +66,32 @@ def test_kernel_classes():
     assert dit_kernel_class("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7") == "attention"
     assert dit_kernel_class("nvjet_sm90_tst_256x152_64x4_1x2_h_bz_coopA_bias_NNT") == "matmul"
     assert dit_kernel_class("input_concatenate_fusion_11") == "other"
+
+
+def test_place_experts_follows_the_mode_and_records_the_step_memory():
+    """bench.common.place_experts: "yes" moves the idle expert to host memory, "auto" on a CPU (no pool limit)
+    keeps both; either way XLA's memory analysis of the guided step is recorded."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from bench.common import place_experts, random_dit
+    from jax_impl import schedulers
+    from jax_impl.noise import initial_noise
+    from jax_impl.sampling import DenoiseInputs
+    from weights.configs.presets import get_preset
+    from weights.configs.scheduler import SchedulerConfig
+
+    cfg = get_preset("tiny-wan2.1-t2v-1.3b").transformer
+    rng = np.random.default_rng(0)
+    inputs = DenoiseInputs(text=rng.standard_normal((1, 8, cfg.text_dim), np.float32),
+                           negative_text=rng.standard_normal((1, 8, cfg.text_dim), np.float32))
+    noise = initial_noise(0, (1, 2, 4, 4, cfg.out_channels))
+    sched = schedulers.make_schedule(SchedulerConfig(kind="unipc", shift=5.0), 3)
+    for mode, host in (("auto", False), ("yes", True)):
+        experts = [random_dit(cfg, dtype="float32", seed=s) for s in range(2)]
+        rec = place_experts(experts, mode, sched, noise, inputs, 4.0)
+        assert rec["offloaded"] is host and rec["step_memory"]["temp"] >= 0
+        leaves = [jax.tree.leaves(nnx.state(m)) for m in experts]
+        assert all(isinstance(x, jax.Array) for x in leaves[0])
+        assert all(isinstance(x, np.ndarray) for x in leaves[1]) is host
